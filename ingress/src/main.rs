@@ -1,0 +1,101 @@
+//! `tollgate-ingress`: parses flags, starts tracing and metrics, binds, and runs the proxy.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+use tollgate_ingress::{Config, KafkaConfig};
+
+/// Tollgate ingress: an OpenAI-compatible LLM proxy that attributes, prices and meters every request.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Directory of policy YAML files (providers, virtual models, price card, limits).
+    #[arg(long, env = "TOLLGATE_POLICY_DIR")]
+    policy_dir: PathBuf,
+    /// Address to serve the API, /healthz and /metrics on.
+    #[arg(long, env = "TOLLGATE_INGRESS_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: String,
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "TOLLGATE_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    kafka_brokers: String,
+    /// Topic usage events are published to.
+    #[arg(long, default_value = tollgate_schemas::topics::USAGE)]
+    usage_topic: String,
+    /// Extra librdkafka producer settings, `key=value` (repeatable).
+    #[arg(long = "kafka-set", value_parser = parse_kv)]
+    kafka_set: Vec<(String, String)>,
+    /// Largest request body accepted, in bytes.
+    #[arg(long, default_value_t = 8 << 20)]
+    max_body_bytes: usize,
+    /// Seconds in-flight requests may run after SIGTERM.
+    #[arg(long, default_value_t = 30)]
+    shutdown_grace_secs: u64,
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())).ok_or_else(|| format!("expected key=value, got {s:?}"))
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let handle = match metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder() {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install the metrics recorder");
+            return ExitCode::from(2);
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(&args.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(addr = %args.listen, error = %e, "cannot bind");
+            return ExitCode::from(3);
+        }
+    };
+    let mut config = Config::new(
+        args.policy_dir,
+        KafkaConfig { brokers: args.kafka_brokers, usage_topic: args.usage_topic, extra: args.kafka_set },
+    );
+    config.max_body_bytes = args.max_body_bytes;
+    config.shutdown_grace = std::time::Duration::from_secs(args.shutdown_grace_secs);
+    config.metrics = Some(handle);
+    let shutdown = CancellationToken::new();
+    tokio::spawn(signal_shutdown(shutdown.clone()));
+    match tollgate_ingress::run(config, listener, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "ingress failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn signal_shutdown(token: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                token.cancel();
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutdown requested");
+    token.cancel();
+}

@@ -1,0 +1,51 @@
+-- Raw usage events, one row per request, with the Kafka position each came from so the meter
+-- resumes exactly where the table ends. Absent envelope fields are stored as '' so that
+-- "untagged spend" is a plain equality filter. ReplacingMergeTree on the Kafka position makes a
+-- replayed batch collapse into the rows it repeats (read with FINAL for exact counts before merges).
+CREATE TABLE IF NOT EXISTS {db}.usage_events (
+    event_id String,
+    started_at DateTime,
+    started_at_us Int64,
+    first_token_at_us Nullable(Int64),
+    ended_at DateTime,
+    ended_at_us Int64,
+    project String,
+    team String,
+    user_id String,
+    session_id String,
+    workflow_tag String,
+    environment String,
+    cost_center String,
+    api_key_id String,
+    api_format String,
+    virtual_model String,
+    provider String,
+    model String,
+    model_version String,
+    attempt Int32,
+    fallback_path Array(String),
+    status String,
+    http_status Int32,
+    error String,
+    streamed UInt8,
+    input_tokens Int64,
+    output_tokens Int64,
+    cached_input_tokens Int64,
+    cache_write_tokens Int64,
+    reasoning_tokens Int64,
+    reference_input_tokens Nullable(Int64),
+    input_chars Int64,
+    token_source String,
+    cost_nanos Int64,
+    price_card_version String,
+    decision_rule_id String,
+    decision_scope String,
+    decision_action String,
+    decision_version Int64,
+    kafka_topic String,
+    kafka_partition Int32,
+    kafka_offset Int64,
+    inserted_at DateTime DEFAULT now()
+) ENGINE = ReplacingMergeTree()
+PARTITION BY toYYYYMM(ended_at)
+ORDER BY (kafka_topic, kafka_partition, kafka_offset);

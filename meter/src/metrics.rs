@@ -1,0 +1,30 @@
+//! The meter's Prometheus metrics, each declared once with its description.
+
+use metrics::{Unit, counter, describe_counter, describe_histogram, histogram};
+
+pub fn describe() {
+    describe_counter!("tollgate_meter_events_consumed_total", "Usage events read from Kafka");
+    describe_counter!("tollgate_meter_rows_inserted_total", "Usage rows written to ClickHouse");
+    describe_counter!("tollgate_meter_decode_errors_total", "Usage events that could not be decoded (skipped, logged)");
+    describe_counter!("tollgate_meter_insert_errors_total", "Failed ClickHouse inserts (retried)");
+    describe_histogram!("tollgate_meter_batch_rows", "Rows per ClickHouse insert");
+    describe_histogram!("tollgate_meter_insert_seconds", Unit::Seconds, "Time per ClickHouse insert");
+}
+
+pub fn consumed() {
+    counter!("tollgate_meter_events_consumed_total").increment(1);
+}
+
+pub fn decode_error() {
+    counter!("tollgate_meter_decode_errors_total").increment(1);
+}
+
+pub fn insert_error() {
+    counter!("tollgate_meter_insert_errors_total").increment(1);
+}
+
+pub fn inserted(rows: usize, seconds: f64) {
+    counter!("tollgate_meter_rows_inserted_total").increment(rows as u64);
+    histogram!("tollgate_meter_batch_rows").record(rows as f64);
+    histogram!("tollgate_meter_insert_seconds").record(seconds);
+}

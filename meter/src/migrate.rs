@@ -1,0 +1,116 @@
+//! Numbered ClickHouse migrations, applied once each and recorded in `schema_migrations`.
+//!
+//! Every statement must run on ClickHouse 18.16 (Debian's server, used locally) and on current
+//! ClickHouse (checked in tests through chdb); `{db}` stands for the database name.
+
+use clickhouse::Client;
+use tracing::info;
+
+/// (version, name, SQL) in order. Never edit an applied migration; add the next number.
+pub const MIGRATIONS: &[(u32, &str, &str)] =
+    &[(1, "usage_events", include_str!("../migrations/0001_usage_events.sql"))];
+
+/// Statements that create the database and the version table, before any migration.
+fn bootstrap(db: &str) -> Vec<String> {
+    vec![
+        format!("CREATE DATABASE IF NOT EXISTS {db}"),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {db}.schema_migrations (version UInt32, name String, applied_at DateTime DEFAULT now()) ENGINE = MergeTree() ORDER BY version"
+        ),
+    ]
+}
+
+/// Splits a migration file into statements (`;` at the end of a line ends one; `--` comments dropped).
+pub fn split_statements(sql: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    for line in sql.lines() {
+        let line = line.split("--").next().unwrap_or("").trim_end();
+        if line.trim().is_empty() {
+            continue;
+        }
+        cur.push_str(line);
+        cur.push('\n');
+        if line.ends_with(';') {
+            let stmt = cur.trim().trim_end_matches(';').trim().to_owned();
+            if !stmt.is_empty() {
+                out.push(stmt);
+            }
+            cur.clear();
+        }
+    }
+    if !cur.trim().is_empty() {
+        out.push(cur.trim().to_owned());
+    }
+    out
+}
+
+/// Every statement for database `db`, in order, with the version each belongs to (0: bootstrap).
+pub fn statements(db: &str) -> Vec<(u32, String)> {
+    let mut out: Vec<(u32, String)> = bootstrap(db).into_iter().map(|s| (0, s)).collect();
+    for (version, _, sql) in MIGRATIONS {
+        out.extend(split_statements(&sql.replace("{db}", db)).into_iter().map(|s| (*version, s)));
+    }
+    out
+}
+
+/// Database names are spliced into SQL, so only plain identifiers are accepted.
+pub fn check_database_name(db: &str) -> Result<(), String> {
+    let ok = !db.is_empty()
+        && db.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !db.starts_with(|c: char| c.is_ascii_digit());
+    if ok { Ok(()) } else { Err(format!("database name {db:?} must be a plain identifier ([A-Za-z_][A-Za-z0-9_]*)")) }
+}
+
+/// Applies the migrations `db` does not have yet; returns how many were applied.
+pub async fn apply(client: &Client, db: &str) -> anyhow::Result<usize> {
+    check_database_name(db).map_err(anyhow::Error::msg)?;
+    for s in bootstrap(db) {
+        client.query(&s).execute().await?;
+    }
+    let done: Vec<u32> =
+        client.query(&format!("SELECT version FROM {db}.schema_migrations")).fetch_all::<u32>().await?;
+    let mut applied = 0;
+    for (version, name, sql) in MIGRATIONS {
+        if done.contains(version) {
+            continue;
+        }
+        for stmt in split_statements(&sql.replace("{db}", db)) {
+            client.query(&stmt).execute().await?;
+        }
+        client
+            .query(&format!("INSERT INTO {db}.schema_migrations (version, name) VALUES (?, ?)"))
+            .bind(*version)
+            .bind(*name)
+            .execute()
+            .await?;
+        info!(version, name, database = db, "migration applied");
+        applied += 1;
+    }
+    Ok(applied)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_statements_and_drops_comments() {
+        let s = split_statements("-- c\nCREATE TABLE a (x Int8) -- trailing\nENGINE = Memory;\n\nSELECT 1;\n");
+        assert_eq!(s, vec!["CREATE TABLE a (x Int8)\nENGINE = Memory", "SELECT 1"]);
+    }
+
+    #[test]
+    fn versions_are_increasing_and_unique() {
+        let v: Vec<u32> = MIGRATIONS.iter().map(|m| m.0).collect();
+        assert!(v.windows(2).all(|w| w[0] < w[1]), "{v:?}");
+        assert_eq!(v.first(), Some(&1));
+    }
+
+    #[test]
+    fn database_names_are_identifiers() {
+        assert!(check_database_name("tollgate_test_1").is_ok());
+        assert!(check_database_name("x; DROP").is_err());
+        assert!(check_database_name("1abc").is_err());
+    }
+}

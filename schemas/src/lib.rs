@@ -1,0 +1,13 @@
+//! Types that cross Tollgate's process boundaries: usage events, policy documents, the price card.
+
+pub mod avro;
+pub mod policy;
+pub mod price;
+pub mod usage;
+
+/// Kafka topic names fixed by the contract (DESIGN.md, "Contracts").
+pub mod topics {
+    pub const USAGE: &str = "tollgate.usage.v1";
+    pub const BREACHES: &str = "tollgate.breaches.v1";
+    pub const ALERTS: &str = "tollgate.alerts.v1";
+}

@@ -1,0 +1,606 @@
+//! The policy language: YAML documents in a directory, parsed as written and checked into a `Policy`.
+//!
+//! A file may hold several documents separated by `---`; each names its kind with `type:`. The
+//! reference's `gateway-*-config` documents parse unchanged; Tollgate adds `tollgate-providers`,
+//! `tollgate-price-card` and `tollgate-envelope`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use crate::price::ModelPrice;
+
+/// One problem in a policy directory, located as precisely as the parser allows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyError {
+    pub file: PathBuf,
+    pub line: usize,
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let field = if self.field.is_empty() { "." } else { &self.field };
+        write!(f, "{}:{}: {}: {}", self.file.display(), self.line, field, self.message)
+    }
+}
+
+/// Every problem found in a policy directory (loading never stops at the first one).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct PolicyErrors(pub Vec<PolicyError>);
+
+impl fmt::Display for PolicyErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    /// OpenAI Chat Completions, or any server that speaks it (vLLM, Ollama, Azure OpenAI).
+    Openai,
+    /// Anthropic Messages.
+    Anthropic,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    pub name: String,
+    pub kind: ProviderKind,
+    /// Base URL up to and including the version segment, e.g. `https://api.openai.com/v1`.
+    pub base_url: String,
+    /// Name of the environment variable that holds the provider credential.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProvidersDoc {
+    #[serde(rename = "type")]
+    _type: String,
+    providers: Vec<ProviderConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceCard {
+    #[serde(rename = "type")]
+    _type: String,
+    /// Recorded on every usage event so a cost can always be traced to the card that priced it.
+    pub version: String,
+    pub prices: Vec<ModelPrice>,
+    /// Targets allowed to run without a price (self-hosted models), as `provider/model`.
+    #[serde(default)]
+    pub unpriced_ok: Vec<String>,
+}
+
+impl PriceCard {
+    pub fn price(&self, provider: &str, model: &str) -> Option<&ModelPrice> {
+        self.prices.iter().find(|p| p.provider == provider && p.model == model)
+    }
+}
+
+/// Header names of the identity envelope and which of them a request must carry.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EnvelopeConfig {
+    pub project: String,
+    pub team: String,
+    pub user_id: String,
+    pub session_id: String,
+    pub workflow_tag: String,
+    pub environment: String,
+    pub cost_center: String,
+    /// Envelope fields (by the names above: `project`, `team`, …) a request must carry.
+    pub required: Vec<String>,
+}
+
+impl Default for EnvelopeConfig {
+    fn default() -> Self {
+        Self {
+            project: "X-TFY-Project".into(),
+            team: "X-TFY-Team".into(),
+            user_id: "X-TFY-User-ID".into(),
+            session_id: "X-TFY-Session-ID".into(),
+            workflow_tag: "X-TFY-Workflow-Tag".into(),
+            environment: "X-TFY-Environment".into(),
+            cost_center: "X-TFY-Cost-Center".into(),
+            required: Vec::new(),
+        }
+    }
+}
+
+impl EnvelopeConfig {
+    pub const FIELDS: [&'static str; 7] =
+        ["project", "team", "user_id", "session_id", "workflow_tag", "environment", "cost_center"];
+
+    /// (field, header name) pairs in envelope order.
+    pub fn headers(&self) -> [(&'static str, &str); 7] {
+        [
+            ("project", &self.project),
+            ("team", &self.team),
+            ("user_id", &self.user_id),
+            ("session_id", &self.session_id),
+            ("workflow_tag", &self.workflow_tag),
+            ("environment", &self.environment),
+            ("cost_center", &self.cost_center),
+        ]
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnvelopeDoc {
+    #[serde(rename = "type")]
+    _type: String,
+    #[serde(flatten)]
+    envelope: EnvelopeConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LbRuleType {
+    WeightBased,
+    PriorityBased,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Target {
+    pub provider: String,
+    pub model: String,
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.provider, self.model)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LbRule {
+    pub id: String,
+    #[serde(default)]
+    pub weight: Option<u32>,
+    #[serde(default)]
+    pub priority: Option<u32>,
+    pub target: Target,
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CircuitBreakerConfig {
+    pub failure_threshold: u32,
+    pub window_seconds: u64,
+    pub cooldown_seconds: u64,
+}
+
+/// A virtual model (`type: gateway-load-balancing-config`), as in the reference.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VirtualModel {
+    pub name: String,
+    #[serde(rename = "type")]
+    _type: String,
+    pub rule_type: LbRuleType,
+    pub rules: Vec<LbRule>,
+    #[serde(default)]
+    pub fallbacks: Vec<Target>,
+    #[serde(default)]
+    pub circuit_breaker: Option<CircuitBreakerConfig>,
+}
+
+/// `when:` of a rate-limit rule: metadata header matchers and subject matchers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct When {
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    #[serde(default)]
+    pub subjects: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limit {
+    #[serde(default)]
+    pub tokens: Option<u64>,
+    #[serde(default)]
+    pub requests: Option<u64>,
+    /// `30s`, `1m`, `1h`, `1d`.
+    pub window: String,
+    /// session, user, team, project, workflow, api_key, global (the default).
+    #[serde(default)]
+    pub scope: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitRule {
+    pub id: String,
+    #[serde(default)]
+    pub when: When,
+    pub limit: Limit,
+    pub on_breach: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    pub name: String,
+    #[serde(rename = "type")]
+    _type: String,
+    pub rules: Vec<RateLimitRule>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetAlert {
+    pub at_pct: u32,
+    #[serde(default)]
+    pub notify: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetScope {
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Budget {
+    pub id: String,
+    pub scope: BudgetScope,
+    #[serde(deserialize_with = "crate::price::de_usd_nanos")]
+    pub ceiling_usd: i64,
+    pub window: String,
+    #[serde(default)]
+    pub alerts: Vec<BudgetAlert>,
+    pub on_exceed: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetConfig {
+    pub name: String,
+    #[serde(rename = "type")]
+    _type: String,
+    pub budgets: Vec<Budget>,
+}
+
+/// A whole, checked policy directory.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Policy {
+    pub providers: BTreeMap<String, ProviderConfig>,
+    pub virtual_models: BTreeMap<String, VirtualModel>,
+    pub rate_limits: Vec<RateLimitConfig>,
+    pub budgets: Vec<BudgetConfig>,
+    pub price_card: Option<PriceCard>,
+    pub envelope: EnvelopeConfig,
+}
+
+impl Policy {
+    /// Loads every `*.yaml`/`*.yml` file of `dir` (sorted by name), reporting all errors at once.
+    pub fn load_dir(dir: &Path) -> Result<Policy, PolicyErrors> {
+        let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
+            Ok(rd) => rd
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+                .collect(),
+            Err(e) => {
+                return Err(PolicyErrors(vec![PolicyError {
+                    file: dir.to_path_buf(),
+                    line: 0,
+                    field: String::new(),
+                    message: format!("cannot read policy directory: {e}"),
+                }]));
+            }
+        };
+        files.sort();
+        let mut sources = Vec::with_capacity(files.len());
+        let mut errors = Vec::new();
+        for file in files {
+            match std::fs::read_to_string(&file) {
+                Ok(text) => sources.push((file, text)),
+                Err(e) => errors.push(PolicyError {
+                    file,
+                    line: 0,
+                    field: String::new(),
+                    message: format!("cannot read file: {e}"),
+                }),
+            }
+        }
+        match Self::from_sources(sources.iter().map(|(f, t)| (f.as_path(), t.as_str()))) {
+            Ok(p) if errors.is_empty() => Ok(p),
+            Ok(_) => Err(PolicyErrors(errors)),
+            Err(PolicyErrors(more)) => {
+                errors.extend(more);
+                Err(PolicyErrors(errors))
+            }
+        }
+    }
+
+    /// Parses and checks policy documents given as (file name, text) pairs.
+    pub fn from_sources<'a>(sources: impl IntoIterator<Item = (&'a Path, &'a str)>) -> Result<Policy, PolicyErrors> {
+        let mut b = Builder::default();
+        for (file, text) in sources {
+            for (line, doc) in split_documents(text) {
+                b.document(file, line, doc);
+            }
+        }
+        b.finish()
+    }
+
+    /// The price of a target, if the card has one.
+    pub fn price(&self, target: &Target) -> Option<&ModelPrice> {
+        self.price_card.as_ref()?.price(&target.provider, &target.model)
+    }
+}
+
+/// Splits a YAML stream at `---` lines, yielding (1-based line of the document's first line, text).
+/// Written by hand because the YAML crates do not expose where each document starts, and error
+/// lines must point into the file, not into the document.
+fn split_documents(text: &str) -> Vec<(usize, &str)> {
+    let mut docs = Vec::new();
+    let mut start_byte = 0;
+    let mut start_line = 1;
+    let mut offset = 0;
+    for (i, line) in text.split_inclusive('\n').enumerate() {
+        let trimmed = line.trim_end();
+        if trimmed == "---" || trimmed.starts_with("--- ") {
+            docs.push((start_line, &text[start_byte..offset]));
+            start_byte = offset + line.len();
+            start_line = i + 2;
+        }
+        offset += line.len();
+    }
+    docs.push((start_line, &text[start_byte..]));
+    docs.into_iter()
+        .filter(|(_, d)| d.lines().any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#')))
+        .collect()
+}
+
+#[derive(Default)]
+struct Builder {
+    policy: Policy,
+    errors: Vec<PolicyError>,
+    /// Where each named thing was defined, for semantic errors.
+    vm_origin: BTreeMap<String, (PathBuf, usize)>,
+    price_origin: Option<(PathBuf, usize)>,
+    envelope_seen: bool,
+}
+
+impl Builder {
+    fn err(&mut self, file: &Path, line: usize, field: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(PolicyError { file: file.to_path_buf(), line, field: field.into(), message: message.into() });
+    }
+
+    fn parse<T: DeserializeOwned>(&mut self, file: &Path, line: usize, doc: &str) -> Option<T> {
+        let de = serde_yaml_ng::Deserializer::from_str(doc);
+        match serde_path_to_error::deserialize::<_, T>(de) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                let field = e.path().to_string();
+                let inner = e.into_inner();
+                let at = inner.location().map_or(line, |l| line + l.line() - 1);
+                let msg = strip_location(&inner.to_string());
+                // The YAML error may already start with the path; say it once.
+                let msg = msg.strip_prefix(&format!("{field}: ")).map(str::to_owned).unwrap_or(msg);
+                self.err(file, at, if field == "." { String::new() } else { field }, msg);
+                None
+            }
+        }
+    }
+
+    fn document(&mut self, file: &Path, line: usize, doc: &str) {
+        #[derive(Deserialize)]
+        struct Kind {
+            #[serde(rename = "type")]
+            kind: Option<String>,
+        }
+        let kind = match serde_yaml_ng::from_str::<Kind>(doc) {
+            Ok(Kind { kind: Some(k) }) => k,
+            Ok(Kind { kind: None }) => {
+                return self.err(file, line, "type", "document has no `type:`");
+            }
+            Err(e) => {
+                let at = e.location().map_or(line, |l| line + l.line() - 1);
+                return self.err(file, at, "", strip_location(&e.to_string()));
+            }
+        };
+        match kind.as_str() {
+            "tollgate-providers" => {
+                if let Some(d) = self.parse::<ProvidersDoc>(file, line, doc) {
+                    for (i, p) in d.providers.into_iter().enumerate() {
+                        if self.policy.providers.contains_key(&p.name) {
+                            self.err(
+                                file,
+                                line,
+                                format!("providers[{i}].name"),
+                                format!("provider {:?} is defined twice", p.name),
+                            );
+                        } else if !(p.base_url.starts_with("http://") || p.base_url.starts_with("https://")) {
+                            self.err(
+                                file,
+                                line,
+                                format!("providers[{i}].base_url"),
+                                "must start with http:// or https://",
+                            );
+                        } else {
+                            self.policy.providers.insert(p.name.clone(), p);
+                        }
+                    }
+                }
+            }
+            "tollgate-price-card" => {
+                if let Some(card) = self.parse::<PriceCard>(file, line, doc) {
+                    if self.policy.price_card.is_some() {
+                        self.err(file, line, "type", "a second price card; the policy takes exactly one");
+                    } else {
+                        self.price_origin = Some((file.to_path_buf(), line));
+                        self.policy.price_card = Some(card);
+                    }
+                }
+            }
+            "tollgate-envelope" => {
+                if let Some(d) = self.parse::<EnvelopeDoc>(file, line, doc) {
+                    if self.envelope_seen {
+                        self.err(file, line, "type", "a second envelope document");
+                    }
+                    for (i, r) in d.envelope.required.iter().enumerate() {
+                        if !EnvelopeConfig::FIELDS.contains(&r.as_str()) {
+                            self.err(
+                                file,
+                                line,
+                                format!("required[{i}]"),
+                                format!("unknown envelope field {r:?}; expected one of {:?}", EnvelopeConfig::FIELDS),
+                            );
+                        }
+                    }
+                    self.envelope_seen = true;
+                    self.policy.envelope = d.envelope;
+                }
+            }
+            "gateway-load-balancing-config" => {
+                if let Some(vm) = self.parse::<VirtualModel>(file, line, doc) {
+                    self.check_virtual_model(file, line, &vm);
+                    if self.vm_origin.contains_key(&vm.name) {
+                        self.err(file, line, "name", format!("virtual model {:?} is defined twice", vm.name));
+                    } else {
+                        self.vm_origin.insert(vm.name.clone(), (file.to_path_buf(), line));
+                        self.policy.virtual_models.insert(vm.name.clone(), vm);
+                    }
+                }
+            }
+            "gateway-rate-limit-config" => {
+                if let Some(c) = self.parse::<RateLimitConfig>(file, line, doc) {
+                    for (i, r) in c.rules.iter().enumerate() {
+                        if r.limit.tokens.is_some() == r.limit.requests.is_some() {
+                            self.err(
+                                file,
+                                line,
+                                format!("rules[{i}].limit"),
+                                "set exactly one of `tokens` and `requests`",
+                            );
+                        }
+                        if let Err(m) = parse_window_seconds(&r.limit.window) {
+                            self.err(file, line, format!("rules[{i}].limit.window"), m);
+                        }
+                    }
+                    self.policy.rate_limits.push(c);
+                }
+            }
+            "gateway-budget-config" => {
+                if let Some(c) = self.parse::<BudgetConfig>(file, line, doc) {
+                    for (i, b) in c.budgets.iter().enumerate() {
+                        if !matches!(b.window.as_str(), "daily" | "weekly" | "monthly") {
+                            self.err(file, line, format!("budgets[{i}].window"), "expected daily, weekly or monthly");
+                        }
+                    }
+                    self.policy.budgets.push(c);
+                }
+            }
+            other => self.err(file, line, "type", format!("unknown document type {other:?}")),
+        }
+    }
+
+    fn check_virtual_model(&mut self, file: &Path, line: usize, vm: &VirtualModel) {
+        if vm.rules.is_empty() {
+            self.err(file, line, "rules", "a virtual model needs at least one rule");
+        }
+        let mut ids = BTreeSet::new();
+        for (i, r) in vm.rules.iter().enumerate() {
+            if !ids.insert(&r.id) {
+                self.err(file, line, format!("rules[{i}].id"), format!("rule id {:?} is used twice", r.id));
+            }
+            match vm.rule_type {
+                LbRuleType::WeightBased if r.weight.is_none() => {
+                    self.err(file, line, format!("rules[{i}].weight"), "weight-based rules need a weight");
+                }
+                LbRuleType::PriorityBased if r.priority.is_none() => {
+                    self.err(file, line, format!("rules[{i}].priority"), "priority-based rules need a priority");
+                }
+                _ => {}
+            }
+        }
+        if vm.rule_type == LbRuleType::WeightBased && vm.rules.iter().all(|r| r.weight.unwrap_or(0) == 0) {
+            self.err(file, line, "rules", "weights add up to zero");
+        }
+    }
+
+    /// Cross-document checks: every target names a known provider and has a price.
+    fn finish(mut self) -> Result<Policy, PolicyErrors> {
+        let mut problems = Vec::new();
+        for (name, vm) in &self.policy.virtual_models {
+            let (file, line) = self.vm_origin.get(name).cloned().unwrap_or_default();
+            let targets = vm.rules.iter().enumerate().map(|(i, r)| (format!("rules[{i}].target"), &r.target));
+            let fallbacks = vm.fallbacks.iter().enumerate().map(|(i, t)| (format!("fallbacks[{i}]"), t));
+            for (field, t) in targets.chain(fallbacks) {
+                if !self.policy.providers.contains_key(&t.provider) {
+                    problems.push((
+                        file.clone(),
+                        line,
+                        format!("{field}.provider"),
+                        format!("unknown provider {:?}", t.provider),
+                    ));
+                }
+                let unpriced_ok =
+                    self.policy.price_card.as_ref().is_some_and(|c| c.unpriced_ok.contains(&t.to_string()));
+                if self.policy.price(t).is_none() && !unpriced_ok {
+                    problems.push((file.clone(), line, format!("{field}.model"), format!("{t} has no price in the price card; add one or list it under unpriced_ok (a zero price hides spend)")));
+                }
+            }
+        }
+        for (file, line, field, message) in problems {
+            self.err(&file, line, field, message);
+        }
+        if self.errors.is_empty() { Ok(self.policy) } else { Err(PolicyErrors(self.errors)) }
+    }
+}
+
+/// serde_yaml_ng appends " at line L column C"; the line is reported separately, in file terms.
+fn strip_location(msg: &str) -> String {
+    match msg.find(" at line ") {
+        Some(i) => msg[..i].to_string(),
+        None => msg.to_string(),
+    }
+}
+
+/// `30s`, `5m`, `1h`, `1d`, `1w` → seconds.
+pub fn parse_window_seconds(w: &str) -> Result<u64, String> {
+    let (num, unit) = w.split_at(w.find(|c: char| !c.is_ascii_digit()).unwrap_or(w.len()));
+    let n: u64 = num.parse().map_err(|_| format!("window {w:?} should look like 30s, 5m, 1h or 1d"))?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 604_800,
+        _ => return Err(format!("window {w:?} should look like 30s, 5m, 1h or 1d")),
+    };
+    if n == 0 {
+        return Err(format!("window {w:?} is empty"));
+    }
+    Ok(n * mult)
+}
+
+#[cfg(test)]
+mod tests;

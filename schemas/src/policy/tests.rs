@@ -1,0 +1,74 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+use super::*;
+
+fn demo_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../compose/policy")
+}
+
+#[test]
+fn the_demo_policy_and_the_reference_yaml_load_as_written() {
+    let p = Policy::load_dir(&demo_dir()).unwrap_or_else(|e| panic!("{e}"));
+    let vm = &p.virtual_models["intent-fast"];
+    assert_eq!(vm.rule_type, LbRuleType::WeightBased);
+    assert_eq!(vm.rules.iter().map(|r| r.weight.unwrap()).collect::<Vec<_>>(), vec![90, 10]);
+    assert_eq!(vm.fallbacks[0], Target { provider: "openai".into(), model: "gpt-4o-mini".into() });
+    assert_eq!(vm.circuit_breaker.as_ref().unwrap().cooldown_seconds, 30);
+    let rl = &p.rate_limits[0].rules;
+    assert_eq!(rl[0].limit.tokens, Some(200_000));
+    assert_eq!(rl[0].when.metadata["X-TFY-Environment"], "production");
+    assert_eq!(rl[1].when.subjects["type"], "user");
+    assert_eq!(rl[2].on_breach, "fallback_to_haiku");
+    let b = &p.budgets[0].budgets;
+    assert_eq!(b[0].ceiling_usd, 4_000_000_000_000);
+    assert_eq!(b[0].alerts.iter().map(|a| a.at_pct).collect::<Vec<_>>(), vec![80, 100]);
+    assert_eq!(b[1].ceiling_usd, 500_000_000_000);
+    let haiku = p.price(&vm.rules[0].target).unwrap();
+    assert_eq!(haiku.input_usd_per_mtok.0, 1_000_000_000);
+    assert_eq!(haiku.output_usd_per_mtok.0, 5_000_000_000);
+    assert_eq!(p.envelope.session_id, "X-TFY-Session-ID");
+    assert_eq!(p.envelope.required.len(), 7);
+}
+
+#[test]
+fn errors_name_file_line_and_field() {
+    let text = "type: tollgate-providers\nproviders:\n  - name: a\n    kind: openai\n    base_url: http://x\n---\n# second\nname: vm\ntype: gateway-load-balancing-config\nrule_type: weight-based\nrules:\n  - id: r\n    weight: 1\n    target: {provider: a, model: m}\n    timeout: 5\n";
+    let err = Policy::from_sources([(Path::new("p.yaml"), text)]).unwrap_err();
+    assert_eq!(err.0.len(), 1, "{err}");
+    let e = &err.0[0];
+    assert_eq!(e.file, Path::new("p.yaml"));
+    assert_eq!(e.line, 15, "{e}");
+    assert_eq!(e.field, "rules[0].timeout");
+    assert!(e.message.contains("unknown field `timeout`"), "{e}");
+}
+
+#[test]
+fn every_error_is_reported_not_just_the_first() {
+    let a = "type: tollgate-providers\nproviders:\n  - {name: a, kind: grpc, base_url: http://x}\n";
+    let b = "name: vm\ntype: gateway-load-balancing-config\nrule_type: weight-based\nrules:\n  - id: r\n    weight: 1\n    target: {provider: nope, model: m}\n";
+    let c = "type: what-is-this\n";
+    let err = Policy::from_sources([(Path::new("a.yaml"), a), (Path::new("b.yaml"), b), (Path::new("c.yaml"), c)])
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("a.yaml:3: providers[0].kind: unknown variant `grpc`"), "{text}");
+    assert!(text.contains("b.yaml:1: rules[0].target.provider: unknown provider \"nope\""), "{text}");
+    assert!(text.contains("b.yaml:1: rules[0].target.model: nope/m has no price"), "{text}");
+    assert!(text.contains("c.yaml:1: type: unknown document type \"what-is-this\""), "{text}");
+}
+
+#[test]
+fn unpriced_targets_are_refused_unless_allowed() {
+    let base = "type: tollgate-providers\nproviders:\n  - {name: local, kind: openai, base_url: http://127.0.0.1:1/v1}\n---\nname: vm\ntype: gateway-load-balancing-config\nrule_type: priority-based\nrules:\n  - {id: r, priority: 1, target: {provider: local, model: llama}}\n---\ntype: tollgate-price-card\nversion: v1\nprices: []\n";
+    assert!(Policy::from_sources([(Path::new("x.yaml"), base)]).is_err());
+    let allowed = format!("{base}unpriced_ok: [local/llama]\n");
+    assert!(Policy::from_sources([(Path::new("x.yaml"), allowed.as_str())]).is_ok());
+}
+
+#[test]
+fn windows_parse() {
+    assert_eq!(parse_window_seconds("1h"), Ok(3600));
+    assert_eq!(parse_window_seconds("1d"), Ok(86_400));
+    assert_eq!(parse_window_seconds("30s"), Ok(30));
+    assert!(parse_window_seconds("1y").is_err());
+    assert!(parse_window_seconds("h").is_err());
+    assert!(parse_window_seconds("0m").is_err());
+}

@@ -1,0 +1,218 @@
+//! The usage event: one record per LLM request, as `schemas/avro/usage_event.avsc` defines it.
+
+use apache_avro::AvroSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::avro::{AvroCodec, CodecError};
+
+/// The `.avsc` this type must match; `tests::rust_type_matches_avsc` fails when they drift.
+pub const USAGE_EVENT_AVSC: &str = include_str!("../avro/usage_event.avsc");
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, AvroSchema)]
+#[avro(namespace = "tollgate.v1")]
+pub struct Envelope {
+    pub project: Option<String>,
+    pub team: Option<String>,
+    pub user_id: Option<String>,
+    pub session_id: Option<String>,
+    pub workflow_tag: Option<String>,
+    pub environment: Option<String>,
+    pub cost_center: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, AvroSchema)]
+#[avro(namespace = "tollgate.v1")]
+pub enum ApiFormat {
+    OpenAi,
+    Anthropic,
+}
+
+impl ApiFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApiFormat::OpenAi => "openai",
+            ApiFormat::Anthropic => "anthropic",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, AvroSchema)]
+#[avro(namespace = "tollgate.v1")]
+pub enum Status {
+    /// The provider answered 2xx and the response reached the client.
+    Ok,
+    /// The provider answered an error, sent garbage or closed the connection.
+    ProviderError,
+    /// The client went away before the response was complete.
+    ClientAbort,
+    /// The provider did not answer in time.
+    Timeout,
+    /// Tollgate refused the request before it reached a provider.
+    Rejected,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::ProviderError => "provider_error",
+            Status::ClientAbort => "client_abort",
+            Status::Timeout => "timeout",
+            Status::Rejected => "rejected",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, AvroSchema)]
+#[avro(namespace = "tollgate.v1")]
+pub enum TokenSource {
+    /// Counts come from the provider's `usage` report.
+    Provider,
+    /// Counts were estimated with tiktoken (the provider never reported usage).
+    Estimated,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, AvroSchema)]
+#[avro(namespace = "tollgate.v1")]
+pub struct AppliedDecision {
+    pub rule_id: String,
+    pub scope: String,
+    pub action: String,
+    pub version: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, AvroSchema)]
+#[avro(namespace = "tollgate.v1")]
+pub struct UsageEvent {
+    pub event_id: String,
+    pub started_at_us: i64,
+    pub first_token_at_us: Option<i64>,
+    pub ended_at_us: i64,
+    pub envelope: Envelope,
+    pub api_key_id: Option<String>,
+    pub api_format: ApiFormat,
+    pub virtual_model: String,
+    pub provider: String,
+    pub model: String,
+    pub model_version: Option<String>,
+    pub attempt: i32,
+    pub fallback_path: Vec<String>,
+    pub status: Status,
+    pub http_status: i32,
+    pub error: Option<String>,
+    pub streamed: bool,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub cached_input_tokens: i64,
+    pub cache_write_tokens: i64,
+    pub reasoning_tokens: i64,
+    pub reference_input_tokens: Option<i64>,
+    pub input_chars: i64,
+    pub token_source: TokenSource,
+    pub cost_nanos: i64,
+    pub price_card_version: String,
+    pub decision: Option<AppliedDecision>,
+}
+
+impl UsageEvent {
+    /// The codec for this event, built from the `.avsc` (not from the Rust type), so the bytes
+    /// on the wire always carry the fingerprint of the published schema.
+    pub fn codec() -> Result<AvroCodec, CodecError> {
+        AvroCodec::from_avsc(USAGE_EVENT_AVSC)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn rust_type_matches_avsc() {
+        let from_file = UsageEvent::codec().unwrap();
+        let from_type = UsageEvent::get_schema();
+        assert_eq!(
+            from_file.canonical_form(),
+            from_type.canonical_form(),
+            "schemas/avro/usage_event.avsc and the UsageEvent struct have drifted apart"
+        );
+    }
+
+    fn opt_string() -> impl Strategy<Value = Option<String>> {
+        proptest::option::of("[a-zA-Z0-9_\\-#/ é]{0,24}")
+    }
+
+    prop_compose! {
+        fn envelope()(project in opt_string(), team in opt_string(), user_id in opt_string(),
+                      session_id in opt_string(), workflow_tag in opt_string(),
+                      environment in opt_string(), cost_center in opt_string()) -> Envelope {
+            Envelope { project, team, user_id, session_id, workflow_tag, environment, cost_center }
+        }
+    }
+
+    prop_compose! {
+        fn decision()(rule_id in "[a-z\\-]{1,20}", scope in "[a-z_:0-9]{0,20}",
+                      action in "[a-z_]{1,20}", version in any::<i64>()) -> AppliedDecision {
+            AppliedDecision { rule_id, scope, action, version }
+        }
+    }
+
+    prop_compose! {
+        fn event()(
+            times in (any::<i64>(), proptest::option::of(any::<i64>()), any::<i64>()),
+            envelope in envelope(),
+            api_key_id in opt_string(),
+            api_format in prop_oneof![Just(ApiFormat::OpenAi), Just(ApiFormat::Anthropic)],
+            names in ("[a-z\\-]{1,16}", "[a-z]{1,12}", "[a-z0-9\\-.]{1,24}", opt_string()),
+            attempt in 1i32..5,
+            fallback_path in proptest::collection::vec("[a-z/\\-]{1,16}", 0..3),
+            status in prop_oneof![Just(Status::Ok), Just(Status::ProviderError),
+                Just(Status::ClientAbort), Just(Status::Timeout), Just(Status::Rejected)],
+            http_status in 100i32..600,
+            error in opt_string(),
+            streamed in any::<bool>(),
+            tokens in proptest::array::uniform5(0i64..i64::MAX),
+            reference_input_tokens in proptest::option::of(0i64..1_000_000),
+            input_chars in 0i64..10_000_000,
+            token_source in prop_oneof![Just(TokenSource::Provider), Just(TokenSource::Estimated)],
+            cost_nanos in any::<i64>(),
+            price_card_version in "[a-z0-9\\-]{1,16}",
+            decision in proptest::option::of(decision()),
+        ) -> UsageEvent {
+            UsageEvent {
+                event_id: uuid_like(times.0),
+                started_at_us: times.0, first_token_at_us: times.1, ended_at_us: times.2,
+                envelope, api_key_id, api_format,
+                virtual_model: names.0, provider: names.1, model: names.2, model_version: names.3,
+                attempt, fallback_path, status, http_status, error, streamed,
+                input_tokens: tokens[0], output_tokens: tokens[1], cached_input_tokens: tokens[2],
+                cache_write_tokens: tokens[3], reasoning_tokens: tokens[4],
+                reference_input_tokens, input_chars, token_source, cost_nanos,
+                price_card_version, decision,
+            }
+        }
+    }
+
+    fn uuid_like(seed: i64) -> String {
+        format!("0190c4a2-{:04x}-7000-8000-000000000000", seed as u16)
+    }
+
+    proptest! {
+        #[test]
+        fn round_trips_through_single_object_encoding(ev in event()) {
+            let codec = UsageEvent::codec().unwrap();
+            let bytes = codec.encode(&ev).unwrap();
+            prop_assert_eq!(&bytes[..2], &[0xC3, 0x01]);
+            let back: UsageEvent = codec.decode(&bytes).unwrap();
+            prop_assert_eq!(back, ev);
+        }
+    }
+
+    #[test]
+    fn rejects_foreign_fingerprint_and_truncation() {
+        let codec = UsageEvent::codec().unwrap();
+        assert!(codec.decode::<UsageEvent>(b"{\"not\":\"avro\"}").is_err());
+        assert!(codec.decode::<UsageEvent>(&[0xC3, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 2]).is_err());
+    }
+}

@@ -1,0 +1,181 @@
+//! Harness for end-to-end tests: the real Kafka-API broker and ClickHouse (started by
+//! `compose/local/infra.sh`), each test on its own topic and database, services in-process.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tollgate_tests::mock::{self, MockOptions};
+
+pub fn kafka_brokers() -> String {
+    std::env::var("TOLLGATE_TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+pub fn clickhouse_url() -> String {
+    std::env::var("TOLLGATE_TEST_CLICKHOUSE_URL").unwrap_or_else(|_| "http://127.0.0.1:8123".into())
+}
+
+/// A name no other run uses: `<prefix>_<pid>_<uuid-v7 tail>`.
+pub fn unique(prefix: &str) -> String {
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    format!("{prefix}_{}_{}", std::process::id(), &id[id.len() - 12..])
+}
+
+/// One metrics recorder per test process, shared by every in-process service.
+pub fn metrics() -> PrometheusHandle {
+    static H: OnceLock<PrometheusHandle> = OnceLock::new();
+    H.get_or_init(|| PrometheusBuilder::new().install_recorder().expect("metrics recorder")).clone()
+}
+
+pub async fn create_topic(name: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", kafka_brokers()).create().expect("admin client");
+    let res = admin
+        .create_topics(&[NewTopic::new(name, partitions, TopicReplication::Fixed(1))], &AdminOptions::new())
+        .await
+        .unwrap_or_else(|e| {
+            panic!("cannot reach the Kafka broker at {}: {e} (is compose/local/infra.sh running?)", kafka_brokers())
+        });
+    for r in res {
+        r.unwrap_or_else(|(t, e)| panic!("creating topic {t}: {e}"));
+    }
+}
+
+/// Runs SQL on the real ClickHouse over HTTP and returns the TSV answer.
+pub async fn ch(sql: &str) -> String {
+    let resp = reqwest::Client::new()
+        .post(clickhouse_url())
+        .body(sql.to_owned())
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("cannot reach ClickHouse at {}: {e}", clickhouse_url()));
+    let status = resp.status();
+    let text = resp.text().await.unwrap();
+    assert!(status.is_success(), "ClickHouse refused {sql}: {text}");
+    text
+}
+
+pub async fn ch_count(sql: &str) -> u64 {
+    ch(sql).await.trim().parse().unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+/// Polls until `f` returns true or the deadline passes; returns whether it did.
+pub async fn eventually<F, Fut>(deadline: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let end = Instant::now() + deadline;
+    while Instant::now() < end {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    f().await
+}
+
+pub struct Service {
+    pub addr: SocketAddr,
+    pub shutdown: CancellationToken,
+    pub task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Service {
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(60), self.task)
+            .await
+            .expect("service stops within 60 s")
+            .expect("service task")
+            .expect("service result");
+    }
+}
+
+pub async fn start_mock() -> Service {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let token = shutdown.clone();
+    let task = tokio::spawn(async move {
+        mock::serve(listener, MockOptions::default(), token).await?;
+        Ok(())
+    });
+    Service { addr, shutdown, task }
+}
+
+pub async fn start_ingress(policy_dir: &Path, topic: &str) -> Service {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut config = tollgate_ingress::Config::new(
+        policy_dir.to_path_buf(),
+        tollgate_ingress::KafkaConfig { brokers: kafka_brokers(), usage_topic: topic.into(), extra: vec![] },
+    );
+    config.metrics = Some(metrics());
+    config.shutdown_grace = Duration::from_secs(5);
+    config.upstream_idle_timeout = Duration::from_secs(3);
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(tollgate_ingress::run(config, listener, shutdown.clone()));
+    Service { addr, shutdown, task }
+}
+
+pub fn meter_config(topic: &str, database: &str) -> tollgate_meter::Config {
+    let mut config = tollgate_meter::Config::new(
+        kafka_brokers(),
+        tollgate_meter::ClickHouseConfig {
+            url: clickhouse_url(),
+            database: database.into(),
+            user: None,
+            password: None,
+        },
+    );
+    config.usage_topic = topic.into();
+    config.group_id = format!("{database}_meter");
+    config.batch_max_wait = Duration::from_millis(200);
+    config.metrics = Some(metrics());
+    config
+}
+
+pub async fn start_meter(config: tollgate_meter::Config) -> Service {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(tollgate_meter::run(config, listener, shutdown.clone()));
+    Service { addr, shutdown, task }
+}
+
+/// Writes a policy for tests: an OpenAI-kind and an Anthropic-kind provider on the mock, a
+/// provider nobody listens on (`dead`), three virtual models and their prices.
+pub fn write_policy(dir: &Path, mock: SocketAddr) -> PathBuf {
+    let base = format!("http://{mock}/v1");
+    let files = [
+        (
+            "providers.yaml",
+            format!(
+                "type: tollgate-providers\nproviders:\n  - {{name: openai-mock, kind: openai, base_url: \"{base}\"}}\n  - {{name: anthropic-mock, kind: anthropic, base_url: \"{base}\"}}\n  - {{name: dead, kind: openai, base_url: \"http://127.0.0.1:1/v1\"}}\n"
+            ),
+        ),
+        (
+            "prices.yaml",
+            "type: tollgate-price-card\nversion: test-1\nprices:\n  - {provider: openai-mock, model: gpt-4o-mini, input_usd_per_mtok: 0.15, output_usd_per_mtok: 0.60, cached_read_usd_per_mtok: 0.075}\n  - {provider: anthropic-mock, model: claude-haiku-4-5, input_usd_per_mtok: 1.00, output_usd_per_mtok: 5.00, cached_read_usd_per_mtok: 0.10, cache_write_usd_per_mtok: 1.25}\n  - {provider: dead, model: gpt-4o-mini, input_usd_per_mtok: 0.15, output_usd_per_mtok: 0.60}\n".into(),
+        ),
+        (
+            "models.yaml",
+            "name: vm-openai\ntype: gateway-load-balancing-config\nrule_type: priority-based\nrules:\n  - {id: a, priority: 1, target: {provider: openai-mock, model: gpt-4o-mini}, timeout_ms: 5000}\n---\nname: vm-anthropic\ntype: gateway-load-balancing-config\nrule_type: priority-based\nrules:\n  - {id: a, priority: 1, target: {provider: anthropic-mock, model: claude-haiku-4-5}, timeout_ms: 5000}\n---\nname: vm-fallback\ntype: gateway-load-balancing-config\nrule_type: priority-based\nrules:\n  - {id: a, priority: 1, target: {provider: dead, model: gpt-4o-mini}, timeout_ms: 2000}\nfallbacks:\n  - {provider: anthropic-mock, model: claude-haiku-4-5}\n".into(),
+        ),
+        ("envelope.yaml", "type: tollgate-envelope\nrequired: [project, session_id]\n".into()),
+    ];
+    for (name, text) in files {
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+    dir.to_path_buf()
+}

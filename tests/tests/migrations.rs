@@ -1,0 +1,60 @@
+//! Every migration statement runs on ClickHouse 18.16 (the local server) and on current
+//! ClickHouse (chdb, in process), and applying twice changes nothing.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+#[tokio::test]
+async fn migrations_apply_once_on_the_local_server() {
+    let db = common::unique("tollgate_mig");
+    let cfg = tollgate_meter::ClickHouseConfig {
+        url: common::clickhouse_url(),
+        database: db.clone(),
+        user: None,
+        password: None,
+    };
+    let applied = tollgate_meter::migrate::apply(&cfg.server_client(), &db).await.unwrap();
+    assert_eq!(applied, tollgate_meter::migrate::MIGRATIONS.len());
+    assert_eq!(
+        tollgate_meter::migrate::apply(&cfg.server_client(), &db).await.unwrap(),
+        0,
+        "second run applies nothing"
+    );
+    let versions =
+        common::ch(&format!("SELECT count(), max(version) FROM {db}.schema_migrations FORMAT TabSeparated")).await;
+    let last = tollgate_meter::migrate::MIGRATIONS.last().unwrap().0;
+    assert_eq!(versions.trim(), format!("{}\t{last}", tollgate_meter::migrate::MIGRATIONS.len()));
+    let tables = common::ch(&format!(
+        "SELECT name FROM system.tables WHERE database = '{db}' ORDER BY name FORMAT TabSeparated"
+    ))
+    .await;
+    assert_eq!(tables.lines().collect::<Vec<_>>(), ["schema_migrations", "usage_events"]);
+    common::ch(&format!("DROP DATABASE {db}")).await;
+}
+
+#[test]
+fn migrations_run_on_current_clickhouse() {
+    let db = "tollgate_current";
+    let mut text = String::new();
+    for (_, stmt) in tollgate_meter::migrate::statements(db) {
+        text.push_str(&stmt);
+        text.push_str("\n-- ;;\n");
+    }
+    // Read back what the migrations made, so a statement that did nothing cannot pass.
+    text.push_str(&format!("SELECT name FROM system.tables WHERE database = '{db}' ORDER BY name\n-- ;;\n"));
+    text.push_str(&format!("SELECT count() FROM system.columns WHERE database = '{db}' AND table = 'usage_events'\n"));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("statements.sql");
+    std::fs::write(&file, text).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("chdb/run_sql.py");
+    let out = Command::new("python3").arg(script).arg(&file).output().expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "current ClickHouse (chdb) refused a migration:\n{stdout}\n{stderr}");
+    assert!(stdout.starts_with("clickhouse \"2"), "{stdout}");
+    assert!(stdout.contains("\"schema_migrations\"\n\"usage_events\""), "{stdout}");
+    assert!(stdout.contains("\n43\n"), "usage_events has its 43 columns on current ClickHouse: {stdout}");
+}
