@@ -9,9 +9,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use axum::Router;
-use axum::response::IntoResponse;
-use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 use rdkafka::ClientConfig;
 use rdkafka::Message;
@@ -45,21 +42,6 @@ impl Config {
     }
 }
 
-fn router(metrics: Option<PrometheusHandle>) -> Router {
-    Router::new().route("/healthz", get(|| async { "ok" })).route(
-        "/metrics",
-        get(move || {
-            let m = metrics.clone();
-            async move {
-                match m {
-                    Some(h) => h.render().into_response(),
-                    None => (axum::http::StatusCode::NOT_FOUND, "metrics are not enabled").into_response(),
-                }
-            }
-        }),
-    )
-}
-
 /// Loads the policy, then follows the usage topic until `shutdown`.
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     let policy = Policy::load_dir(&config.policy_dir)
@@ -82,7 +64,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     consumer.subscribe(&[&config.usage_topic]).context("subscribing to the usage topic")?;
     info!(topic = %config.usage_topic, rate_rules, budgets, "enforcer consuming");
 
-    let http = axum::serve(listener, router(config.metrics.clone()))
+    let http = axum::serve(listener, tollgate_runtime::ops_router(config.metrics.clone()))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let http = tokio::spawn(async move { http.await });
     let codec = UsageEvent::codec()?;

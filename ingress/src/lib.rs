@@ -22,7 +22,6 @@ use anyhow::Context as _;
 use axum::Router;
 use axum::extract::State;
 use axum::http::HeaderValue;
-use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
@@ -117,10 +116,7 @@ pub fn router(app: Arc<App>) -> Router {
 }
 
 async fn render_metrics(State(app): State<Arc<App>>) -> axum::response::Response {
-    match &app.metrics {
-        Some(h) => h.render().into_response(),
-        None => (axum::http::StatusCode::NOT_FOUND, "metrics are not enabled").into_response(),
-    }
+    tollgate_runtime::render_metrics(app.metrics.clone()).await
 }
 
 /// Serves until `shutdown` is cancelled; returns once every usage event is flushed.

@@ -4,7 +4,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use tokio_util::sync::CancellationToken;
 use tollgate_ingress::{Config, KafkaConfig};
 
 /// Tollgate ingress: an OpenAI-compatible LLM proxy that attributes, prices and meters every request.
@@ -40,24 +39,11 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    tollgate_runtime::init_tracing();
     let args = Args::parse();
-    let handle = match metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder() {
-        Ok(h) => h,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot install the metrics recorder");
-            return ExitCode::from(2);
-        }
-    };
-    let listener = match tokio::net::TcpListener::bind(&args.listen).await {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(addr = %args.listen, error = %e, "cannot bind");
-            return ExitCode::from(3);
-        }
+    let (metrics, listener) = match tollgate_runtime::metrics_and_listener(&args.listen).await {
+        Ok(started) => started,
+        Err(code) => return code,
     };
     let mut config = Config::new(
         args.policy_dir,
@@ -65,37 +51,7 @@ async fn main() -> ExitCode {
     );
     config.max_body_bytes = args.max_body_bytes;
     config.shutdown_grace = std::time::Duration::from_secs(args.shutdown_grace_secs);
-    config.metrics = Some(handle);
-    let shutdown = CancellationToken::new();
-    tokio::spawn(signal_shutdown(shutdown.clone()));
-    match tollgate_ingress::run(config, listener, shutdown).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "ingress failed");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-async fn signal_shutdown(token: CancellationToken) {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                token.cancel();
-                return;
-            }
-        };
-        tokio::select! {
-            _ = ctrl_c => {},
-            _ = term.recv() => {},
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-    tracing::info!("shutdown requested");
-    token.cancel();
+    config.metrics = Some(metrics);
+    let shutdown = tollgate_runtime::shutdown_on_signal();
+    tollgate_runtime::exit_code("ingress", tollgate_ingress::run(config, listener, shutdown).await)
 }

@@ -13,9 +13,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use axum::Router;
-use axum::response::IntoResponse;
-use axum::routing::get;
 use clickhouse::Client;
 use metrics_exporter_prometheus::PrometheusHandle;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
@@ -93,21 +90,6 @@ impl Config {
     }
 }
 
-fn router(metrics: Option<PrometheusHandle>) -> Router {
-    Router::new().route("/healthz", get(|| async { "ok" })).route(
-        "/metrics",
-        get(move || {
-            let m = metrics.clone();
-            async move {
-                match m {
-                    Some(h) => h.render().into_response(),
-                    None => (axum::http::StatusCode::NOT_FOUND, "metrics are not enabled").into_response(),
-                }
-            }
-        }),
-    )
-}
-
 /// Applies migrations, then consumes until `shutdown`; the last batch is written before return.
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     metrics::describe();
@@ -115,7 +97,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         .await
         .context("applying ClickHouse migrations")?;
     info!(applied, database = %config.clickhouse.database, "clickhouse schema is current");
-    let http = axum::serve(listener, router(config.metrics.clone()))
+    let http = axum::serve(listener, tollgate_runtime::ops_router(config.metrics.clone()))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let http = tokio::spawn(async move { http.await });
     let result = consume(&config, &shutdown).await;

@@ -4,7 +4,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use tokio_util::sync::CancellationToken;
 use tollgate_meter::{ClickHouseConfig, Config};
 
 /// Tollgate meter: usage events from Kafka into ClickHouse, exactly once.
@@ -75,23 +74,14 @@ struct RunArgs {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    tollgate_runtime::init_tracing();
     match Cli::parse().command {
         Command::Migrate(ch) => {
             let cfg = ch.config();
-            match tollgate_meter::migrate::apply(&cfg.server_client(), &cfg.database).await {
-                Ok(n) => {
-                    tracing::info!(applied = n, database = %cfg.database, "migrations done");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    tracing::error!(error = format!("{e:#}"), "migration failed");
-                    ExitCode::FAILURE
-                }
-            }
+            let result = tollgate_meter::migrate::apply(&cfg.server_client(), &cfg.database).await.map(|n| {
+                tracing::info!(applied = n, database = %cfg.database, "migrations done");
+            });
+            tollgate_runtime::exit_code("migration", result)
         }
         Command::Run(args) => run(args).await,
     }
@@ -101,55 +91,19 @@ async fn run(args: RunArgs) -> ExitCode {
     if let Some(dir) = &args.policy_dir {
         if let Err(e) = tollgate_schemas::policy::Policy::load_dir(dir) {
             tracing::error!("policy in {} is invalid:\n{e}", dir.display());
-            return ExitCode::from(2);
+            return ExitCode::from(tollgate_runtime::exit::CONFIG);
         }
     }
-    let handle = match metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder() {
-        Ok(h) => h,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot install the metrics recorder");
-            return ExitCode::from(2);
-        }
-    };
-    let listener = match tokio::net::TcpListener::bind(&args.listen).await {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(addr = %args.listen, error = %e, "cannot bind");
-            return ExitCode::from(3);
-        }
+    let (metrics, listener) = match tollgate_runtime::metrics_and_listener(&args.listen).await {
+        Ok(started) => started,
+        Err(code) => return code,
     };
     let mut config = Config::new(args.kafka_brokers, args.ch.config());
     config.usage_topic = args.usage_topic;
     config.group_id = args.group_id;
     config.batch_max_rows = args.batch_max_rows;
     config.batch_max_wait = std::time::Duration::from_millis(args.batch_max_wait_ms);
-    config.metrics = Some(handle);
-    let shutdown = CancellationToken::new();
-    let token = shutdown.clone();
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("shutdown requested");
-        token.cancel();
-    });
-    match tollgate_meter::run(config, listener, shutdown).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "meter failed");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-async fn wait_for_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term.recv() => {},
-    }
+    config.metrics = Some(metrics);
+    let shutdown = tollgate_runtime::shutdown_on_signal();
+    tollgate_runtime::exit_code("meter", tollgate_meter::run(config, listener, shutdown).await)
 }

@@ -1,0 +1,96 @@
+//! What every Tollgate binary does the same way: logging, the metrics recorder, shutdown on
+//! SIGTERM/ctrl-c, binding, and the `/healthz` + `/metrics` endpoints.
+
+use std::process::ExitCode;
+
+use axum::Router;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Exit codes of start-up failures, the same for every binary.
+pub mod exit {
+    pub const CONFIG: u8 = 2;
+    pub const BIND: u8 = 3;
+}
+
+/// Logs to stderr; `RUST_LOG` filters (default `info`).
+pub fn init_tracing() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Installs the process-wide Prometheus recorder.
+pub fn install_metrics() -> Result<PrometheusHandle, ExitCode> {
+    PrometheusBuilder::new().install_recorder().map_err(|e| {
+        tracing::error!(error = %e, "cannot install the metrics recorder");
+        ExitCode::from(exit::CONFIG)
+    })
+}
+
+pub async fn bind(addr: &str) -> Result<TcpListener, ExitCode> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        tracing::error!(addr, error = %e, "cannot bind");
+        ExitCode::from(exit::BIND)
+    })
+}
+
+/// The start of every service binary: the metrics recorder, then the listener.
+pub async fn metrics_and_listener(addr: &str) -> Result<(PrometheusHandle, TcpListener), ExitCode> {
+    let metrics = install_metrics()?;
+    Ok((metrics, bind(addr).await?))
+}
+
+/// A token cancelled on the first SIGTERM or ctrl-c.
+pub fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {},
+                    _ = term.recv() => {},
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+        tracing::info!("shutdown requested");
+        t.cancel();
+    });
+    token
+}
+
+/// Maps a service's result to the process exit code, logging the whole error chain.
+pub fn exit_code(service: &str, result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "{service} failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `GET /metrics` (Prometheus text format; 404 when no recorder is installed).
+pub async fn render_metrics(metrics: Option<PrometheusHandle>) -> axum::response::Response {
+    match metrics {
+        Some(h) => h.render().into_response(),
+        None => (StatusCode::NOT_FOUND, "metrics are not enabled").into_response(),
+    }
+}
+
+/// `/healthz` and `/metrics`, for the services whose only HTTP surface they are.
+pub fn ops_router(metrics: Option<PrometheusHandle>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(move || render_metrics(metrics.clone())))
+}
