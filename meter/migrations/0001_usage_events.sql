@@ -1,7 +1,8 @@
 -- Raw usage events, one row per request, with the Kafka position each came from so the meter
 -- resumes exactly where the table ends. Absent envelope fields are stored as '' so that
--- "untagged spend" is a plain equality filter. ReplacingMergeTree on the Kafka position makes a
--- replayed batch collapse into the rows it repeats (read with FINAL for exact counts before merges).
+-- "untagged spend" is a plain equality filter. ReplacingMergeTree keyed on event_id makes a
+-- replayed batch, and an event the ingress re-sent after a broker outage (same id, new offset),
+-- collapse into one row; read with FINAL for exact figures before merges run.
 CREATE TABLE IF NOT EXISTS {db}.usage_events (
     event_id String,
     started_at DateTime,
@@ -48,4 +49,4 @@ CREATE TABLE IF NOT EXISTS {db}.usage_events (
     inserted_at DateTime DEFAULT now()
 ) ENGINE = ReplacingMergeTree()
 PARTITION BY toYYYYMM(ended_at)
-ORDER BY (kafka_topic, kafka_partition, kafka_offset);
+ORDER BY event_id;
