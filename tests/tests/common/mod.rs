@@ -179,3 +179,24 @@ pub fn write_policy(dir: &Path, mock: SocketAddr) -> PathBuf {
     }
     dir.to_path_buf()
 }
+
+/// The gateway API key tests send, and its SHA-256 as policy stores it
+/// (`printf %s tg-test-key | sha256sum`).
+pub const TEST_API_KEY: &str = "tg-test-key";
+pub const TEST_API_KEY_SHA256: &str = "2173a168026e43858e02309abd5271d237acfab8d94155cea0998b02252b5544";
+
+/// Writes `api-keys.yaml`: the test key as `id`, allowed the virtual `models`, with envelope
+/// defaults `metadata` (header name → value). A policy with keys refuses requests without one.
+pub fn write_api_keys(dir: &Path, id: &str, models: &[&str], metadata: &[(&str, &str)]) {
+    let models = models.iter().map(|m| format!("\"{m}\"")).collect::<Vec<_>>().join(", ");
+    let mut text = format!(
+        "type: tollgate-api-keys\nkeys:\n  - id: {id}\n    sha256: {TEST_API_KEY_SHA256}\n    subject: {{type: user, id: u_test}}\n    models: [{models}]\n"
+    );
+    if !metadata.is_empty() {
+        text.push_str("    metadata:\n");
+        for (header, value) in metadata {
+            text.push_str(&format!("      {header}: {value}\n"));
+        }
+    }
+    std::fs::write(dir.join("api-keys.yaml"), text).unwrap();
+}
