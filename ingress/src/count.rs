@@ -37,6 +37,13 @@ pub fn estimate_input(model: &str, body: &Value) -> (i64, i64) {
     if let Some(system) = body.get("system") {
         for_each_text(system, &mut add);
     }
+    // Embeddings: `input` is a string or an array of strings (token-id arrays are counted as given).
+    let mut token_ids = 0;
+    match body.get("input") {
+        Some(Value::Array(items)) if items.iter().all(Value::is_number) => token_ids = items.len() as i64,
+        Some(input) => for_each_text(input, &mut add),
+        None => {}
+    }
     let mut messages = 0;
     if let Some(list) = body.get("messages").and_then(Value::as_array) {
         for m in list {
@@ -46,7 +53,7 @@ pub fn estimate_input(model: &str, body: &Value) -> (i64, i64) {
             }
         }
     }
-    (tokens + messages * PER_MESSAGE + if messages > 0 { REPLY_PRIMING } else { 0 }, chars)
+    (tokens + token_ids + messages * PER_MESSAGE + if messages > 0 { REPLY_PRIMING } else { 0 }, chars)
 }
 
 /// Calls `f` on every text of a content value: a string, or an array of `{type: text, text}` blocks.

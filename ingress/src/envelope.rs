@@ -1,5 +1,7 @@
 //! Reads the identity envelope (project, team, user, session, workflow, environment, cost centre) from headers.
 
+use std::collections::BTreeMap;
+
 use axum::http::HeaderMap;
 use tollgate_schemas::policy::EnvelopeConfig;
 use tollgate_schemas::usage::Envelope;
@@ -10,8 +12,13 @@ use crate::error::IngressError;
 /// truncated session id would merge sessions.
 pub const MAX_VALUE_LEN: usize = 256;
 
-/// Extracts the envelope; every missing required header is named in one error.
-pub fn extract(headers: &HeaderMap, cfg: &EnvelopeConfig) -> Result<Envelope, IngressError> {
+/// Extracts the envelope; values the request lacks come from `defaults` (the API key's
+/// metadata, by header name); every required header still missing is named in one error.
+pub fn extract(
+    headers: &HeaderMap,
+    cfg: &EnvelopeConfig,
+    defaults: Option<&BTreeMap<String, String>>,
+) -> Result<Envelope, IngressError> {
     let mut env = Envelope::default();
     let mut missing = Vec::new();
     for (field, header) in cfg.headers() {
@@ -30,6 +37,8 @@ pub fn extract(headers: &HeaderMap, cfg: &EnvelopeConfig) -> Result<Envelope, In
                 (!s.is_empty()).then(|| s.to_owned())
             }
         };
+        let value =
+            value.or_else(|| defaults?.iter().find(|(k, _)| k.eq_ignore_ascii_case(header)).map(|(_, v)| v.clone()));
         if value.is_none() && cfg.required.iter().any(|r| r == field) {
             missing.push(header.to_owned());
         }
@@ -61,7 +70,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("x-tfy-project", "platform-search".parse().unwrap());
         h.insert("X-TFY-Session-ID", "sess_a3f9c2-b71d-4e".parse().unwrap());
-        let env = extract(&h, &cfg(&["project"])).unwrap();
+        let env = extract(&h, &cfg(&["project"]), None).unwrap();
         assert_eq!(env.project.as_deref(), Some("platform-search"));
         assert_eq!(env.session_id.as_deref(), Some("sess_a3f9c2-b71d-4e"));
         assert_eq!(env.team, None);
@@ -72,11 +81,22 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("X-TFY-Team", "data-platform".parse().unwrap());
         h.insert("X-TFY-Project", "   ".parse().unwrap());
-        let err = extract(&h, &cfg(&["project", "team", "session_id"])).unwrap_err();
+        let err = extract(&h, &cfg(&["project", "team", "session_id"]), None).unwrap_err();
         match err {
             IngressError::MissingEnvelope(m) => assert_eq!(m, vec!["X-TFY-Project", "X-TFY-Session-ID"]),
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn key_metadata_fills_what_the_request_lacks() {
+        let mut h = HeaderMap::new();
+        h.insert("X-TFY-Team", "search".parse().unwrap());
+        let defaults: BTreeMap<String, String> =
+            [("x-tfy-team".into(), "other".into()), ("X-TFY-Project".into(), "p1".into())].into();
+        let env = extract(&h, &cfg(&["project", "team"]), Some(&defaults)).unwrap();
+        assert_eq!(env.team.as_deref(), Some("search"), "the request's own header wins");
+        assert_eq!(env.project.as_deref(), Some("p1"));
     }
 
     #[test]
@@ -85,6 +105,6 @@ mod tests {
         c.team = "X-Acme-Team".into();
         let mut h = HeaderMap::new();
         h.insert("x-acme-team", "search".parse().unwrap());
-        assert_eq!(extract(&h, &c).unwrap().team.as_deref(), Some("search"));
+        assert_eq!(extract(&h, &c, None).unwrap().team.as_deref(), Some("search"));
     }
 }

@@ -4,6 +4,7 @@ use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
+use tollgate_schemas::usage::ApiFormat;
 
 /// Where an error came from, for the body's `type` and for logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,10 +22,18 @@ pub enum IngressError {
     InvalidRequest(String),
     #[error("request body is larger than the {limit} bytes this gateway accepts")]
     BodyTooLarge { limit: usize },
+    #[error("request headers are larger than the {limit} bytes this gateway accepts")]
+    HeadersTooLarge { limit: usize },
     #[error("missing required identity headers: {}", .0.join(", "))]
     MissingEnvelope(Vec<String>),
     #[error("the model `{0}` does not exist or is not served by this gateway")]
     UnknownModel(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("every target of `{model}` is unavailable (circuit open); retry in {retry_after_secs} s")]
+    Unavailable { model: String, retry_after_secs: u64 },
     #[error("provider {provider} answered HTTP {status}")]
     ProviderStatus { provider: String, status: u16, body: bytes::Bytes, content_type: Option<HeaderValue> },
     #[error("provider {provider} failed: {message}")]
@@ -42,7 +51,11 @@ impl IngressError {
                 StatusCode::BAD_REQUEST
             }
             IngressError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            IngressError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             IngressError::UnknownModel(_) => StatusCode::NOT_FOUND,
+            IngressError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            IngressError::Forbidden(_) => StatusCode::FORBIDDEN,
+            IngressError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             IngressError::ProviderStatus { status, .. } => {
                 StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY)
             }
@@ -57,11 +70,15 @@ impl IngressError {
             IngressError::MalformedJson(_)
             | IngressError::InvalidRequest(_)
             | IngressError::BodyTooLarge { .. }
+            | IngressError::HeadersTooLarge { .. }
             | IngressError::MissingEnvelope(_)
-            | IngressError::UnknownModel(_) => Origin::Client,
+            | IngressError::UnknownModel(_)
+            | IngressError::Unauthorized(_)
+            | IngressError::Forbidden(_) => Origin::Client,
             IngressError::ProviderStatus { .. }
             | IngressError::ProviderFailed { .. }
-            | IngressError::ProviderTimeout { .. } => Origin::Provider,
+            | IngressError::ProviderTimeout { .. }
+            | IngressError::Unavailable { .. } => Origin::Provider,
             IngressError::Internal(_) => Origin::Internal,
         }
     }
@@ -70,12 +87,17 @@ impl IngressError {
     pub fn retryable(&self) -> bool {
         match self {
             IngressError::ProviderStatus { status, .. } => *status == 429 || *status >= 500,
-            IngressError::ProviderFailed { .. } | IngressError::ProviderTimeout { .. } => true,
+            IngressError::ProviderFailed { .. }
+            | IngressError::ProviderTimeout { .. }
+            | IngressError::Unavailable { .. } => true,
             IngressError::MalformedJson(_)
             | IngressError::InvalidRequest(_)
             | IngressError::BodyTooLarge { .. }
+            | IngressError::HeadersTooLarge { .. }
             | IngressError::MissingEnvelope(_)
             | IngressError::UnknownModel(_)
+            | IngressError::Unauthorized(_)
+            | IngressError::Forbidden(_)
             | IngressError::Internal(_) => false,
         }
     }
@@ -83,7 +105,10 @@ impl IngressError {
     fn error_type(&self) -> &'static str {
         match self {
             IngressError::UnknownModel(_) => "not_found_error",
-            IngressError::BodyTooLarge { .. } => "request_too_large",
+            IngressError::Unauthorized(_) => "authentication_error",
+            IngressError::Forbidden(_) => "permission_error",
+            IngressError::Unavailable { .. } => "overloaded_error",
+            IngressError::BodyTooLarge { .. } | IngressError::HeadersTooLarge { .. } => "request_too_large",
             _ => match self.origin() {
                 Origin::Client => "invalid_request_error",
                 Origin::Provider => "upstream_error",
@@ -92,11 +117,27 @@ impl IngressError {
         }
     }
 
+    /// Anthropic's error `type` names for the same conditions.
+    fn anthropic_type(&self) -> &'static str {
+        match self.status_code().as_u16() {
+            400 => "invalid_request_error",
+            401 => "authentication_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            413 | 431 => "request_too_large",
+            429 => "rate_limit_error",
+            503 | 529 => "overloaded_error",
+            _ => "api_error",
+        }
+    }
+
     fn code(&self) -> Option<&'static str> {
         match self {
             IngressError::MissingEnvelope(_) => Some("missing_identity_headers"),
             IngressError::UnknownModel(_) => Some("model_not_found"),
             IngressError::MalformedJson(_) => Some("malformed_json"),
+            IngressError::Unauthorized(_) => Some("invalid_api_key"),
+            IngressError::Forbidden(_) => Some("model_not_allowed"),
             IngressError::ProviderTimeout { .. } => Some("upstream_timeout"),
             _ => None,
         }
@@ -105,24 +146,107 @@ impl IngressError {
 
 impl IntoResponse for IngressError {
     fn into_response(self) -> Response {
+        self.into_response_for(ApiFormat::OpenAi)
+    }
+}
+
+impl IngressError {
+    /// The error in the wire format the client speaks (OpenAI's or Anthropic's error body).
+    pub fn into_response_for(self, format: ApiFormat) -> Response {
         let status = self.status_code();
-        // A provider's own error body is passed through unchanged: SDKs know how to read it.
+        // A provider's own error body is passed through when it is already in the client's
+        // format; after a translated call it is re-shaped, keeping the provider's message.
         if let IngressError::ProviderStatus { body, content_type, .. } = self {
-            let mut resp = (status, body).into_response();
-            if let Some(ct) = content_type {
-                resp.headers_mut().insert(header::CONTENT_TYPE, ct);
+            let parsed: Option<serde_json::Value> = serde_json::from_slice(&body).ok();
+            let anthropic_shaped = parsed.as_ref().is_some_and(|v| v.get("type").and_then(|t| t.as_str()) == Some("error"));
+            let openai_shaped = !anthropic_shaped && parsed.as_ref().is_some_and(|v| v["error"]["message"].is_string());
+            let native = match format {
+                ApiFormat::OpenAi => openai_shaped,
+                ApiFormat::Anthropic => anthropic_shaped,
+            };
+            if native || !(openai_shaped || anthropic_shaped) {
+                let mut resp = (status, body).into_response();
+                if let Some(ct) = content_type {
+                    resp.headers_mut().insert(header::CONTENT_TYPE, ct);
+                }
+                return resp;
             }
-            return resp;
+            let err = parsed.as_ref().map(|v| &v["error"]).unwrap_or(&serde_json::Value::Null);
+            let message = err["message"].as_str().unwrap_or("provider error");
+            let kind = err["type"].as_str().unwrap_or("api_error");
+            let body = match format {
+                ApiFormat::OpenAi => {
+                    json!({"error": {"message": message, "type": kind, "param": null, "code": null}})
+                }
+                ApiFormat::Anthropic => json!({"type": "error", "error": {"type": kind, "message": message}}),
+            };
+            return (status, Json(body)).into_response();
         }
-        let mut body = json!({"error": {
-            "message": self.to_string(),
-            "type": self.error_type(),
-            "param": null,
-            "code": self.code(),
-        }});
+        let mut body = match format {
+            ApiFormat::OpenAi => json!({"error": {
+                "message": self.to_string(),
+                "type": self.error_type(),
+                "param": null,
+                "code": self.code(),
+            }}),
+            ApiFormat::Anthropic => json!({"type": "error", "error": {
+                "type": self.anthropic_type(),
+                "message": self.to_string(),
+            }}),
+        };
         if let IngressError::MissingEnvelope(missing) = &self {
             body["error"]["missing_headers"] = json!(missing);
         }
-        (status, Json(body)).into_response()
+        let retry_after = match &self {
+            IngressError::Unavailable { retry_after_secs, .. } => Some(*retry_after_secs),
+            _ => None,
+        };
+        let mut resp = (status, Json(body)).into_response();
+        if let Some(secs) = retry_after {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    async fn body_of(e: IngressError, format: ApiFormat) -> (u16, serde_json::Value) {
+        let resp = e.into_response_for(format);
+        let status = resp.status().as_u16();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+        (status, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    fn provider_error(body: serde_json::Value) -> IngressError {
+        IngressError::ProviderStatus {
+            provider: "p".into(),
+            status: 529,
+            body: bytes::Bytes::from(body.to_string()),
+            content_type: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn provider_errors_reach_the_client_in_its_own_format() {
+        let anthropic = json!({"type": "error", "error": {"type": "overloaded_error", "message": "busy"}});
+        let (status, b) = body_of(provider_error(anthropic.clone()), ApiFormat::Anthropic).await;
+        assert_eq!((status, b), (529, anthropic.clone()), "native: unchanged");
+        let (_, b) = body_of(provider_error(anthropic), ApiFormat::OpenAi).await;
+        assert_eq!(b, json!({"error": {"message": "busy", "type": "overloaded_error", "param": null, "code": null}}));
+        let openai = json!({"error": {"message": "slow down", "type": "rate_limit_error", "code": "rate_limit_exceeded"}});
+        let (_, b) = body_of(provider_error(openai), ApiFormat::Anthropic).await;
+        assert_eq!(b, json!({"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}}));
+    }
+
+    #[tokio::test]
+    async fn missing_headers_are_named_in_the_body() {
+        let (status, b) = body_of(IngressError::MissingEnvelope(vec!["X-TFY-Team".into()]), ApiFormat::OpenAi).await;
+        assert_eq!(status, 400);
+        assert_eq!(b["error"]["missing_headers"], json!(["X-TFY-Team"]));
+        assert_eq!(b["error"]["code"], "missing_identity_headers");
     }
 }

@@ -3,6 +3,8 @@
 //! `run` serves the OpenAI-compatible API on a listener until `shutdown` fires, then stops
 //! accepting, lets in-flight requests finish within a grace period, and flushes usage events.
 
+pub mod auth;
+pub mod breaker;
 pub mod count;
 pub mod envelope;
 pub mod error;
@@ -12,6 +14,7 @@ pub mod proxy;
 pub mod publish;
 pub mod record;
 pub mod route;
+pub mod spool;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -38,8 +41,14 @@ pub struct Config {
     pub kafka: KafkaConfig,
     /// Largest request body accepted.
     pub max_body_bytes: usize,
+    /// Largest total size of request header names and values accepted.
+    pub max_header_bytes: usize,
     /// Usage events waiting for the producer before new ones are dropped (and counted).
     pub publish_queue: usize,
+    /// Directory of the on-disk spool that holds usage events until Kafka acknowledges them.
+    pub spool_dir: PathBuf,
+    /// Most bytes the spool may hold; events past it are dropped (counted and logged).
+    pub spool_max_bytes: u64,
     pub upstream_connect_timeout: Duration,
     /// Longest silence between two reads of a provider's response (stalled streams end here).
     pub upstream_idle_timeout: Duration,
@@ -56,7 +65,10 @@ impl Config {
             policy_dir,
             kafka,
             max_body_bytes: 8 << 20,
+            max_header_bytes: 64 << 10,
             publish_queue: 65_536,
+            spool_dir: PathBuf::from("tollgate-spool"),
+            spool_max_bytes: 1 << 30,
             upstream_connect_timeout: Duration::from_secs(5),
             upstream_idle_timeout: Duration::from_secs(60),
             first_byte_timeout: Duration::from_secs(60),
@@ -73,7 +85,9 @@ pub struct App {
     credentials: HashMap<String, Option<HeaderValue>>,
     http: reqwest::Client,
     publisher: Publisher,
+    breakers: breaker::Breakers,
     max_body_bytes: usize,
+    max_header_bytes: usize,
     first_byte_timeout: Duration,
     metrics: Option<PrometheusHandle>,
 }
@@ -109,6 +123,8 @@ pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(proxy::chat_completions))
         .route("/api/llm/api/inference/openai/chat/completions", post(proxy::chat_completions))
+        .route("/v1/messages", post(proxy::messages))
+        .route("/v1/embeddings", post(proxy::embeddings))
         .route("/v1/models", get(proxy::models))
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(render_metrics))
@@ -130,13 +146,16 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         .pool_idle_timeout(Duration::from_secs(90))
         .build()
         .context("building the HTTP client")?;
-    let (publisher, task) = Publisher::start(&config.kafka, config.publish_queue)?;
+    let spool = publish::SpoolConfig::new(config.spool_dir.clone(), config.spool_max_bytes);
+    let (publisher, task) = Publisher::start(&config.kafka, config.publish_queue, spool)?;
     let app = Arc::new(App {
         credentials: credentials(&policy)?,
         policy,
         http,
         publisher,
+        breakers: breaker::Breakers::default(),
         max_body_bytes: config.max_body_bytes,
+        max_header_bytes: config.max_header_bytes,
         first_byte_timeout: config.first_byte_timeout,
         metrics: config.metrics.clone(),
     });

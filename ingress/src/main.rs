@@ -28,6 +28,13 @@ struct Args {
     /// Largest request body accepted, in bytes.
     #[arg(long, default_value_t = 8 << 20)]
     max_body_bytes: usize,
+    /// Directory where usage events wait on disk until Kafka acknowledges them (one ingress
+    /// process per directory).
+    #[arg(long, env = "TOLLGATE_INGRESS_SPOOL_DIR", default_value = "tollgate-spool")]
+    spool_dir: PathBuf,
+    /// Most bytes the spool may hold; usage events past it are dropped (counted and logged).
+    #[arg(long, default_value_t = 1 << 30)]
+    spool_max_bytes: u64,
     /// Seconds in-flight requests may run after SIGTERM.
     #[arg(long, default_value_t = 30)]
     shutdown_grace_secs: u64,
@@ -50,6 +57,8 @@ async fn main() -> ExitCode {
         KafkaConfig { brokers: args.kafka_brokers, usage_topic: args.usage_topic, extra: args.kafka_set },
     );
     config.max_body_bytes = args.max_body_bytes;
+    config.spool_dir = args.spool_dir;
+    config.spool_max_bytes = args.spool_max_bytes;
     config.shutdown_grace = std::time::Duration::from_secs(args.shutdown_grace_secs);
     config.metrics = Some(metrics);
     let shutdown = tollgate_runtime::shutdown_on_signal();

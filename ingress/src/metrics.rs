@@ -26,7 +26,26 @@ pub fn describe() {
     );
     describe_counter!("tollgate_ingress_events_published_total", "Usage events acknowledged by Kafka");
     describe_counter!("tollgate_ingress_events_dropped_total", "Usage events lost, by reason");
+    describe_gauge!("tollgate_ingress_breaker_state", "Circuit breaker per target: 0 closed, 1 open, 2 half-open");
     describe_gauge!("tollgate_ingress_publish_queue_depth", "Usage events waiting for the producer task");
+    describe_counter!(
+        "tollgate_ingress_events_spooled_total",
+        "Usage events written to the on-disk spool, each before it is sent to Kafka"
+    );
+    describe_counter!(
+        "tollgate_ingress_events_resent_total",
+        "Usage events sent to Kafka again: after a failed delivery, or left by an earlier run"
+    );
+    describe_counter!(
+        "tollgate_ingress_events_recovered_total",
+        "Usage events found in the spool at start, left unacknowledged by an earlier run"
+    );
+    describe_counter!(
+        "tollgate_ingress_delivery_failures_total",
+        "Failed Kafka deliveries of usage events (each is retried from the spool)"
+    );
+    describe_gauge!("tollgate_ingress_spool_records", "Usage events in the spool that Kafka has not acknowledged");
+    describe_gauge!("tollgate_ingress_spool_bytes", Unit::Bytes, "Bytes of the spool's segment files on disk");
 }
 
 pub fn request(endpoint: &'static str, virtual_model: &str, status: u16, seconds: f64) {
@@ -64,5 +83,34 @@ pub fn event_published() {
 }
 
 pub fn event_dropped(reason: &'static str) {
-    counter!("tollgate_ingress_events_dropped_total", "reason" => reason).increment(1);
+    events_dropped(reason, 1);
+}
+
+pub fn events_dropped(reason: &'static str, n: u64) {
+    counter!("tollgate_ingress_events_dropped_total", "reason" => reason).increment(n);
+}
+
+pub fn event_spooled() {
+    counter!("tollgate_ingress_events_spooled_total").increment(1);
+}
+
+pub fn event_resent() {
+    counter!("tollgate_ingress_events_resent_total").increment(1);
+}
+
+pub fn events_recovered(n: u64) {
+    counter!("tollgate_ingress_events_recovered_total").increment(n);
+}
+
+pub fn delivery_failed() {
+    counter!("tollgate_ingress_delivery_failures_total").increment(1);
+}
+
+pub fn spool_depth(records: u64, bytes: u64) {
+    gauge!("tollgate_ingress_spool_records").set(records as f64);
+    gauge!("tollgate_ingress_spool_bytes").set(bytes as f64);
+}
+
+pub fn breaker_state(target: &str, state: u8) {
+    gauge!("tollgate_ingress_breaker_state", "target" => target.to_owned()).set(f64::from(state));
 }

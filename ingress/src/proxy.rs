@@ -1,4 +1,8 @@
-//! The request path of `POST /v1/chat/completions`: envelope, routing, provider call, metering.
+//! The request path of the three model endpoints: key, envelope, routing, provider call, metering.
+//!
+//! `POST /v1/chat/completions` (OpenAI format), `POST /v1/messages` (Anthropic format) and
+//! `POST /v1/embeddings` share one path; a request is translated when its target speaks the
+//! other wire format, streams included, because fallbacks cross providers.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -14,45 +18,72 @@ use bytes::Bytes;
 use eventsource_stream::{Event, EventStreamError, Eventsource};
 use futures::{Stream, StreamExt};
 use serde_json::{Value, json};
-use tollgate_schemas::policy::{ProviderConfig, ProviderKind, Target};
+use tollgate_schemas::policy::{ApiKey, ProviderConfig, ProviderKind, Target, VirtualModel};
 use tollgate_schemas::usage::{ApiFormat, Status};
 use tracing::{debug, warn};
 
+use crate::breaker::Admit;
 use crate::error::IngressError;
 use crate::provider::{StreamAccounting, anthropic, openai};
 use crate::record::{Outcome, RequestRecord, now_us};
-use crate::{App, count, envelope, metrics, route};
+use crate::route::Attempt;
+use crate::{App, auth, count, envelope, metrics, route};
 
-const ENDPOINT_CHAT: &str = "chat_completions";
 /// Largest non-streaming provider response read into memory.
 const MAX_PROVIDER_BODY: usize = 32 << 20;
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Chat,
+    Messages,
+    Embeddings,
+}
+
+impl Endpoint {
+    fn format(self) -> ApiFormat {
+        match self {
+            Endpoint::Chat | Endpoint::Embeddings => ApiFormat::OpenAi,
+            Endpoint::Messages => ApiFormat::Anthropic,
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "chat_completions",
+            Endpoint::Messages => "messages",
+            Endpoint::Embeddings => "embeddings",
+        }
+    }
+}
+
 pub async fn chat_completions(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
+    handle(Endpoint::Chat, &app, &headers, body).await
+}
+
+pub async fn messages(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
+    handle(Endpoint::Messages, &app, &headers, body).await
+}
+
+pub async fn embeddings(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
+    handle(Endpoint::Embeddings, &app, &headers, body).await
+}
+
+async fn handle(endpoint: Endpoint, app: &Arc<App>, headers: &HeaderMap, body: Body) -> Response {
     let started = Instant::now();
     let mut vm_label = String::from("-");
-    let resp = match chat(&app, &headers, body, started, &mut vm_label).await {
+    let resp = match serve(endpoint, app, headers, body, started, &mut vm_label).await {
         Ok(r) => r,
         Err(e) => {
             debug!(error = %e, "request refused");
-            e.into_response()
+            e.into_response_for(endpoint.format())
         }
     };
-    metrics::request(ENDPOINT_CHAT, &vm_label, resp.status().as_u16(), started.elapsed().as_secs_f64());
+    metrics::request(endpoint.label(), &vm_label, resp.status().as_u16(), started.elapsed().as_secs_f64());
     resp
 }
 
-async fn chat(
-    app: &Arc<App>,
-    headers: &HeaderMap,
-    body: Body,
-    started: Instant,
-    vm_label: &mut String,
-) -> Result<Response, IngressError> {
-    let started_at_us = now_us();
-    let bytes = axum::body::to_bytes(body, app.max_body_bytes)
-        .await
-        .map_err(|_| IngressError::BodyTooLarge { limit: app.max_body_bytes })?;
-    let req: Value = serde_json::from_slice(&bytes).map_err(|e| IngressError::MalformedJson(e.to_string()))?;
+/// Checks the parts of the body every endpoint needs; returns the model name.
+fn validate(endpoint: Endpoint, req: &Value) -> Result<&str, IngressError> {
     if !req.is_object() {
         return Err(IngressError::InvalidRequest("request body must be a JSON object".into()));
     }
@@ -60,81 +91,171 @@ async fn chat(
         .get("model")
         .and_then(Value::as_str)
         .ok_or_else(|| IngressError::InvalidRequest("`model` is required".into()))?;
-    if !req.get("messages").is_some_and(Value::is_array) {
-        return Err(IngressError::InvalidRequest("`messages` must be an array".into()));
+    match endpoint {
+        Endpoint::Chat | Endpoint::Messages if !req.get("messages").is_some_and(Value::is_array) => {
+            Err(IngressError::InvalidRequest("`messages` must be an array".into()))
+        }
+        Endpoint::Messages if !req.get("max_tokens").is_some_and(Value::is_u64) => {
+            Err(IngressError::InvalidRequest("`max_tokens` is required".into()))
+        }
+        Endpoint::Embeddings if req.get("input").is_none() => {
+            Err(IngressError::InvalidRequest("`input` is required".into()))
+        }
+        _ => Ok(model),
     }
-    let envelope = envelope::extract(headers, &app.policy.envelope)?;
-    let vm = app.policy.virtual_models.get(model).ok_or_else(|| IngressError::UnknownModel(model.to_owned()))?;
-    vm_label.clone_from(&vm.name);
-    let stream = req.get("stream").and_then(Value::as_bool).unwrap_or(false);
+}
+
+/// What a model name resolves to: a virtual model, or a concrete target the key may name.
+enum Resolved<'p> {
+    Virtual(&'p VirtualModel),
+    Direct(Target),
+}
+
+fn resolve<'p>(app: &'p App, key: Option<&ApiKey>, model: &str) -> Result<Resolved<'p>, IngressError> {
+    if let Some(vm) = app.policy.virtual_models.get(model) {
+        if key.is_some_and(|k| !k.may_use(model)) {
+            return Err(IngressError::Forbidden(format!("this API key may not use the model `{model}`")));
+        }
+        return Ok(Resolved::Virtual(vm));
+    }
+    if let Some((provider, concrete)) = model.split_once('/') {
+        let target = Target { provider: provider.to_owned(), model: concrete.to_owned() };
+        let known = app.policy.providers.contains_key(provider)
+            && (app.policy.price(&target).is_some()
+                || app.policy.price_card.as_ref().is_some_and(|c| c.unpriced_ok.contains(&target.to_string())));
+        if known {
+            return match key {
+                Some(k) if k.direct_models => Ok(Resolved::Direct(target)),
+                _ => Err(IngressError::Forbidden(format!(
+                    "`{model}` is a concrete model; this API key may only use virtual models"
+                ))),
+            };
+        }
+    }
+    Err(IngressError::UnknownModel(model.to_owned()))
+}
+
+async fn serve(
+    endpoint: Endpoint,
+    app: &Arc<App>,
+    headers: &HeaderMap,
+    body: Body,
+    started: Instant,
+    vm_label: &mut String,
+) -> Result<Response, IngressError> {
+    let started_at_us = now_us();
+    let header_bytes: usize = headers.iter().map(|(k, v)| k.as_str().len() + v.len()).sum();
+    if header_bytes > app.max_header_bytes {
+        return Err(IngressError::HeadersTooLarge { limit: app.max_header_bytes });
+    }
+    let key = auth::authenticate(&app.policy, headers)?;
+    let bytes = axum::body::to_bytes(body, app.max_body_bytes)
+        .await
+        .map_err(|_| IngressError::BodyTooLarge { limit: app.max_body_bytes })?;
+    let req: Value = serde_json::from_slice(&bytes).map_err(|e| IngressError::MalformedJson(e.to_string()))?;
+    let model = validate(endpoint, &req)?;
+    let envelope = envelope::extract(headers, &app.policy.envelope, key.map(|k| &k.metadata))?;
+    let resolved = resolve(app, key, model)?;
+    let (vm, plan) = match &resolved {
+        Resolved::Virtual(vm) => (Some(*vm), route::plan(vm, &mut rand::rng())),
+        Resolved::Direct(t) => (None, vec![Attempt { target: t, timeout_ms: None }]),
+    };
+    vm_label.clone_from(&vm.map_or_else(|| model.to_owned(), |v| v.name.clone()));
+    let stream = endpoint != Endpoint::Embeddings && req.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let client_wants_usage = req.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false);
-    let plan = route::plan(vm, &mut rand::rng());
     let event_id = uuid::Uuid::now_v7().to_string();
     let mut tried: Vec<String> = Vec::new();
     let mut last_err = None;
+    let mut retry_after = Duration::MAX;
+    let retries = vm.and_then(|v| v.retries.as_ref());
+    let breaker = vm.and_then(|v| v.circuit_breaker.as_ref());
 
     for (i, attempt) in plan.iter().enumerate() {
         let target = attempt.target;
-        let Some(provider) = app.policy.providers.get(&target.provider) else {
-            // Policy validation guarantees this; keep going rather than fail the request.
+        let target_name = target.to_string();
+        let Some(provider) = app.policy.providers.get(&target.provider) else { continue };
+        if endpoint == Endpoint::Embeddings && provider.kind == ProviderKind::Anthropic {
+            last_err = Some(IngressError::InvalidRequest(format!("{target_name} has no embeddings API")));
             continue;
-        };
-        if i > 0 {
-            metrics::fallback(&vm.name);
+        }
+        if let Some(cfg) = breaker {
+            if let Admit::No { retry_after: wait } = app.breakers.admit(&target_name, cfg, Instant::now()) {
+                debug!(target = %target_name, "circuit open; skipping target");
+                retry_after = retry_after.min(wait);
+                tried.push(target_name);
+                continue;
+            }
+        }
+        if !tried.is_empty() {
+            metrics::fallback(vm_label);
         }
         let (reference_input_tokens, input_chars) = count::estimate_input(&target.model, &req);
-        let record = RequestRecord {
-            publisher: app.publisher.clone(),
-            event_id: event_id.clone(),
-            started,
-            started_at_us,
-            envelope: envelope.clone(),
-            api_key_id: None,
-            api_format: ApiFormat::OpenAi,
-            virtual_model: vm.name.clone(),
-            provider: target.provider.clone(),
-            model: target.model.clone(),
-            attempt: i32::try_from(i + 1).unwrap_or(i32::MAX),
-            fallback_path: tried.clone(),
-            streamed: stream,
-            reference_input_tokens,
-            input_chars,
-            price: app.policy.price(target).cloned(),
-            price_card_version: app.policy.price_card.as_ref().map(|c| c.version.clone()).unwrap_or_default(),
-        };
         let first_byte = attempt.timeout_ms.map_or(app.first_byte_timeout, Duration::from_millis);
-        let more = i + 1 < plan.len();
-        match call(app, provider, target, &req, stream, first_byte).await {
-            Ok(resp) => {
-                let result = if stream {
-                    Ok(stream_response(resp, provider.kind, client_wants_usage, record))
-                } else {
-                    complete_response(resp, provider.kind, record).await
-                };
-                match result {
-                    Ok(r) => return Ok(r),
-                    Err((e, record)) => {
-                        warn!(provider = %target.provider, model = %target.model, error = %e, "provider answer unusable");
-                        if !more {
-                            fail(record, &e);
-                            return Err(e);
-                        }
-                        last_err = Some(e);
+        let more_targets = i + 1 < plan.len();
+        let tries = 1 + retries.map_or(0, |r| r.attempts);
+        for try_no in 0..tries {
+            let record = RequestRecord {
+                publisher: app.publisher.clone(),
+                event_id: event_id.clone(),
+                started,
+                started_at_us,
+                envelope: envelope.clone(),
+                api_key_id: key.map(|k| k.id.clone()),
+                api_format: endpoint.format(),
+                virtual_model: vm_label.clone(),
+                provider: target.provider.clone(),
+                model: target.model.clone(),
+                attempt: i32::try_from(tried.len() + 1).unwrap_or(i32::MAX),
+                fallback_path: tried.clone(),
+                streamed: stream,
+                reference_input_tokens,
+                input_chars,
+                price: app.policy.price(target).cloned(),
+                price_card_version: app.policy.price_card.as_ref().map(|c| c.version.clone()).unwrap_or_default(),
+            };
+            let outcome = match call(endpoint, app, provider, target, &req, stream, first_byte).await {
+                Ok(resp) if stream => Ok(stream_response(endpoint, resp, provider.kind, client_wants_usage, record)),
+                Ok(resp) => complete_response(endpoint, resp, provider.kind, record).await,
+                Err(e) => Err((e, record)),
+            };
+            let (e, record) = match outcome {
+                Ok(r) => {
+                    if let Some(cfg) = breaker {
+                        app.breakers.record(&target_name, cfg, true, Instant::now());
                     }
+                    return Ok(r);
                 }
+                Err(failure) => failure,
+            };
+            warn!(provider = %target.provider, model = %target.model, error = %e, "provider call failed");
+            let moves_on = match &e {
+                IngressError::ProviderStatus { status, .. } => vm.is_some_and(|v| v.falls_back_on(*status)),
+                other => other.retryable(),
+            };
+            if let Some(cfg) = breaker {
+                app.breakers.record(&target_name, cfg, !moves_on, Instant::now());
             }
-            Err(e) => {
-                warn!(provider = %target.provider, model = %target.model, error = %e, "provider call failed");
-                if !(e.retryable() && more) {
-                    fail(record, &e);
-                    return Err(e);
-                }
-                last_err = Some(e);
+            let last_try = try_no + 1 == tries;
+            if !moves_on || (last_try && !more_targets) {
+                fail(record, &e);
+                return Err(e);
             }
+            last_err = Some(e);
+            if last_try {
+                break;
+            }
+            let backoff = retries.map_or(0, |r| r.backoff_ms.saturating_mul(1 << try_no.min(16)));
+            tokio::time::sleep(Duration::from_millis(backoff)).await;
         }
-        tried.push(target.to_string());
+        tried.push(target_name);
     }
-    Err(last_err.unwrap_or_else(|| IngressError::Internal(format!("virtual model {} has no usable target", vm.name))))
+    if retry_after != Duration::MAX && last_err.is_none() {
+        return Err(IngressError::Unavailable {
+            model: vm_label.clone(),
+            retry_after_secs: retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0),
+        });
+    }
+    Err(last_err.unwrap_or_else(|| IngressError::Internal(format!("model {vm_label} has no usable target"))))
 }
 
 /// Records a request that reached a provider and failed there.
@@ -155,8 +276,31 @@ fn fail(record: RequestRecord, e: &IngressError) {
     });
 }
 
+/// The provider path and body for this endpoint and provider kind.
+fn upstream(
+    endpoint: Endpoint,
+    kind: ProviderKind,
+    req: &Value,
+    model: &str,
+    stream: bool,
+) -> Result<(&'static str, Value), IngressError> {
+    Ok(match (endpoint, kind) {
+        (Endpoint::Chat, ProviderKind::Openai) => ("/chat/completions", openai::upstream_body(req, model, stream)),
+        (Endpoint::Chat, ProviderKind::Anthropic) => ("/messages", anthropic::from_openai_request(req, model, stream)?),
+        (Endpoint::Messages, ProviderKind::Anthropic) => ("/messages", anthropic::upstream_body(req, model)),
+        (Endpoint::Messages, ProviderKind::Openai) => {
+            ("/chat/completions", openai::from_anthropic_request(req, model, stream))
+        }
+        (Endpoint::Embeddings, ProviderKind::Openai) => ("/embeddings", openai::upstream_body(req, model, false)),
+        (Endpoint::Embeddings, ProviderKind::Anthropic) => {
+            return Err(IngressError::InvalidRequest("Anthropic has no embeddings API".into()));
+        }
+    })
+}
+
 /// Sends the request to one target; a non-2xx answer becomes `ProviderStatus`.
 async fn call(
+    endpoint: Endpoint,
     app: &App,
     provider: &ProviderConfig,
     target: &Target,
@@ -164,41 +308,37 @@ async fn call(
     stream: bool,
     first_byte: Duration,
 ) -> Result<reqwest::Response, IngressError> {
+    let (path, body) = upstream(endpoint, provider.kind, req, &target.model, stream)?;
     let base = provider.base_url.trim_end_matches('/');
     let credential = app.credentials.get(&provider.name).and_then(Option::as_ref);
-    let builder = match provider.kind {
+    let mut builder = app.http.post(format!("{base}{path}")).json(&body);
+    match provider.kind {
         ProviderKind::Openai => {
-            let b = app.http.post(format!("{base}/chat/completions")).json(&openai::upstream_body(
-                req,
-                &target.model,
-                stream,
-            ));
-            match credential {
-                Some(c) => b.header(header::AUTHORIZATION, c.clone()),
-                None => b,
+            if let Some(c) = credential {
+                builder = builder.header(header::AUTHORIZATION, c.clone());
             }
         }
         ProviderKind::Anthropic => {
-            let body = anthropic::from_openai_request(req, &target.model, stream)?;
-            let b = app
-                .http
-                .post(format!("{base}/messages"))
-                .header("anthropic-version", anthropic::API_VERSION)
-                .json(&body);
-            match credential {
-                Some(c) => b.header("x-api-key", c.clone()),
-                None => b,
+            builder = builder.header("anthropic-version", anthropic::API_VERSION);
+            if let Some(c) = credential {
+                builder = builder.header("x-api-key", c.clone());
             }
         }
-    };
+    }
     let provider_name = || provider.name.clone();
+    let sent = Instant::now();
+    let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     let resp = tokio::time::timeout(first_byte, builder.send())
         .await
-        .map_err(|_| IngressError::ProviderTimeout {
-            provider: provider_name(),
-            ms: u64::try_from(first_byte.as_millis()).unwrap_or(u64::MAX),
-        })?
-        .map_err(|e| IngressError::ProviderFailed { provider: provider_name(), message: error_chain(&e) })?;
+        .map_err(|_| IngressError::ProviderTimeout { provider: provider_name(), ms: millis(first_byte) })?
+        .map_err(|e| {
+            // The client's idle (read) timeout can fire before `first_byte`: a timeout all the same.
+            if e.is_timeout() {
+                IngressError::ProviderTimeout { provider: provider_name(), ms: millis(sent.elapsed()) }
+            } else {
+                IngressError::ProviderFailed { provider: provider_name(), message: error_chain(&e) }
+            }
+        })?;
     if resp.status().is_success() {
         return Ok(resp);
     }
@@ -232,8 +372,9 @@ async fn read_limited(resp: reqwest::Response, limit: usize) -> Result<Bytes, St
     Ok(Bytes::from(out))
 }
 
-/// Reads a whole non-streaming answer, meters it, and gives the client OpenAI's format.
+/// Reads a whole non-streaming answer, meters it, and answers in the client's format.
 async fn complete_response(
+    endpoint: Endpoint,
     resp: reqwest::Response,
     kind: ProviderKind,
     record: RequestRecord,
@@ -248,18 +389,25 @@ async fn complete_response(
         Ok(v @ Value::Object(_)) => v,
         _ => return Err((bad("provider sent a response that is not a JSON object".into()), record)),
     };
-    let (usage, text, model_version, body) = match kind {
-        ProviderKind::Openai => {
-            let text = openai::response_text(&parsed);
-            let mv = parsed.get("model").and_then(Value::as_str).map(str::to_owned);
-            (openai::usage(&parsed), text, mv, bytes)
+    let model_version = parsed.get("model").and_then(Value::as_str).map(str::to_owned);
+    let (usage, text, body) = match (endpoint, kind) {
+        (Endpoint::Chat | Endpoint::Embeddings, ProviderKind::Openai) => {
+            (openai::usage(&parsed), openai::response_text(&parsed), bytes)
         }
-        ProviderKind::Anthropic => {
-            let usage = parsed.get("usage").and_then(anthropic::usage);
-            let text = anthropic::response_text(&parsed);
-            let mv = parsed.get("model").and_then(Value::as_str).map(str::to_owned);
+        (Endpoint::Messages, ProviderKind::Anthropic) => {
+            (parsed.get("usage").and_then(anthropic::usage), anthropic::response_text(&parsed), bytes)
+        }
+        (Endpoint::Chat, ProviderKind::Anthropic) => {
             let translated = anthropic::to_openai_response(&parsed, record.started_at_us / 1_000_000);
-            (usage, text, mv, Bytes::from(translated.to_string()))
+            let usage = parsed.get("usage").and_then(anthropic::usage);
+            (usage, anthropic::response_text(&parsed), Bytes::from(translated.to_string()))
+        }
+        (Endpoint::Messages, ProviderKind::Openai) => {
+            let translated = openai::to_anthropic_response(&parsed);
+            (openai::usage(&parsed), openai::response_text(&parsed), Bytes::from(translated.to_string()))
+        }
+        (Endpoint::Embeddings, ProviderKind::Anthropic) => {
+            return Err((IngressError::InvalidRequest("Anthropic has no embeddings API".into()), record));
         }
     };
     record.finish(Outcome {
@@ -280,17 +428,33 @@ type UpstreamEvents = Pin<Box<dyn Stream<Item = Result<Event, EventStreamError<r
 enum Conversion {
     OpenAi { client_wants_usage: bool },
     AnthropicToOpenAi(anthropic::ToOpenAiStream),
+    Anthropic,
+    OpenAiToAnthropic(openai::ToAnthropicStream),
+}
+
+impl Conversion {
+    fn client_format(&self) -> ApiFormat {
+        match self {
+            Conversion::OpenAi { .. } | Conversion::AnthropicToOpenAi(_) => ApiFormat::OpenAi,
+            Conversion::Anthropic | Conversion::OpenAiToAnthropic(_) => ApiFormat::Anthropic,
+        }
+    }
 }
 
 fn stream_response(
+    endpoint: Endpoint,
     resp: reqwest::Response,
     kind: ProviderKind,
     client_wants_usage: bool,
     record: RequestRecord,
 ) -> Response {
-    let conversion = match kind {
-        ProviderKind::Openai => Conversion::OpenAi { client_wants_usage },
-        ProviderKind::Anthropic => Conversion::AnthropicToOpenAi(anthropic::ToOpenAiStream {
+    let conversion = match (endpoint, kind) {
+        (Endpoint::Messages, ProviderKind::Anthropic) => Conversion::Anthropic,
+        (Endpoint::Messages, ProviderKind::Openai) => {
+            Conversion::OpenAiToAnthropic(openai::ToAnthropicStream::new(format!("msg_{}", record.event_id)))
+        }
+        (_, ProviderKind::Openai) => Conversion::OpenAi { client_wants_usage },
+        (_, ProviderKind::Anthropic) => Conversion::AnthropicToOpenAi(anthropic::ToOpenAiStream {
             id: format!("chatcmpl-{}", record.event_id),
             created: record.started_at_us / 1_000_000,
             client_wants_usage,
@@ -305,6 +469,7 @@ fn stream_response(
         first_token_at_us: None,
         error: None,
         ended: false,
+        timed_out: false,
     };
     Response::builder()
         .status(StatusCode::OK)
@@ -327,6 +492,8 @@ struct MeteredStream {
     first_token_at_us: Option<i64>,
     error: Option<String>,
     ended: bool,
+    /// The provider went silent past the idle timeout (recorded as `timeout`, not `provider_error`).
+    timed_out: bool,
 }
 
 fn sse_data(data: &str) -> Bytes {
@@ -340,55 +507,74 @@ fn sse_data(data: &str) -> Bytes {
     Bytes::from(s)
 }
 
+/// An SSE frame with an event name, as Anthropic's API sends them.
+fn sse_event(name: &str, data: &str) -> Bytes {
+    Bytes::from(format!("event: {name}\ndata: {data}\n\n"))
+}
+
 impl MeteredStream {
     fn on_event(&mut self, ev: Event) {
         let had_text = !self.acct.text.is_empty();
-        match &mut self.conversion {
-            Conversion::OpenAi { client_wants_usage } => {
-                if ev.data.trim() == "[DONE]" {
-                    self.acct.finished = true;
-                    self.pending.push_back(sse_data("[DONE]"));
-                } else {
-                    match serde_json::from_str::<Value>(&ev.data) {
-                        Ok(chunk) if chunk.get("error").is_some() => {
-                            self.pending.push_back(sse_data(&ev.data));
-                            self.fail_stream(format!("provider sent an error event: {}", chunk["error"]));
-                        }
-                        Ok(chunk) => {
-                            if openai::passthrough_chunk(&chunk, &mut self.acct, *client_wants_usage) {
-                                self.pending.push_back(sse_data(&ev.data));
-                            }
-                        }
-                        Err(_) => self.fail_stream("provider sent a stream event that is not JSON".into()),
-                    }
+        let done_marker = ev.data.trim() == "[DONE]";
+        let parsed = if done_marker {
+            None
+        } else {
+            match serde_json::from_str::<Value>(&ev.data) {
+                Ok(v) => Some(v),
+                Err(_) => return self.fail_stream("provider sent a stream event that is not JSON".into()),
+            }
+        };
+        if let Some(err) = parsed.as_ref().and_then(|v| v.get("error")) {
+            return self.fail_stream(format!("provider sent an error event: {err}"));
+        }
+        match (&mut self.conversion, parsed) {
+            (Conversion::OpenAi { .. }, None) => {
+                self.acct.finished = true;
+                self.pending.push_back(sse_data("[DONE]"));
+            }
+            (Conversion::OpenAi { client_wants_usage }, Some(chunk)) => {
+                if openai::passthrough_chunk(&chunk, &mut self.acct, *client_wants_usage) {
+                    self.pending.push_back(sse_data(&ev.data));
                 }
             }
-            Conversion::AnthropicToOpenAi(conv) => match serde_json::from_str::<Value>(&ev.data) {
-                Ok(data) if data.get("type").and_then(Value::as_str) == Some("error") => {
-                    self.fail_stream(format!("provider sent an error event: {}", data["error"]));
+            (Conversion::AnthropicToOpenAi(conv), Some(data)) => {
+                let mut out = Vec::new();
+                conv.on_event(&ev.event, &data, &mut self.acct, &mut out);
+                self.pending.extend(out.iter().map(|chunk| sse_data(&chunk.to_string())));
+                if self.acct.finished {
+                    self.pending.push_back(sse_data("[DONE]"));
                 }
-                Ok(data) => {
-                    let mut out = Vec::new();
-                    conv.on_event(&ev.event, &data, &mut self.acct, &mut out);
-                    for chunk in out {
-                        self.pending.push_back(sse_data(&chunk.to_string()));
-                    }
-                    if self.acct.finished {
-                        self.pending.push_back(sse_data("[DONE]"));
-                    }
-                }
-                Err(_) => self.fail_stream("provider sent a stream event that is not JSON".into()),
-            },
+            }
+            (Conversion::Anthropic, Some(data)) => {
+                let name = anthropic::observe_event(&ev.event, &data, &mut self.acct);
+                self.pending.push_back(sse_event(name, &ev.data));
+            }
+            (Conversion::OpenAiToAnthropic(conv), chunk) => {
+                let mut out: Vec<(&str, Value)> = Vec::new();
+                conv.on_chunk(chunk.as_ref(), &mut self.acct, &mut out);
+                self.pending.extend(out.iter().map(|(name, data)| sse_event(name, &data.to_string())));
+            }
+            // `[DONE]` is OpenAI's; an Anthropic stream has no use for it.
+            (Conversion::AnthropicToOpenAi(_) | Conversion::Anthropic, None) => {}
         }
         if !had_text && !self.acct.text.is_empty() {
             self.first_token_at_us = Some(now_us());
         }
     }
 
-    /// Ends the stream with an OpenAI-style error event the SDKs raise on.
+    /// Ends the stream with an error event in the client's format, which the SDKs raise on.
     fn fail_stream(&mut self, message: String) {
-        let body = json!({"error": {"message": message, "type": "upstream_error", "param": null, "code": null}});
-        self.pending.push_back(sse_data(&body.to_string()));
+        let frame = match self.conversion.client_format() {
+            ApiFormat::OpenAi => sse_data(
+                &json!({"error": {"message": message, "type": "upstream_error", "param": null, "code": null}})
+                    .to_string(),
+            ),
+            ApiFormat::Anthropic => sse_event(
+                "error",
+                &json!({"type": "error", "error": {"type": "api_error", "message": message}}).to_string(),
+            ),
+        };
+        self.pending.push_back(frame);
         self.error = Some(message);
         self.ended = true;
     }
@@ -419,7 +605,8 @@ impl Stream for MeteredStream {
                 return Poll::Ready(Some(Ok(b)));
             }
             if self.ended || self.acct.finished {
-                self.publish(Status::ProviderError);
+                let status = if self.timed_out { Status::Timeout } else { Status::ProviderError };
+                self.publish(status);
                 return Poll::Ready(None);
             }
             match self.upstream.poll_next_unpin(cx) {
@@ -427,7 +614,10 @@ impl Stream for MeteredStream {
                 Poll::Ready(Some(Ok(ev))) => self.on_event(ev),
                 Poll::Ready(Some(Err(e))) => {
                     let msg = match &e {
-                        EventStreamError::Transport(t) => format!("provider stream failed: {}", error_chain(t)),
+                        EventStreamError::Transport(t) => {
+                            self.timed_out = t.is_timeout();
+                            format!("provider stream failed: {}", error_chain(t))
+                        }
                         other => format!("provider stream is malformed: {other}"),
                     };
                     self.fail_stream(msg);
@@ -450,12 +640,17 @@ impl Drop for MeteredStream {
     }
 }
 
-/// `GET /v1/models`: the virtual models this gateway serves, in OpenAI's list format.
-pub async fn models(State(app): State<Arc<App>>) -> Response {
+/// `GET /v1/models`: the virtual models the caller's key may use, in OpenAI's list format.
+pub async fn models(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    let key = match auth::authenticate(&app.policy, &headers) {
+        Ok(k) => k,
+        Err(e) => return e.into_response(),
+    };
     let data: Vec<Value> = app
         .policy
         .virtual_models
         .keys()
+        .filter(|name| key.is_none_or(|k| k.may_use(name)))
         .map(|name| json!({"id": name, "object": "model", "created": 0, "owned_by": "tollgate"}))
         .collect();
     axum::Json(json!({"object": "list", "data": data})).into_response()

@@ -1,20 +1,57 @@
-//! Publishes usage events to Kafka off the request path: a bounded queue, one producer task.
+//! Publishes usage events to Kafka off the request path, through a write-ahead spool on disk.
+//!
+//! The request path hands each event to a bounded in-memory queue and never waits. One task
+//! takes events from the queue, appends each to the [`Spool`] (one `write`, no fsync), and
+//! produces spooled records to Kafka in spool order. A record leaves the spool only once Kafka
+//! has acknowledged it (`acks=all`, idempotent producer), so:
+//!
+//! - **Broker away.** Deliveries fail after `message.timeout.ms` (10 s). At the first failure
+//!   the task stops taking records from the spool and purges the producer's queue, so every
+//!   outstanding delivery settles at once; it then replaces the producer with a new one,
+//!   rewinds to the lowest unacknowledged record, waits (0.5 s doubling to 30 s, counted from
+//!   the start of the failed attempt), and sends that one record alone as a probe. When the
+//!   probe is acknowledged it sends everything after it, in order. Requests keep being served
+//!   and their events keep being spooled, up to the spool's bound.
+//!
+//!   Why a new producer: after a message timeout an idempotent librdkafka producer bumps its
+//!   own epoch and keeps sending with it. Every record is in the spool anyway, so a fresh
+//!   producer session per attempt is simpler to reason about than the old session's state;
+//!   and Tansu 0.6's SQLite storage panics on a produce with an epoch it did not hand out,
+//!   which leaves that broker unable to serve anything until it restarts.
+//! - **Ingress restarted.** Records an earlier run left in the spool are sent first, in order.
+//! - **Graceful shutdown.** Intake stops, the spool is drained to Kafka within a deadline, and
+//!   the spool head is persisted; what remains is sent by the next start.
+//! - **`kill -9`.** Events already appended are in the page cache and survive; events still
+//!   in the in-memory queue (usually none: the task appends within microseconds) are lost.
+//!   Records acknowledged since the head was last persisted (every 0.5 s) are sent again.
+//!
+//! Re-sending after an ambiguous failure can duplicate an event in Kafka; the meter's table
+//! collapses on event id. Every event that is dropped instead (full queue, full spool, disk
+//! error, a record Kafka refuses for good) is counted in `tollgate_ingress_events_dropped_total`
+//! by reason and logged.
 
+use std::fmt::Display;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use rdkafka::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::future_producer::OwnedDeliveryResult;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer, PurgeConfig};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tollgate_schemas::avro::AvroCodec;
 use tollgate_schemas::usage::UsageEvent;
-use tracing::{debug, error, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::metrics;
+use crate::spool::{AppendError, Record, Spool, SpoolOptions};
 
 #[derive(Debug, Clone)]
 pub struct KafkaConfig {
@@ -25,35 +62,98 @@ pub struct KafkaConfig {
     pub extra: Vec<(String, String)>,
 }
 
+/// Where and how much usage events are spooled on disk before Kafka acknowledges them.
+#[derive(Debug, Clone)]
+pub struct SpoolConfig {
+    /// Directory of the spool; one ingress process per directory (a lock file enforces it).
+    pub dir: PathBuf,
+    /// Most bytes the spool may hold; events past it are dropped (counted and logged).
+    pub max_bytes: u64,
+    /// Size at which a spool segment file is closed and a new one begun.
+    pub segment_bytes: u64,
+    /// How long a graceful shutdown may spend sending the spool to Kafka.
+    pub drain_timeout: Duration,
+}
+
+impl SpoolConfig {
+    pub fn new(dir: PathBuf, max_bytes: u64) -> Self {
+        Self { dir, max_bytes, segment_bytes: SpoolOptions::new(max_bytes).segment_bytes, drain_timeout: DRAIN_TIMEOUT }
+    }
+}
+
+/// Records handed to librdkafka and not yet settled, at most.
+const MAX_IN_FLIGHT: usize = 10_000;
+/// Events taken from the queue per wake-up.
+const INTAKE_BATCH: usize = 1024;
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How often the spool head is persisted and the spool gauges are updated.
+const HOUSEKEEPING_EVERY: Duration = Duration::from_millis(500);
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// After one logged drop, further drops within this window are summed into one line.
+const DROP_LOG_EVERY: Duration = Duration::from_secs(10);
+
 /// Handle the request path uses; cloning is cheap.
 #[derive(Clone)]
 pub struct Publisher {
     tx: mpsc::Sender<UsageEvent>,
 }
 
-/// The producer task; `shutdown` flushes everything queued before it returns.
+/// The producer task; `shutdown` stops intake, drains the spool within the deadline, and
+/// persists what is left for the next start.
 pub struct PublisherTask {
     handle: JoinHandle<()>,
+    stop: CancellationToken,
 }
 
 impl Publisher {
-    /// Builds the idempotent producer (`acks=all`) and starts its task.
-    pub fn start(cfg: &KafkaConfig, capacity: usize) -> anyhow::Result<(Publisher, PublisherTask)> {
+    /// Opens the spool (recovering what an earlier run left), builds the idempotent producer
+    /// (`acks=all`) and starts its task. Fails if the spool directory cannot be used.
+    pub fn start(cfg: &KafkaConfig, capacity: usize, spool: SpoolConfig) -> anyhow::Result<(Publisher, PublisherTask)> {
         let mut cc = ClientConfig::new();
         cc.set("bootstrap.servers", &cfg.brokers)
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "5")
             .set("compression.type", "lz4")
-            .set("message.timeout.ms", "300000");
+            // Failures surface within seconds, so the spool takes over instead of memory.
+            .set("message.timeout.ms", "10000");
         for (k, v) in &cfg.extra {
             cc.set(k, v);
         }
         let producer: FutureProducer = cc.create()?;
         let codec = Arc::new(UsageEvent::codec()?);
+        let opts = SpoolOptions { max_bytes: spool.max_bytes, segment_bytes: spool.segment_bytes };
+        let (store, recovery) = Spool::open(&spool.dir, opts)
+            .map_err(|e| anyhow::anyhow!("opening the usage event spool in {}: {e}", spool.dir.display()))?;
+        if recovery.records > 0 {
+            info!(records = recovery.records, dir = %spool.dir.display(), "resending usage events left in the spool by an earlier run");
+            metrics::events_recovered(recovery.records);
+        }
+        if recovery.lost_records > 0 {
+            metrics::events_dropped("spool_corrupt", recovery.lost_records);
+            error!(records = recovery.lost_records, dir = %spool.dir.display(), "usage events lost: spool segments were corrupt");
+        }
+        let sent_below = store.head();
+        let task = Task {
+            spool: store,
+            kafka: producer,
+            client_config: cc,
+            codec,
+            topic: cfg.usage_topic.clone(),
+            mode: Mode::Open,
+            backoff: BACKOFF_MIN,
+            attempt_started: Instant::now(),
+            outage_since: None,
+            held: None,
+            sent_below,
+            drops: DropLog::default(),
+        };
+        task.gauges();
         let (tx, rx) = mpsc::channel(capacity);
-        let handle = tokio::spawn(produce(producer, codec, cfg.usage_topic.clone(), rx));
-        Ok((Publisher { tx }, PublisherTask { handle }))
+        let stop = CancellationToken::new();
+        let handle = tokio::spawn(task.run(rx, stop.clone(), spool.drain_timeout));
+        Ok((Publisher { tx }, PublisherTask { handle, stop }))
     }
 
     /// Queues an event; never waits. A full queue drops the event, counted and logged.
@@ -73,81 +173,411 @@ impl Publisher {
 }
 
 impl PublisherTask {
-    /// Waits until every queued event is delivered or failed. Call after all `Publisher`s are dropped.
+    /// Stops intake (later `publish` calls are counted as dropped), spools what was queued,
+    /// sends the spool to Kafka within the drain deadline and persists the spool head.
     pub async fn shutdown(self) {
+        self.stop.cancel();
         if let Err(e) = self.handle.await {
             error!(error = %e, "publisher task failed");
         }
     }
 }
 
-async fn produce(producer: FutureProducer, codec: Arc<AvroCodec>, topic: String, mut rx: mpsc::Receiver<UsageEvent>) {
-    let mut inflight = FuturesUnordered::new();
-    loop {
-        tokio::select! {
-            next = rx.recv() => {
-                let Some(ev) = next else { break };
-                let payload = match codec.encode(&ev) {
-                    Ok(p) => p,
-                    Err(e) => {
-                        metrics::event_dropped("encode");
-                        error!(event_id = %ev.event_id, error = %e, "usage event dropped: cannot encode");
-                        continue;
+type Delivery = Result<OwnedDeliveryResult, futures::channel::oneshot::Canceled>;
+type InFlight = FuturesUnordered<BoxFuture<'static, (u64, Delivery)>>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Kafka is taking records: send everything in the spool, up to `MAX_IN_FLIGHT`.
+    Open,
+    /// A delivery failed: send nothing new until what is in flight has settled.
+    Settling,
+    /// Waiting before the next attempt.
+    Backoff { until: Instant },
+    /// One record (the lowest unacknowledged) is on its way to see if Kafka is back.
+    Probing,
+}
+
+struct Task {
+    spool: Spool,
+    kafka: FutureProducer,
+    client_config: ClientConfig,
+    codec: Arc<AvroCodec>,
+    topic: String,
+    mode: Mode,
+    backoff: Duration,
+    attempt_started: Instant,
+    outage_since: Option<Instant>,
+    /// A record librdkafka refused because its queue was full; sent before reading on.
+    held: Option<Record>,
+    /// Records below this sequence number were sent before (by this run or, if still in the
+    /// spool, by an earlier one): sending them again counts as a resend.
+    sent_below: u64,
+    drops: DropLog,
+}
+
+impl Task {
+    async fn run(mut self, mut rx: mpsc::Receiver<UsageEvent>, stop: CancellationToken, drain_timeout: Duration) {
+        let mut inflight = InFlight::new();
+        let mut batch = Vec::with_capacity(INTAKE_BATCH);
+        let mut tick = tokio::time::interval(HOUSEKEEPING_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            self.fill(&mut inflight);
+            let retry_at = self.retry_at();
+            // Intake first: an event is safe from a crash only once it is in the spool.
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => break,
+                n = rx.recv_many(&mut batch, INTAKE_BATCH) => {
+                    if n == 0 {
+                        break;
                     }
-                };
-                // Key by session so one session's events stay ordered in one partition.
-                let key = ev.envelope.session_id.clone().unwrap_or_else(|| ev.event_id.clone());
-                let mut record = FutureRecord::to(&topic).key(&key).payload(&payload);
-                loop {
-                    match producer.send_result(record) {
-                        Ok(delivery) => {
-                            inflight.push(async move { (ev.event_id, delivery.await) });
-                            break;
-                        }
-                        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                            // librdkafka's own buffer is full: wait for deliveries, then retry.
-                            record = back;
-                            if let Some((id, res)) = inflight.next().await {
-                                settle(&id, res);
-                            } else {
-                                tokio::time::sleep(Duration::from_millis(10)).await;
-                            }
-                        }
-                        Err((e, _)) => {
-                            metrics::event_dropped("produce");
-                            error!(event_id = %ev.event_id, error = %e, "usage event dropped: producer refused it");
-                            break;
-                        }
+                    for ev in batch.drain(..) {
+                        self.intake(ev);
+                    }
+                }
+                Some((seq, res)) = inflight.next(), if !inflight.is_empty() => self.settle(seq, res),
+                () = sleep_until(retry_at) => self.probe(),
+                _ = tick.tick() => self.housekeeping(),
+            }
+            self.after_settle(&inflight);
+        }
+
+        // Shutdown: take what is queued, then drain the spool to Kafka within the deadline.
+        rx.close();
+        while let Ok(ev) = rx.try_recv() {
+            self.intake(ev);
+        }
+        let deadline = Instant::now() + drain_timeout;
+        loop {
+            self.fill(&mut inflight);
+            if inflight.is_empty() && self.spool.pending_records() == 0 {
+                break;
+            }
+            let retry_at = self.retry_at();
+            tokio::select! {
+                biased;
+                Some((seq, res)) = inflight.next(), if !inflight.is_empty() => self.settle(seq, res),
+                () = sleep_until(retry_at) => self.probe(),
+                () = tokio::time::sleep_until(deadline) => break,
+            }
+            self.after_settle(&inflight);
+        }
+        self.housekeeping();
+        self.drops.flush();
+        let left = self.spool.pending_records();
+        if left > 0 {
+            warn!(
+                records = left,
+                in_flight = inflight.len(),
+                "usage events left in the spool at shutdown; the next start sends them"
+            );
+        } else {
+            info!("usage event spool drained");
+        }
+        // Dropping the producer purges what is still queued in librdkafka; those records are
+        // still in the spool (a delivery that raced this is a duplicate the meter collapses).
+        drop(inflight);
+        drop(self.kafka);
+    }
+
+    /// Encodes an event and appends it to the spool.
+    fn intake(&mut self, ev: UsageEvent) {
+        let payload = match self.codec.encode(&ev) {
+            Ok(p) => p,
+            Err(e) => return self.drops.dropped("encode", &ev.event_id, &e),
+        };
+        // Key by session so one session's events stay ordered in one partition.
+        let key = ev.envelope.session_id.as_deref().unwrap_or(&ev.event_id);
+        match self.spool.append(key.as_bytes(), &payload) {
+            Ok(_) => metrics::event_spooled(),
+            Err(e @ AppendError::Full { .. }) => self.drops.dropped("spool_full", &ev.event_id, &e),
+            Err(e @ AppendError::TooLarge(_)) => self.drops.dropped("too_large", &ev.event_id, &e),
+            Err(e @ AppendError::Io(_)) => self.drops.dropped("spool_io", &ev.event_id, &e),
+        }
+    }
+
+    /// Hands spooled records to librdkafka, in order, as far as the mode allows.
+    fn fill(&mut self, inflight: &mut InFlight) {
+        let limit = match self.mode {
+            Mode::Open => MAX_IN_FLIGHT,
+            Mode::Probing => 1,
+            Mode::Settling | Mode::Backoff { .. } => return,
+        };
+        while inflight.len() < limit {
+            let rec = match self.held.take() {
+                Some(r) => r,
+                None => match self.spool.read_next() {
+                    Ok(Some(r)) => r,
+                    Ok(None) => return,
+                    Err(e) => {
+                        error!(error = %e, "cannot read the usage event spool");
+                        self.failed(&e);
+                        return;
+                    }
+                },
+            };
+            let record = FutureRecord::to(&self.topic).key(&rec.key[..]).payload(&rec.payload[..]);
+            match self.kafka.send_result(record).map_err(|(e, _)| e) {
+                Ok(delivery) => {
+                    if rec.seq < self.sent_below {
+                        metrics::event_resent();
+                    } else {
+                        self.sent_below = rec.seq + 1;
+                    }
+                    let seq = rec.seq;
+                    inflight.push(Box::pin(async move { (seq, delivery.await) }));
+                }
+                Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => {
+                    // librdkafka's own buffer is full: wait for deliveries.
+                    self.held = Some(rec);
+                    return;
+                }
+                Err(e) if refused_for_good(&e) => self.reject(rec.seq, &e),
+                Err(e) => {
+                    self.held = Some(rec);
+                    self.failed(&e);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn settle(&mut self, seq: u64, res: Delivery) {
+        match res {
+            Ok(Ok(d)) => {
+                metrics::event_published();
+                debug!(seq, partition = d.partition, offset = d.offset, "usage event published");
+                if let Err(e) = self.spool.ack(seq) {
+                    warn!(error = %e, "usage event spool not trimmed");
+                }
+                if self.mode == Mode::Probing {
+                    self.mode = Mode::Open;
+                    self.backoff = BACKOFF_MIN;
+                    if let Some(since) = self.outage_since.take() {
+                        info!(
+                            outage_secs = since.elapsed().as_secs(),
+                            spooled = self.spool.pending_records(),
+                            "kafka takes usage events again; sending the spool"
+                        );
                     }
                 }
             }
-            Some((id, res)) = inflight.next(), if !inflight.is_empty() => settle(&id, res),
+            Ok(Err((e, _))) if refused_for_good(&e) => self.reject(seq, &e),
+            Ok(Err((e, _))) => self.failed(&e),
+            Err(_) => self.failed(&"delivery cancelled"),
         }
     }
-    while let Some((id, res)) = inflight.next().await {
-        settle(&id, res);
+
+    /// Kafka will never take this record (too large, invalid): drop it, counted and logged.
+    fn reject(&mut self, seq: u64, e: &KafkaError) {
+        self.drops.dropped("rejected", &format!("spool#{seq}"), e);
+        if let Err(e) = self.spool.ack(seq) {
+            warn!(error = %e, "usage event spool not trimmed");
+        }
     }
-    if let Err(e) = producer.flush(Duration::from_secs(30)) {
-        warn!(error = %e, "producer flush did not complete");
+
+    fn failed(&mut self, e: &dyn Display) {
+        metrics::delivery_failed();
+        match self.mode {
+            Mode::Open | Mode::Probing => {
+                if self.outage_since.is_none() {
+                    self.outage_since = Some(Instant::now());
+                    warn!(
+                        error = %e,
+                        spooled = self.spool.pending_records(),
+                        "usage events not delivered to kafka; spooling them on disk until it is back"
+                    );
+                } else {
+                    debug!(error = %e, "kafka probe failed");
+                }
+                self.mode = Mode::Settling;
+                // Fail what this producer still holds now rather than one timeout at a time;
+                // it is all in the spool and is sent again by the next producer.
+                self.kafka.purge(PurgeConfig::default().queue().inflight());
+            }
+            Mode::Settling | Mode::Backoff { .. } => debug!(error = %e, "usage event delivery failed"),
+        }
+    }
+
+    /// Once a failed attempt has settled: rewind to the lowest unacknowledged record, start a
+    /// new producer session, and back off.
+    fn after_settle(&mut self, inflight: &InFlight) {
+        if self.mode != Mode::Settling || !inflight.is_empty() {
+            return;
+        }
+        self.held = None;
+        if let Err(e) = self.spool.rewind() {
+            error!(error = %e, "cannot rewind the usage event spool");
+        }
+        if let Some((code, reason)) = self.kafka.client().fatal_error() {
+            warn!(?code, %reason, "kafka producer hit a fatal error");
+        }
+        match self.client_config.create::<FutureProducer>() {
+            Ok(fresh) => {
+                let old = std::mem::replace(&mut self.kafka, fresh);
+                // Dropping a producer joins its threads: keep that off the async workers.
+                tokio::task::spawn_blocking(move || drop(old));
+            }
+            Err(e) => error!(error = %e, "cannot create a new kafka producer; retrying with the old one"),
+        }
+        let until = (self.attempt_started + self.backoff).max(Instant::now());
+        debug!(retry_in_ms = (until - Instant::now()).as_millis() as u64, "usage event delivery backing off");
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        self.mode = Mode::Backoff { until };
+    }
+
+    fn retry_at(&self) -> Option<Instant> {
+        match self.mode {
+            Mode::Backoff { until } => Some(until),
+            _ => None,
+        }
+    }
+
+    fn probe(&mut self) {
+        self.mode = Mode::Probing;
+        self.attempt_started = Instant::now();
+    }
+
+    fn housekeeping(&mut self) {
+        if let Err(e) = self.spool.persist_head() {
+            warn!(error = %e, "usage event spool head not persisted");
+        }
+        self.drops.tick();
+        self.gauges();
+    }
+
+    fn gauges(&self) {
+        metrics::spool_depth(self.spool.pending_records(), self.spool.disk_bytes());
     }
 }
 
-fn settle(
-    event_id: &str,
-    res: Result<rdkafka::producer::future_producer::OwnedDeliveryResult, futures::channel::oneshot::Canceled>,
-) {
-    match res {
-        Ok(Ok(d)) => {
-            metrics::event_published();
-            debug!(event_id, partition = d.partition, offset = d.offset, "usage event published");
+/// Errors no retry can fix for this record.
+fn refused_for_good(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::InvalidMessageSize
+                | RDKafkaErrorCode::InvalidMessage
+                | RDKafkaErrorCode::InvalidRecord
+        )
+    )
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Counts every drop; logs the first of a burst with its event id and sums the rest.
+#[derive(Default)]
+struct DropLog {
+    since: Option<Instant>,
+    suppressed: u64,
+}
+
+impl DropLog {
+    fn dropped(&mut self, reason: &'static str, event_id: &str, error: &dyn Display) {
+        metrics::event_dropped(reason);
+        let now = Instant::now();
+        match self.since {
+            Some(t) if now - t < DROP_LOG_EVERY => self.suppressed += 1,
+            _ => {
+                self.flush();
+                error!(reason, event_id, %error, "usage event dropped");
+                self.since = Some(now);
+            }
         }
-        Ok(Err((e, _))) => {
-            metrics::event_dropped("delivery");
-            error!(event_id, error = %e, "usage event not delivered");
+    }
+
+    fn tick(&mut self) {
+        if self.since.is_some_and(|t| t.elapsed() >= DROP_LOG_EVERY) {
+            self.flush();
+            self.since = None;
         }
-        Err(_) => {
-            metrics::event_dropped("delivery");
-            error!(event_id, "usage event delivery was cancelled");
+    }
+
+    fn flush(&mut self) {
+        if self.suppressed > 0 {
+            error!(
+                count = self.suppressed,
+                "more usage events dropped (by reason in tollgate_ingress_events_dropped_total)"
+            );
+            self.suppressed = 0;
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use tollgate_schemas::usage::{ApiFormat, Envelope, Status, TokenSource};
+
+    use super::*;
+
+    fn event(i: u64) -> UsageEvent {
+        UsageEvent {
+            event_id: format!("ev-{i}"),
+            started_at_us: 1,
+            first_token_at_us: None,
+            ended_at_us: 2,
+            envelope: Envelope { session_id: Some(format!("s-{i}")), ..Envelope::default() },
+            api_key_id: None,
+            api_format: ApiFormat::OpenAi,
+            virtual_model: "vm".into(),
+            provider: "p".into(),
+            model: "m".into(),
+            model_version: None,
+            attempt: 1,
+            fallback_path: vec![],
+            status: Status::Ok,
+            http_status: 200,
+            error: None,
+            streamed: false,
+            input_tokens: 10,
+            output_tokens: 5,
+            cached_input_tokens: 0,
+            cache_write_tokens: 0,
+            reasoning_tokens: 0,
+            reference_input_tokens: None,
+            input_chars: 40,
+            token_source: TokenSource::Provider,
+            cost_nanos: 1234,
+            price_card_version: "v".into(),
+            decision: None,
+        }
+    }
+
+    /// Nothing listens on the broker address: every event stays in the spool, in order, across
+    /// a shutdown whose drain deadline passes, and the next start finds them all.
+    #[tokio::test]
+    async fn events_wait_in_the_spool_while_kafka_is_unreachable() {
+        let dir = tempfile::tempdir().unwrap();
+        let kafka = KafkaConfig { brokers: "127.0.0.1:1".into(), usage_topic: "t".into(), extra: vec![] };
+        let mut spool = SpoolConfig::new(dir.path().to_path_buf(), 1 << 20);
+        spool.drain_timeout = Duration::from_millis(300);
+        let (publisher, task) = Publisher::start(&kafka, 16, spool).unwrap();
+        for i in 0..10 {
+            publisher.publish(event(i));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let started = std::time::Instant::now();
+        task.shutdown().await;
+        assert!(started.elapsed() < Duration::from_secs(5), "shutdown keeps to its drain deadline");
+        publisher.publish(event(99));
+
+        let (mut reopened, recovery) = Spool::open(dir.path(), SpoolOptions::new(1 << 20)).unwrap();
+        assert_eq!(recovery.records, 10);
+        let codec = UsageEvent::codec().unwrap();
+        for i in 0..10 {
+            let rec = reopened.read_next().unwrap().unwrap();
+            assert_eq!(rec.key, format!("s-{i}").into_bytes());
+            assert_eq!(codec.decode::<UsageEvent>(&rec.payload).unwrap(), event(i));
+        }
+        assert!(reopened.read_next().unwrap().is_none(), "the event published after shutdown was not spooled");
     }
 }

@@ -204,6 +204,95 @@ pub struct VirtualModel {
     pub fallbacks: Vec<Target>,
     #[serde(default)]
     pub circuit_breaker: Option<CircuitBreakerConfig>,
+    /// Tollgate: tries of the same target before moving on (default: one try, no retry).
+    #[serde(default)]
+    pub retries: Option<RetryConfig>,
+    /// Tollgate: provider statuses that move a request on to the next target (connection
+    /// errors and timeouts always do). Default: 429 and 5xx.
+    #[serde(default)]
+    pub fallback_on: Option<Vec<u16>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Extra tries of the same target after the first.
+    pub attempts: u32,
+    /// Wait before the first retry; doubled for each further one.
+    #[serde(default = "default_backoff_ms")]
+    pub backoff_ms: u64,
+}
+
+fn default_backoff_ms() -> u64 {
+    100
+}
+
+impl VirtualModel {
+    /// Whether a provider status moves the request on to the next target.
+    pub fn falls_back_on(&self, status: u16) -> bool {
+        match &self.fallback_on {
+            Some(list) => list.contains(&status),
+            None => status == 429 || status >= 500,
+        }
+    }
+}
+
+/// Who an API key belongs to (`when: {subjects: {type: user}}` matches on it).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Subject {
+    #[serde(rename = "type")]
+    pub kind: SubjectKind,
+    pub id: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SubjectKind {
+    User,
+    Team,
+}
+
+impl SubjectKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SubjectKind::User => "user",
+            SubjectKind::Team => "team",
+        }
+    }
+}
+
+/// One gateway API key. Only its SHA-256 is stored; the key itself never is.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKey {
+    /// Recorded on usage events; never the key.
+    pub id: String,
+    /// Lower-case hex SHA-256 of the key.
+    pub sha256: String,
+    pub subject: Subject,
+    /// Virtual models the key may use; `"*"` for all.
+    pub models: Vec<String>,
+    /// Whether the key may name a concrete `provider/model` instead of a virtual model.
+    #[serde(default)]
+    pub direct_models: bool,
+    /// Envelope defaults by header name, used when a request does not send that header.
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl ApiKey {
+    pub fn may_use(&self, virtual_model: &str) -> bool {
+        self.models.iter().any(|m| m == "*" || m == virtual_model)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApiKeysDoc {
+    #[serde(rename = "type")]
+    _type: String,
+    keys: Vec<ApiKey>,
 }
 
 /// `when:` of a rate-limit rule: metadata header matchers and subject matchers.
@@ -295,6 +384,9 @@ pub struct Policy {
     pub budgets: Vec<BudgetConfig>,
     pub price_card: Option<PriceCard>,
     pub envelope: EnvelopeConfig,
+    /// API keys by SHA-256; `None` when the policy has no `tollgate-api-keys` document, in
+    /// which case the gateway takes requests without a key.
+    pub api_keys: Option<BTreeMap<String, ApiKey>>,
 }
 
 impl Policy {
@@ -385,6 +477,7 @@ struct Builder {
     /// Where each named thing was defined, for semantic errors.
     vm_origin: BTreeMap<String, (PathBuf, usize)>,
     price_origin: Option<(PathBuf, usize)>,
+    key_origin: BTreeMap<String, (PathBuf, usize)>,
     envelope_seen: bool,
 }
 
@@ -479,6 +572,32 @@ impl Builder {
                     self.policy.envelope = d.envelope;
                 }
             }
+            "tollgate-api-keys" => {
+                if let Some(d) = self.parse::<ApiKeysDoc>(file, line, doc) {
+                    let keys = self.policy.api_keys.get_or_insert_with(BTreeMap::new);
+                    let mut problems = Vec::new();
+                    for (i, k) in d.keys.into_iter().enumerate() {
+                        let hex_ok = k.sha256.len() == 64
+                            && k.sha256.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+                        if !hex_ok {
+                            problems.push((
+                                format!("keys[{i}].sha256"),
+                                "must be 64 lower-case hex digits (sha256sum of the key)".to_owned(),
+                            ));
+                        } else if keys.values().any(|o| o.id == k.id) {
+                            problems.push((format!("keys[{i}].id"), format!("key id {:?} is used twice", k.id)));
+                        } else if keys.contains_key(&k.sha256) {
+                            problems.push((format!("keys[{i}].sha256"), "the same key is listed twice".to_owned()));
+                        } else {
+                            self.key_origin.insert(k.id.clone(), (file.to_path_buf(), line));
+                            keys.insert(k.sha256.clone(), k);
+                        }
+                    }
+                    for (field, msg) in problems {
+                        self.err(file, line, field, msg);
+                    }
+                }
+            }
             "gateway-load-balancing-config" => {
                 if let Some(vm) = self.parse::<VirtualModel>(file, line, doc) {
                     self.check_virtual_model(file, line, &vm);
@@ -566,6 +685,21 @@ impl Builder {
                     self.policy.price_card.as_ref().is_some_and(|c| c.unpriced_ok.contains(&t.to_string()));
                 if self.policy.price(t).is_none() && !unpriced_ok {
                     problems.push((file.clone(), line, format!("{field}.model"), format!("{t} has no price in the price card; add one or list it under unpriced_ok (a zero price hides spend)")));
+                }
+            }
+        }
+        if let Some(keys) = &self.policy.api_keys {
+            for k in keys.values() {
+                let (file, line) = self.key_origin.get(&k.id).cloned().unwrap_or_default();
+                for m in &k.models {
+                    if m != "*" && !self.policy.virtual_models.contains_key(m) {
+                        problems.push((
+                            file.clone(),
+                            line,
+                            format!("keys[id={}].models", k.id),
+                            format!("unknown virtual model {m:?}"),
+                        ));
+                    }
                 }
             }
         }

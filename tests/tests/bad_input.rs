@@ -375,6 +375,25 @@ async fn oversized_body_is_413_and_leaves_no_row() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_headers_are_431_and_leave_no_row() {
+    let s = stack().await;
+    // 64 KiB is the default header budget; hyper itself takes far larger header sections.
+    let big = "h".repeat(8 << 10);
+    let mut req = s.request("/v1/chat/completions", "too-many-headers").json(&chat_body("vm-openai", "hi"));
+    for i in 0..9 {
+        req = req.header(format!("x-filler-{i}"), big.as_str());
+    }
+    let a = s.send(req).await;
+    assert_eq!(a.status, 431, "oversized headers: {}", &a.text[..a.text.len().min(300)]);
+    let v = a.json();
+    let e = openai_error(&a, &v, "request_too_large", None);
+    assert_eq!(message(e), "request headers are larger than the 65536 bytes this gateway accepts");
+    s.assert_still_serves("ok-after-big-headers").await;
+    s.expect_rows(&["ok-after-big-headers"]).await;
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_envelope_headers_are_400_naming_each() {
     let s = stack().await;
     let body = chat_body("vm-openai", "hi");

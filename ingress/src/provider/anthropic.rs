@@ -156,50 +156,69 @@ impl ToOpenAiStream {
 
     /// Handles one event (`event:` name and parsed `data:`), pushing OpenAI chunks to `out`.
     pub fn on_event(&self, name: &str, data: &Value, acct: &mut StreamAccounting, out: &mut Vec<Value>) {
-        let kind = data.get("type").and_then(Value::as_str).unwrap_or(name);
-        match kind {
-            "message_start" => {
-                let msg = data.get("message").unwrap_or(&Value::Null);
-                acct.model_version = msg.get("model").and_then(Value::as_str).map(str::to_owned);
-                acct.usage = msg.get("usage").and_then(usage);
-                out.push(self.chunk(acct, json!({"role": "assistant", "content": ""}), Value::Null));
-            }
-            "content_block_delta" => {
-                if let Some(t) = data.pointer("/delta/text").and_then(Value::as_str) {
-                    acct.push_text(t);
-                    out.push(self.chunk(acct, json!({"content": t}), Value::Null));
-                }
+        let before = acct.text.len();
+        match observe_event(name, data, acct) {
+            "message_start" => out.push(self.chunk(acct, json!({"role": "assistant", "content": ""}), Value::Null)),
+            "content_block_delta" if acct.text.len() > before => {
+                let delta = acct.text[before..].to_owned();
+                out.push(self.chunk(acct, json!({"content": delta}), Value::Null));
             }
             "message_delta" => {
-                // Anthropic's message_delta usage is cumulative: its counts replace earlier ones.
-                if let Some(u) = data.get("usage").filter(|u| u.is_object()) {
-                    let mut cur = acct.usage.unwrap_or_default();
-                    if let Some(o) = int(u, &["output_tokens"]) {
-                        cur.output = o;
-                    }
-                    if let Some(next) = usage(u).filter(|_| u.get("input_tokens").is_some()) {
-                        cur.input = next.input;
-                        cur.cached_read = next.cached_read;
-                        cur.cache_write = next.cache_write;
-                    }
-                    acct.usage = Some(cur);
-                }
                 let stop = data.pointer("/delta/stop_reason").and_then(Value::as_str);
                 out.push(self.chunk(acct, json!({}), finish_reason(stop)));
             }
-            "message_stop" => {
-                acct.finished = true;
-                if self.client_wants_usage {
-                    let u = acct.usage.unwrap_or_default();
-                    out.push(json!({
-                        "id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                        "model": acct.model_version, "choices": [], "usage": openai_usage(&u),
-                    }));
-                }
+            "message_stop" if self.client_wants_usage => {
+                let u = acct.usage.unwrap_or_default();
+                out.push(json!({
+                    "id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                    "model": acct.model_version, "choices": [], "usage": openai_usage(&u),
+                }));
             }
             _ => {}
         }
     }
+}
+
+/// The body to send upstream for an Anthropic client: the client's, with the concrete model.
+pub fn upstream_body(client: &Value, model: &str) -> Value {
+    let mut body = client.clone();
+    body["model"] = json!(model);
+    body
+}
+
+/// Records what one stream event says (model, usage, text, end) and returns its type.
+pub fn observe_event<'a>(name: &'a str, data: &'a Value, acct: &mut StreamAccounting) -> &'a str {
+    let kind = data.get("type").and_then(Value::as_str).unwrap_or(name);
+    match kind {
+        "message_start" => {
+            let msg = data.get("message").unwrap_or(&Value::Null);
+            acct.model_version = msg.get("model").and_then(Value::as_str).map(str::to_owned);
+            acct.usage = msg.get("usage").and_then(usage);
+        }
+        "content_block_delta" => {
+            if let Some(t) = data.pointer("/delta/text").and_then(Value::as_str) {
+                acct.push_text(t);
+            }
+        }
+        "message_delta" => {
+            // Anthropic's message_delta usage is cumulative: its counts replace earlier ones.
+            if let Some(u) = data.get("usage").filter(|u| u.is_object()) {
+                let mut cur = acct.usage.unwrap_or_default();
+                if let Some(o) = int(u, &["output_tokens"]) {
+                    cur.output = o;
+                }
+                if let Some(next) = usage(u).filter(|_| u.get("input_tokens").is_some()) {
+                    cur.input = next.input;
+                    cur.cached_read = next.cached_read;
+                    cur.cache_write = next.cache_write;
+                }
+                acct.usage = Some(cur);
+            }
+        }
+        "message_stop" => acct.finished = true,
+        _ => {}
+    }
+    kind
 }
 
 #[cfg(test)]

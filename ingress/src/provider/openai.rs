@@ -3,6 +3,7 @@
 use serde_json::{Value, json};
 
 use super::{StreamAccounting, Usage, int};
+use crate::count::for_each_text;
 
 /// Usage of a Chat Completions response or of the final stream chunk.
 pub fn usage(body: &Value) -> Option<Usage> {
@@ -65,6 +66,155 @@ pub fn passthrough_chunk(chunk: &Value, acct: &mut StreamAccounting, client_want
     client_wants_usage || !usage_only
 }
 
+/// Translates an Anthropic Messages request into a Chat Completions request.
+pub fn from_anthropic_request(req: &Value, model: &str, stream: bool) -> Value {
+    let mut messages: Vec<Value> = Vec::new();
+    if let Some(system) = req.get("system") {
+        let mut text = String::new();
+        for_each_text(system, &mut |t| text.push_str(t));
+        if !text.is_empty() {
+            messages.push(json!({"role": "system", "content": text}));
+        }
+    }
+    if let Some(list) = req.get("messages").and_then(Value::as_array) {
+        for m in list {
+            let role = if m.get("role").and_then(Value::as_str) == Some("assistant") { "assistant" } else { "user" };
+            let mut text = String::new();
+            if let Some(c) = m.get("content") {
+                for_each_text(c, &mut |t| text.push_str(t));
+            }
+            messages.push(json!({"role": role, "content": text}));
+        }
+    }
+    let mut body = json!({"model": model, "messages": messages});
+    for key in ["temperature", "top_p", "max_tokens"] {
+        if let Some(v) = req.get(key) {
+            body[key] = v.clone();
+        }
+    }
+    if let Some(stop) = req.get("stop_sequences") {
+        body["stop"] = stop.clone();
+    }
+    if stream {
+        body["stream"] = json!(true);
+        body["stream_options"] = json!({"include_usage": true});
+    }
+    body
+}
+
+fn stop_reason(finish: Option<&str>) -> Value {
+    match finish {
+        Some("length") => json!("max_tokens"),
+        Some("tool_calls") | Some("function_call") => json!("tool_use"),
+        Some(_) => json!("end_turn"),
+        None => Value::Null,
+    }
+}
+
+/// Anthropic `usage` object for normalised counts (input excludes cache reads and writes).
+pub fn anthropic_usage(u: &Usage) -> Value {
+    json!({
+        "input_tokens": (u.input - u.cached_read - u.cache_write).max(0),
+        "output_tokens": u.output,
+        "cache_read_input_tokens": u.cached_read,
+        "cache_creation_input_tokens": u.cache_write,
+    })
+}
+
+/// Translates a Chat Completions response into a Messages response.
+pub fn to_anthropic_response(resp: &Value) -> Value {
+    let u = usage(resp).unwrap_or_default();
+    let id = resp.get("id").and_then(Value::as_str).unwrap_or("chatcmpl");
+    let finish = resp.pointer("/choices/0/finish_reason").and_then(Value::as_str);
+    json!({
+        "id": format!("msg_{id}"),
+        "type": "message",
+        "role": "assistant",
+        "model": resp.get("model").cloned().unwrap_or(Value::Null),
+        "content": [{"type": "text", "text": response_text(resp)}],
+        "stop_reason": stop_reason(finish),
+        "stop_sequence": null,
+        "usage": anthropic_usage(&u),
+    })
+}
+
+/// Turns OpenAI stream chunks into Anthropic stream events (`(event name, data)` pairs).
+#[derive(Debug, Default)]
+pub struct ToAnthropicStream {
+    pub id: String,
+    started: bool,
+    block_open: bool,
+    stop: Option<Value>,
+}
+
+impl ToAnthropicStream {
+    pub fn new(id: String) -> Self {
+        Self { id, ..Self::default() }
+    }
+
+    fn start(&mut self, acct: &StreamAccounting, out: &mut Vec<(&'static str, Value)>) {
+        if !self.started {
+            self.started = true;
+            out.push((
+                "message_start",
+                json!({"type": "message_start", "message": {
+                "id": self.id, "type": "message", "role": "assistant", "model": acct.model_version,
+                "content": [], "stop_reason": null, "stop_sequence": null,
+                "usage": {"input_tokens": 0, "output_tokens": 0}}}),
+            ));
+        }
+    }
+
+    /// Handles one chunk; `[DONE]` is passed as `None`.
+    pub fn on_chunk(
+        &mut self,
+        chunk: Option<&Value>,
+        acct: &mut StreamAccounting,
+        out: &mut Vec<(&'static str, Value)>,
+    ) {
+        let Some(chunk) = chunk else {
+            // End of stream: close the block and the message, with the usage OpenAI reported last.
+            self.start(acct, out);
+            if self.block_open {
+                out.push(("content_block_stop", json!({"type": "content_block_stop", "index": 0})));
+                self.block_open = false;
+            }
+            let u = acct.usage.unwrap_or_default();
+            out.push((
+                "message_delta",
+                json!({"type": "message_delta",
+                "delta": {"stop_reason": self.stop.take().unwrap_or(json!("end_turn")), "stop_sequence": null},
+                "usage": anthropic_usage(&u)}),
+            ));
+            out.push(("message_stop", json!({"type": "message_stop"})));
+            acct.finished = true;
+            return;
+        };
+        let before = acct.text.len();
+        passthrough_chunk(chunk, acct, true);
+        self.start(acct, out);
+        if acct.text.len() > before {
+            if !self.block_open {
+                self.block_open = true;
+                out.push((
+                    "content_block_start",
+                    json!({"type": "content_block_start", "index": 0,
+                    "content_block": {"type": "text", "text": ""}}),
+                ));
+            }
+            let delta = &acct.text[before..];
+            out.push((
+                "content_block_delta",
+                json!({"type": "content_block_delta", "index": 0,
+                "delta": {"type": "text_delta", "text": delta}}),
+            ));
+        }
+        if let Some(f) = chunk.pointer("/choices/0/finish_reason").and_then(Value::as_str) {
+            self.stop = Some(stop_reason(Some(f)));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -94,5 +244,64 @@ mod tests {
             json!({"model": "gpt-4o-mini-2024-07-18", "choices": [{"delta": {"content": "hi"}}], "usage": null});
         assert!(passthrough_chunk(&delta, &mut acct, false));
         assert_eq!(acct.text, "hi");
+    }
+
+    #[test]
+    fn translates_anthropic_requests_and_responses() {
+        let req = json!({"model": "vm", "max_tokens": 20, "system": [{"type": "text", "text": "Be terse."}],
+            "stop_sequences": ["END"], "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]});
+        let b = from_anthropic_request(&req, "gpt-4o-mini", true);
+        assert_eq!(
+            b["messages"],
+            json!([{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}])
+        );
+        assert_eq!(b["max_tokens"], 20);
+        assert_eq!(b["stop"], json!(["END"]));
+        assert_eq!(b["stream_options"]["include_usage"], true);
+        let resp = json!({"id": "x", "model": "gpt-4o-mini", "choices": [{"message": {"content": "Hello"}, "finish_reason": "length"}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 3, "prompt_tokens_details": {"cached_tokens": 4}}});
+        let a = to_anthropic_response(&resp);
+        assert_eq!(a["content"][0]["text"], "Hello");
+        assert_eq!(a["stop_reason"], "max_tokens");
+        assert_eq!(
+            a["usage"],
+            json!({"input_tokens": 6, "output_tokens": 3, "cache_read_input_tokens": 4, "cache_creation_input_tokens": 0})
+        );
+    }
+
+    #[test]
+    fn translates_a_stream_to_anthropic_events() {
+        let mut t = ToAnthropicStream::new("msg_1".into());
+        let mut acct = StreamAccounting::default();
+        let mut out = Vec::new();
+        t.on_chunk(
+            Some(&json!({"model": "gpt-4o-mini", "choices": [{"delta": {"role": "assistant", "content": ""}}]})),
+            &mut acct,
+            &mut out,
+        );
+        t.on_chunk(Some(&json!({"choices": [{"delta": {"content": "Hi"}}]})), &mut acct, &mut out);
+        t.on_chunk(Some(&json!({"choices": [{"delta": {}, "finish_reason": "stop"}]})), &mut acct, &mut out);
+        t.on_chunk(
+            Some(&json!({"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 2}})),
+            &mut acct,
+            &mut out,
+        );
+        t.on_chunk(None, &mut acct, &mut out);
+        let names: Vec<&str> = out.iter().map(|(n, _)| *n).collect();
+        assert_eq!(
+            names,
+            [
+                "message_start",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_stop",
+                "message_delta",
+                "message_stop"
+            ]
+        );
+        assert_eq!(out[4].1["usage"]["output_tokens"], 2);
+        assert_eq!(out[4].1["usage"]["input_tokens"], 9);
+        assert!(acct.finished);
+        assert_eq!(acct.usage.unwrap().input, 9);
     }
 }

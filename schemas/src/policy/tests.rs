@@ -72,3 +72,33 @@ fn windows_parse() {
     assert!(parse_window_seconds("h").is_err());
     assert!(parse_window_seconds("0m").is_err());
 }
+
+#[test]
+fn api_keys_are_hashed_and_checked() {
+    let p = Policy::load_dir(&demo_dir()).unwrap();
+    let keys = p.api_keys.as_ref().unwrap();
+    let demo = &keys["e7aab4b439baa8c615eb31e352f5b4259085813fbcd95a65a5a346a6bdfb1bb3"];
+    assert_eq!(demo.id, "demo-search");
+    assert_eq!(demo.subject.kind, SubjectKind::User);
+    assert!(demo.may_use("intent-fast"));
+    let intern = keys.values().find(|k| k.id == "intern").unwrap();
+    assert!(intern.may_use("chat-default") && !intern.may_use("intent-fast"));
+    assert!(intern.direct_models);
+
+    let bad = "type: tollgate-api-keys\nkeys:\n  - {id: a, sha256: NOTHEX, subject: {type: user, id: u}, models: [nope]}\n  - {id: b, sha256: e7aab4b439baa8c615eb31e352f5b4259085813fbcd95a65a5a346a6bdfb1bb3, subject: {type: user, id: u}, models: [nope]}\n";
+    let err = Policy::from_sources([(Path::new("k.yaml"), bad)]).unwrap_err().to_string();
+    assert!(err.contains("k.yaml:1: keys[0].sha256: must be 64 lower-case hex"), "{err}");
+    assert!(err.contains("k.yaml:1: keys[id=b].models: unknown virtual model \"nope\""), "{err}");
+}
+
+#[test]
+fn fallback_statuses_default_to_429_and_5xx() {
+    let p = Policy::load_dir(&demo_dir()).unwrap();
+    let vm = &p.virtual_models["intent-fast"];
+    assert!(vm.falls_back_on(429) && vm.falls_back_on(503) && !vm.falls_back_on(400));
+    let text = "type: tollgate-providers\nproviders: [{name: a, kind: openai, base_url: \"http://x\"}]\n---\ntype: tollgate-price-card\nversion: v\nprices: [{provider: a, model: m, input_usd_per_mtok: 1, output_usd_per_mtok: 1}]\n---\nname: vm\ntype: gateway-load-balancing-config\nrule_type: priority-based\nrules: [{id: r, priority: 1, target: {provider: a, model: m}}]\nretries: {attempts: 2, backoff_ms: 50}\nfallback_on: [503]\n";
+    let p = Policy::from_sources([(Path::new("x.yaml"), text)]).unwrap();
+    let vm = &p.virtual_models["vm"];
+    assert_eq!(vm.retries, Some(RetryConfig { attempts: 2, backoff_ms: 50 }));
+    assert!(vm.falls_back_on(503) && !vm.falls_back_on(429));
+}

@@ -8,6 +8,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use serde_json::{Value, json};
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -37,13 +38,18 @@ pub fn metrics() -> PrometheusHandle {
 }
 
 pub async fn create_topic(name: &str, partitions: i32) {
+    create_topic_on(&kafka_brokers(), name, partitions).await;
+}
+
+/// Creates a topic through the Kafka admin API of the broker at `brokers`.
+pub async fn create_topic_on(brokers: &str, name: &str, partitions: i32) {
     let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", kafka_brokers()).create().expect("admin client");
+        ClientConfig::new().set("bootstrap.servers", brokers).create().expect("admin client");
     let res = admin
         .create_topics(&[NewTopic::new(name, partitions, TopicReplication::Fixed(1))], &AdminOptions::new())
         .await
         .unwrap_or_else(|e| {
-            panic!("cannot reach the Kafka broker at {}: {e} (is compose/local/infra.sh running?)", kafka_brokers())
+            panic!("cannot reach the Kafka broker at {brokers}: {e} (is compose/local/infra.sh running?)")
         });
     for r in res {
         r.unwrap_or_else(|(t, e)| panic!("creating topic {t}: {e}"));
@@ -88,6 +94,8 @@ pub struct Service {
     pub addr: SocketAddr,
     pub shutdown: CancellationToken,
     pub task: JoinHandle<anyhow::Result<()>>,
+    /// A directory the service owns (the ingress's spool), removed after it stops.
+    pub temp: Option<tempfile::TempDir>,
 }
 
 impl Service {
@@ -110,22 +118,37 @@ pub async fn start_mock() -> Service {
         mock::serve(listener, MockOptions::default(), token).await?;
         Ok(())
     });
-    Service { addr, shutdown, task }
+    Service { addr, shutdown, task, temp: None }
 }
 
+/// The ingress on the shared broker, with its own spool directory (a fresh tempdir).
 pub async fn start_ingress(policy_dir: &Path, topic: &str) -> Service {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+    let spool = tempfile::tempdir().unwrap();
+    let config = ingress_config(policy_dir, &kafka_brokers(), topic, spool.path());
+    let mut service = start_ingress_with(config).await;
+    service.temp = Some(spool);
+    service
+}
+
+/// The test settings of an ingress: quick shutdown, short idle timeout, the shared metrics.
+pub fn ingress_config(policy_dir: &Path, brokers: &str, topic: &str, spool_dir: &Path) -> tollgate_ingress::Config {
     let mut config = tollgate_ingress::Config::new(
         policy_dir.to_path_buf(),
-        tollgate_ingress::KafkaConfig { brokers: kafka_brokers(), usage_topic: topic.into(), extra: vec![] },
+        tollgate_ingress::KafkaConfig { brokers: brokers.into(), usage_topic: topic.into(), extra: vec![] },
     );
     config.metrics = Some(metrics());
     config.shutdown_grace = Duration::from_secs(5);
     config.upstream_idle_timeout = Duration::from_secs(3);
+    config.spool_dir = spool_dir.to_path_buf();
+    config
+}
+
+pub async fn start_ingress_with(config: tollgate_ingress::Config) -> Service {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(tollgate_ingress::run(config, listener, shutdown.clone()));
-    Service { addr, shutdown, task }
+    Service { addr, shutdown, task, temp: None }
 }
 
 pub fn meter_config(topic: &str, database: &str) -> tollgate_meter::Config {
@@ -150,7 +173,7 @@ pub async fn start_meter(config: tollgate_meter::Config) -> Service {
     let addr = listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(tollgate_meter::run(config, listener, shutdown.clone()));
-    Service { addr, shutdown, task }
+    Service { addr, shutdown, task, temp: None }
 }
 
 /// Writes a policy for tests: an OpenAI-kind and an Anthropic-kind provider on the mock, a
@@ -199,4 +222,63 @@ pub fn write_api_keys(dir: &Path, id: &str, models: &[&str], metadata: &[(&str, 
         }
     }
     std::fs::write(dir.join("api-keys.yaml"), text).unwrap();
+}
+
+/// Request `i`: its virtual model, whether it streams, and the tokens the mock reports.
+pub fn chat_case(i: u64) -> (&'static str, bool, u64, u64) {
+    let vm = ["vm-openai", "vm-anthropic", "vm-fallback"][(i % 3) as usize];
+    (vm, i % 2 == 0, 20 + (i * 37) % 500, 1 + (i * 7) % 30)
+}
+
+/// Sends request `i` (session `sess-{i}`) and checks the client got the whole answer.
+pub async fn chat(client: &reqwest::Client, ingress: SocketAddr, i: u64) -> Result<(), String> {
+    let (vm, streamed, prompt, completion) = chat_case(i);
+    let mut body = json!({
+        "model": vm,
+        "messages": [{"role": "user", "content": format!("hello {i}\n#mock prompt_tokens={prompt} completion_tokens={completion}")}],
+    });
+    if streamed {
+        body["stream"] = json!(true);
+    }
+    let resp = client
+        .post(format!("http://{ingress}/v1/chat/completions"))
+        .header("X-TFY-Project", "outage")
+        .header("X-TFY-Session-ID", format!("sess-{i}"))
+        .json(&body)
+        .send()
+        .await
+        .map_err(|e| format!("request {i}: {e}"))?;
+    let status = resp.status().as_u16();
+    let text = resp.text().await.map_err(|e| format!("request {i}: body: {e}"))?;
+    if status != 200 {
+        return Err(format!("request {i}: HTTP {status}: {text}"));
+    }
+    let words = if streamed {
+        assert!(text.contains("data: [DONE]"), "request {i}: stream did not end: {text}");
+        text.lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter(|d| *d != "[DONE]")
+            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+            .filter_map(|v| v["choices"][0]["delta"]["content"].as_str().map(str::to_owned))
+            .collect::<String>()
+            .split_whitespace()
+            .count()
+    } else {
+        let v: Value = serde_json::from_str(&text).map_err(|e| format!("request {i}: {e}: {text}"))?;
+        v["choices"][0]["message"]["content"].as_str().unwrap_or_default().split_whitespace().count()
+    };
+    if words as u64 != completion {
+        return Err(format!("request {i}: got {words} words, the mock sent {completion}"));
+    }
+    Ok(())
+}
+
+/// Sum of a counter (over all label sets) in the Prometheus text `metrics`.
+pub fn metric(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{')))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
 }
