@@ -158,7 +158,8 @@ impl IngressError {
         // format; after a translated call it is re-shaped, keeping the provider's message.
         if let IngressError::ProviderStatus { body, content_type, .. } = self {
             let parsed: Option<serde_json::Value> = serde_json::from_slice(&body).ok();
-            let anthropic_shaped = parsed.as_ref().is_some_and(|v| v.get("type").and_then(|t| t.as_str()) == Some("error"));
+            let anthropic_shaped =
+                parsed.as_ref().is_some_and(|v| v.get("type").and_then(|t| t.as_str()) == Some("error"));
             let openai_shaped = !anthropic_shaped && parsed.as_ref().is_some_and(|v| v["error"]["message"].is_string());
             let native = match format {
                 ApiFormat::OpenAi => openai_shaped,
@@ -237,7 +238,8 @@ mod tests {
         assert_eq!((status, b), (529, anthropic.clone()), "native: unchanged");
         let (_, b) = body_of(provider_error(anthropic), ApiFormat::OpenAi).await;
         assert_eq!(b, json!({"error": {"message": "busy", "type": "overloaded_error", "param": null, "code": null}}));
-        let openai = json!({"error": {"message": "slow down", "type": "rate_limit_error", "code": "rate_limit_exceeded"}});
+        let openai =
+            json!({"error": {"message": "slow down", "type": "rate_limit_error", "code": "rate_limit_exceeded"}});
         let (_, b) = body_of(provider_error(openai), ApiFormat::Anthropic).await;
         assert_eq!(b, json!({"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}}));
     }

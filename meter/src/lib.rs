@@ -7,6 +7,7 @@
 pub mod metrics;
 pub mod migrate;
 pub mod sink;
+pub mod window;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -25,6 +26,7 @@ use tollgate_schemas::usage::UsageEvent;
 use tracing::{debug, error, info, warn};
 
 use sink::UsageRow;
+use window::Windows;
 
 #[derive(Debug, Clone)]
 pub struct ClickHouseConfig {
@@ -132,11 +134,13 @@ async fn consume(config: &Config, shutdown: &CancellationToken) -> anyhow::Resul
             () = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     };
-    let stored = retry_clickhouse(shutdown, "reading stored offsets", || sink::stored_offsets(&ch, &topic)).await;
+    let stored = retry_clickhouse(shutdown, "reading checkpoints", || sink::checkpoints(&ch, &topic)).await;
     let Some(stored) = stored else { return Ok(()) };
     let mut tpl = TopicPartitionList::new();
     for p in &partitions {
-        let offset = stored.get(p).map_or(Offset::Beginning, |o| Offset::Offset(o + 1));
+        // Resume where the windows end; raw rows past it are written again and collapse on
+        // event_id, and the windows skip what they already cover.
+        let offset = stored.get(p).map_or(Offset::Beginning, |o| Offset::Offset(*o));
         tpl.add_partition_offset(&topic, *p, offset)?;
     }
     consumer.assign(&tpl).context("assigning partitions")?;
@@ -146,6 +150,7 @@ async fn consume(config: &Config, shutdown: &CancellationToken) -> anyhow::Resul
     let mut batch: Vec<UsageRow> = Vec::with_capacity(config.batch_max_rows.min(100_000));
     let mut last: BTreeMap<i32, i64> = BTreeMap::new();
     let mut deadline: Option<Instant> = None;
+    let mut windows = Windows::default();
     loop {
         let flush_now = tokio::select! {
             biased;
@@ -175,7 +180,7 @@ async fn consume(config: &Config, shutdown: &CancellationToken) -> anyhow::Resul
             },
         };
         if flush_now {
-            if !flush(&ch, &consumer, &topic, &mut batch, &mut last, shutdown).await {
+            if !flush(&ch, &consumer, &topic, &mut batch, &mut last, &mut windows, shutdown).await {
                 return Ok(());
             }
             deadline = None;
@@ -183,7 +188,7 @@ async fn consume(config: &Config, shutdown: &CancellationToken) -> anyhow::Resul
     }
     // Shutting down: write what was read; if ClickHouse is away, it is read again next start.
     if !batch.is_empty() {
-        flush(&ch, &consumer, &topic, &mut batch, &mut last, &CancellationToken::new()).await;
+        flush(&ch, &consumer, &topic, &mut batch, &mut last, &mut windows, &CancellationToken::new()).await;
     }
     Ok(())
 }
@@ -200,26 +205,64 @@ fn decode(codec: &AvroCodec, payload: Option<&[u8]>) -> Result<UsageEvent, Strin
     codec.decode(bytes).map_err(|e| e.to_string())
 }
 
-/// Writes the batch (retrying while ClickHouse is away), then records the position in the
-/// consumer group. Returns false when shutdown interrupted the retries.
+/// Most windows kept in memory before clean ones are dropped (they are re-read on demand).
+const MAX_OPEN_WINDOWS: usize = 500_000;
+
+/// Writes the batch's raw rows, then its windows, then the checkpoint, each retried while
+/// ClickHouse is away; then records the position in the consumer group. A crash between any
+/// two steps is repaired by the replay from the checkpoint. Returns false when shutdown
+/// interrupted the retries.
 async fn flush(
     ch: &Client,
     consumer: &StreamConsumer,
     topic: &str,
     batch: &mut Vec<UsageRow>,
     last: &mut BTreeMap<i32, i64>,
+    windows: &mut Windows,
     shutdown: &CancellationToken,
 ) -> bool {
+    let started = Instant::now();
     if !batch.is_empty() {
         let rows: &[UsageRow] = batch;
-        let started = Instant::now();
         if retry_clickhouse(shutdown, "inserting usage rows", || sink::insert(ch, rows)).await.is_none() {
             return false;
         }
+        let missing = windows.missing(rows);
+        if !missing.is_empty() {
+            let Some((w, s)) = retry_clickhouse(shutdown, "reading windows", || sink::load_windows(ch, &missing)).await
+            else {
+                return false;
+            };
+            windows.load(w, s);
+        }
+        windows.apply(rows);
+        let (w, s) = windows.dirty();
+        if retry_clickhouse(shutdown, "writing windows", || sink::insert_rows(ch, "usage_windows", &w)).await.is_none()
+            || retry_clickhouse(shutdown, "writing session hours", || sink::insert_rows(ch, "session_hours", &s))
+                .await
+                .is_none()
+        {
+            return false;
+        }
+        windows.written();
         metrics::inserted(rows.len(), started.elapsed().as_secs_f64());
-        debug!(rows = rows.len(), "batch written");
+        debug!(rows = rows.len(), windows = w.len(), sessions = s.len(), "batch written");
     }
     batch.clear();
+    let marks: Vec<sink::CheckpointRow> = last
+        .iter()
+        .map(|(p, o)| sink::CheckpointRow {
+            topic: topic.to_owned(),
+            kafka_partition: *p,
+            next_offset: u64::try_from(o + 1).unwrap_or(0),
+        })
+        .collect();
+    if retry_clickhouse(shutdown, "writing checkpoints", || sink::insert_rows(ch, "meter_checkpoints", &marks))
+        .await
+        .is_none()
+    {
+        return false;
+    }
     let mut tpl = TopicPartitionList::new();
     for (p, o) in last.iter() {
         if tpl.add_partition_offset(topic, *p, Offset::Offset(o + 1)).is_err() {
@@ -230,6 +273,7 @@ async fn flush(
         debug!(error = %e, "offset commit failed (informational only)");
     }
     last.clear();
+    windows.evict(MAX_OPEN_WINDOWS);
     true
 }
 

@@ -7,8 +7,10 @@ use clickhouse::Client;
 use tracing::info;
 
 /// (version, name, SQL) in order. Never edit an applied migration; add the next number.
-pub const MIGRATIONS: &[(u32, &str, &str)] =
-    &[(1, "usage_events", include_str!("../migrations/0001_usage_events.sql"))];
+pub const MIGRATIONS: &[(u32, &str, &str)] = &[
+    (1, "usage_events", include_str!("../migrations/0001_usage_events.sql")),
+    (2, "windows", include_str!("../migrations/0002_windows.sql")),
+];
 
 /// Statements that create the database and the version table, before any migration.
 fn bootstrap(db: &str) -> Vec<String> {

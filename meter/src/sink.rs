@@ -6,6 +6,8 @@ use clickhouse::{Client, Row};
 use serde::Serialize;
 use tollgate_schemas::usage::UsageEvent;
 
+use crate::window::{Missing, SessionRow, WindowRow};
+
 /// One row of `usage_events` (every column but `inserted_at`, which defaults to now()).
 #[derive(Debug, Clone, Row, Serialize)]
 pub struct UsageRow {
@@ -111,21 +113,90 @@ impl UsageRow {
     }
 }
 
-/// Inserts one batch as one INSERT (one block per month partition).
+/// Inserts one batch of raw usage rows as one INSERT (one block per month partition).
 pub async fn insert(client: &Client, rows: &[UsageRow]) -> Result<(), clickhouse::error::Error> {
-    let mut insert = client.insert::<UsageRow>("usage_events").await?;
+    insert_rows(client, "usage_events", rows).await
+}
+
+/// Inserts rows of any `Row` type into `table` as one INSERT.
+pub async fn insert_rows<T>(client: &Client, table: &str, rows: &[T]) -> Result<(), clickhouse::error::Error>
+where
+    T: Serialize + for<'a> Row<Value<'a> = T>,
+{
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut insert = client.insert::<T>(table).await?;
     for r in rows {
         insert.write(r).await?;
     }
     insert.end().await
 }
 
-/// Highest offset stored per partition of `topic`: the meter resumes right after each.
-pub async fn stored_offsets(client: &Client, topic: &str) -> Result<BTreeMap<i32, i64>, clickhouse::error::Error> {
-    let rows: Vec<(i32, i64)> = client
-        .query("SELECT kafka_partition, max(kafka_offset) FROM usage_events WHERE kafka_topic = ? GROUP BY kafka_partition")
+/// The current rows of the windows and session-hours `missing` names.
+pub async fn load_windows(
+    client: &Client,
+    missing: &Missing,
+) -> Result<(Vec<WindowRow>, Vec<SessionRow>), clickhouse::error::Error> {
+    let mut windows = Vec::new();
+    let mut by_window: BTreeMap<(&'static str, u32), Vec<i32>> = BTreeMap::new();
+    for (g, start, p) in &missing.windows {
+        by_window.entry((g.as_str(), *start)).or_default().push(*p);
+    }
+    if !by_window.is_empty() {
+        let cond = by_window
+            .iter()
+            .map(|((g, start), parts)| {
+                format!(
+                    "(granularity = '{g}' AND window_start = toDateTime({start}) AND kafka_partition IN ({}))",
+                    join(parts)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" OR ");
+        windows = client
+            .query(&format!("SELECT ?fields FROM usage_windows FINAL WHERE {cond}"))
+            .fetch_all::<WindowRow>()
+            .await?;
+    }
+    let mut sessions = Vec::new();
+    let mut by_hour: BTreeMap<u32, Vec<i32>> = BTreeMap::new();
+    for (hour, p) in &missing.sessions {
+        by_hour.entry(*hour).or_default().push(*p);
+    }
+    if !by_hour.is_empty() {
+        let cond = by_hour
+            .iter()
+            .map(|(hour, parts)| format!("(hour = toDateTime({hour}) AND kafka_partition IN ({}))", join(parts)))
+            .collect::<Vec<_>>()
+            .join(" OR ");
+        sessions = client
+            .query(&format!("SELECT ?fields FROM session_hours FINAL WHERE {cond}"))
+            .fetch_all::<SessionRow>()
+            .await?;
+    }
+    Ok((windows, sessions))
+}
+
+fn join(parts: &[i32]) -> String {
+    parts.iter().map(i32::to_string).collect::<Vec<_>>().join(",")
+}
+
+#[derive(Debug, Clone, Row, Serialize)]
+pub struct CheckpointRow {
+    pub topic: String,
+    pub kafka_partition: i32,
+    pub next_offset: u64,
+}
+
+/// Where the windows end, per partition of `topic`: the next offset to consume.
+pub async fn checkpoints(client: &Client, topic: &str) -> Result<BTreeMap<i32, i64>, clickhouse::error::Error> {
+    let rows: Vec<(i32, u64)> = client
+        .query(
+            "SELECT kafka_partition, max(next_offset) FROM meter_checkpoints WHERE topic = ? GROUP BY kafka_partition",
+        )
         .bind(topic)
         .fetch_all()
         .await?;
-    Ok(rows.into_iter().collect())
+    Ok(rows.into_iter().map(|(p, o)| (p, i64::try_from(o).unwrap_or(i64::MAX))).collect())
 }
