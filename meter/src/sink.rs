@@ -1,6 +1,6 @@
 //! Writes usage rows to ClickHouse and reads back the Kafka positions it already holds.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use clickhouse::{Client, Row};
 use serde::Serialize;
@@ -138,18 +138,23 @@ pub async fn load_windows(
     client: &Client,
     missing: &Missing,
 ) -> Result<(Vec<WindowRow>, Vec<SessionRow>), clickhouse::error::Error> {
+    // One IN-set condition per granularity (on the primary key), not one OR term per window:
+    // a superset of the rows asked for, which `Windows::load` keeps only where absent.
     let mut windows = Vec::new();
-    let mut by_window: BTreeMap<(&'static str, u32), Vec<i32>> = BTreeMap::new();
+    let mut by_granularity: BTreeMap<&'static str, (BTreeSet<u32>, BTreeSet<i32>)> = BTreeMap::new();
     for (g, start, p) in &missing.windows {
-        by_window.entry((g.as_str(), *start)).or_default().push(*p);
+        let e = by_granularity.entry(g.as_str()).or_default();
+        e.0.insert(*start);
+        e.1.insert(*p);
     }
-    if !by_window.is_empty() {
-        let cond = by_window
+    if !by_granularity.is_empty() {
+        let cond = by_granularity
             .iter()
-            .map(|((g, start), parts)| {
+            .map(|(g, (starts, parts))| {
                 format!(
-                    "(granularity = '{g}' AND window_start = toDateTime({start}) AND kafka_partition IN ({}))",
-                    join(parts)
+                    "(granularity = '{g}' AND window_start IN ({}) AND kafka_partition IN ({}))",
+                    join(starts.iter().map(|s| format!("toDateTime({s})"))),
+                    join(parts.iter())
                 )
             })
             .collect::<Vec<_>>()
@@ -160,26 +165,23 @@ pub async fn load_windows(
             .await?;
     }
     let mut sessions = Vec::new();
-    let mut by_hour: BTreeMap<u32, Vec<i32>> = BTreeMap::new();
-    for (hour, p) in &missing.sessions {
-        by_hour.entry(*hour).or_default().push(*p);
-    }
-    if !by_hour.is_empty() {
-        let cond = by_hour
-            .iter()
-            .map(|(hour, parts)| format!("(hour = toDateTime({hour}) AND kafka_partition IN ({}))", join(parts)))
-            .collect::<Vec<_>>()
-            .join(" OR ");
+    let hours: BTreeSet<u32> = missing.sessions.iter().map(|(h, _)| *h).collect();
+    let parts: BTreeSet<i32> = missing.sessions.iter().map(|(_, p)| *p).collect();
+    if !hours.is_empty() {
         sessions = client
-            .query(&format!("SELECT ?fields FROM session_hours FINAL WHERE {cond}"))
+            .query(&format!(
+                "SELECT ?fields FROM session_hours FINAL WHERE hour IN ({}) AND kafka_partition IN ({})",
+                join(hours.iter().map(|h| format!("toDateTime({h})"))),
+                join(parts.iter())
+            ))
             .fetch_all::<SessionRow>()
             .await?;
     }
     Ok((windows, sessions))
 }
 
-fn join(parts: &[i32]) -> String {
-    parts.iter().map(i32::to_string).collect::<Vec<_>>().join(",")
+fn join<T: std::fmt::Display>(items: impl Iterator<Item = T>) -> String {
+    items.map(|i| i.to_string()).collect::<Vec<_>>().join(",")
 }
 
 #[derive(Debug, Clone, Row, Serialize)]

@@ -282,3 +282,22 @@ pub fn metric(metrics: &str, name: &str) -> u64 {
         .map(|v| v as u64)
         .sum()
 }
+
+/// `target/<profile>/<bin>` of a workspace package, built (or found up to date) first. Tests
+/// that kill a service with SIGKILL need it as a process of its own.
+pub fn binary(package: &str, bin: &str) -> PathBuf {
+    // A test runs as target/<profile>/deps/<name>-<hash>.
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.args(["build", "--quiet", "-p", package, "--bin", bin]);
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    let status = cmd.status().unwrap_or_else(|e| panic!("running cargo build for {bin}: {e}"));
+    assert!(status.success(), "cargo build -p {package} --bin {bin} failed");
+    let path = profile_dir.join(bin);
+    assert!(path.is_file(), "{} missing after cargo build", path.display());
+    path
+}
