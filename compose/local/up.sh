@@ -65,6 +65,7 @@ start_service enforcer "$ENFORCER_PORT" tollgate-enforcer \
 start_service ingress "$INGRESS_PORT" tollgate-ingress \
     --policy-dir "$POLICY_DIR" \
     --kafka-brokers "$KAFKA_BROKERS" \
+    --spool-dir "$STATE_DIR/ingress-spool" \
     --listen "$LOCALHOST:$INGRESS_PORT"
 
 log "stack is up (state and logs under $STATE_DIR; stop with compose/local/down.sh)"

@@ -26,23 +26,7 @@ use futures::StreamExt;
 /// `target/<profile>/tollgate-ingress`, built (or found up to date) once per test process.
 fn ingress_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        // This test runs as target/<profile>/deps/ingress_kill-<hash>.
-        let exe = std::env::current_exe().unwrap();
-        let profile_dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "-p", "tollgate-ingress", "--bin", "tollgate-ingress"]);
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().expect("running cargo build for tollgate-ingress");
-        assert!(status.success(), "cargo build -p tollgate-ingress failed");
-        let bin = profile_dir.join("tollgate-ingress");
-        assert!(bin.is_file(), "{} missing after cargo build", bin.display());
-        bin
-    })
-    .clone()
+    BIN.get_or_init(|| common::binary("tollgate-ingress", "tollgate-ingress")).clone()
 }
 
 fn free_port() -> u16 {
