@@ -22,6 +22,7 @@ HEALTH_DEADLINE=60
 USAGE_TOPIC=tollgate.usage.v1
 BREACHES_TOPIC=tollgate.breaches.v1
 ALERTS_TOPIC=tollgate.alerts.v1
+USAGE_DLQ_TOPIC=tollgate.usage.dlq.v1
 USAGE_PARTITIONS="${TOLLGATE_USAGE_PARTITIONS:-4}"
 
 # ---------------------------------------------------------------- ClickHouse
@@ -219,6 +220,7 @@ create_topics() {
     ensure_topic "$USAGE_TOPIC" "$USAGE_PARTITIONS"
     ensure_topic "$BREACHES_TOPIC" 1 cleanup.policy=compact
     ensure_topic "$ALERTS_TOPIC" 1
+    ensure_topic "$USAGE_DLQ_TOPIC" 1
 }
 
 # ---------------------------------------------------------------- commands

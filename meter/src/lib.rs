@@ -6,6 +6,7 @@
 
 pub mod metrics;
 pub mod migrate;
+pub mod report;
 pub mod sink;
 pub mod window;
 
@@ -17,6 +18,8 @@ use anyhow::Context as _;
 use clickhouse::Client;
 use metrics_exporter_prometheus::PrometheusHandle;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use tokio::net::TcpListener;
 use tokio::time::Instant;
@@ -67,6 +70,8 @@ impl ClickHouseConfig {
 pub struct Config {
     pub brokers: String,
     pub usage_topic: String,
+    /// Where events that cannot be decoded are sent.
+    pub dead_letter_topic: String,
     pub group_id: String,
     pub clickhouse: ClickHouseConfig,
     /// A batch is written when it has this many rows…
@@ -82,6 +87,7 @@ impl Config {
         Self {
             brokers,
             usage_topic: tollgate_schemas::topics::USAGE.into(),
+            dead_letter_topic: tollgate_schemas::topics::USAGE_DEAD_LETTERS.into(),
             group_id: "tollgate-meter".into(),
             clickhouse,
             batch_max_rows: 50_000,
@@ -136,15 +142,17 @@ async fn consume(config: &Config, shutdown: &CancellationToken) -> anyhow::Resul
     };
     let stored = retry_clickhouse(shutdown, "reading checkpoints", || sink::checkpoints(&ch, &topic)).await;
     let Some(stored) = stored else { return Ok(()) };
+    // One meter reads every partition, from where ClickHouse's windows end (not from the
+    // group's committed offsets, which are written for monitoring only). Raw rows past it are
+    // written again and collapse on event_id; the windows skip what they already cover.
     let mut tpl = TopicPartitionList::new();
     for p in &partitions {
-        // Resume where the windows end; raw rows past it are written again and collapse on
-        // event_id, and the windows skip what they already cover.
         let offset = stored.get(p).map_or(Offset::Beginning, |o| Offset::Offset(*o));
         tpl.add_partition_offset(&topic, *p, offset)?;
     }
     consumer.assign(&tpl).context("assigning partitions")?;
     info!(%topic, ?partitions, resume = ?stored, "meter consuming");
+    let dead_letters = DeadLetters::new(config)?;
 
     let codec = UsageEvent::codec()?;
     let mut batch: Vec<UsageRow> = Vec::with_capacity(config.batch_max_rows.min(100_000));
@@ -159,11 +167,12 @@ async fn consume(config: &Config, shutdown: &CancellationToken) -> anyhow::Resul
             msg = consumer.recv() => match msg {
                 Ok(m) => {
                     metrics::consumed();
+                    windows.consumed(m.partition(), m.offset());
                     match decode(&codec, m.payload()) {
                         Ok(ev) => batch.push(UsageRow::new(ev, &topic, m.partition(), m.offset())),
                         Err(e) => {
                             metrics::decode_error();
-                            error!(partition = m.partition(), offset = m.offset(), error = %e, "usage event skipped: cannot decode");
+                            dead_letters.send(&m, &e).await;
                         }
                     }
                     last.insert(m.partition(), m.offset());
@@ -197,6 +206,55 @@ async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
+    }
+}
+
+/// Where events that cannot be decoded go, with why, so they never block their partition.
+struct DeadLetters {
+    producer: FutureProducer,
+    topic: String,
+}
+
+impl DeadLetters {
+    fn new(config: &Config) -> anyhow::Result<Self> {
+        let mut cc = ClientConfig::new();
+        cc.set("bootstrap.servers", &config.brokers).set("enable.idempotence", "true").set("acks", "all");
+        for (k, v) in &config.kafka_extra {
+            cc.set(k, v);
+        }
+        Ok(Self {
+            producer: cc.create().context("creating the dead-letter producer")?,
+            topic: config.dead_letter_topic.clone(),
+        })
+    }
+
+    async fn send(&self, m: &BorrowedMessage<'_>, error: &str) {
+        let partition = m.partition().to_string();
+        let offset = m.offset().to_string();
+        let headers = OwnedHeaders::new()
+            .insert(Header { key: "tollgate-error", value: Some(error) })
+            .insert(Header { key: "tollgate-source-topic", value: Some(m.topic()) })
+            .insert(Header { key: "tollgate-source-partition", value: Some(&partition) })
+            .insert(Header { key: "tollgate-source-offset", value: Some(&offset) });
+        let mut record = FutureRecord::to(&self.topic).headers(headers).payload(m.payload().unwrap_or_default());
+        if let Some(k) = m.key() {
+            record = record.key(k);
+        }
+        match self.producer.send(record, Duration::from_secs(30)).await {
+            Ok(_) => {
+                metrics::dead_lettered();
+                warn!(
+                    partition = m.partition(),
+                    offset = m.offset(),
+                    error,
+                    "usage event sent to the dead-letter topic"
+                );
+            }
+            Err((e, _)) => {
+                metrics::dead_letter_failed();
+                error!(partition = m.partition(), offset = m.offset(), error, kafka = %e, "usage event undecodable and not dead-lettered");
+            }
+        }
     }
 }
 

@@ -7,6 +7,11 @@ pub fn describe() {
     describe_counter!("tollgate_meter_rows_inserted_total", "Usage rows written to ClickHouse");
     describe_counter!("tollgate_meter_decode_errors_total", "Usage events that could not be decoded (skipped, logged)");
     describe_counter!("tollgate_meter_insert_errors_total", "Failed ClickHouse inserts (retried)");
+    describe_counter!("tollgate_meter_dead_lettered_total", "Undecodable usage events sent to the dead-letter topic");
+    describe_counter!(
+        "tollgate_meter_dead_letter_failures_total",
+        "Undecodable usage events the dead-letter topic did not take"
+    );
     describe_histogram!("tollgate_meter_batch_rows", "Rows per ClickHouse insert");
     describe_histogram!("tollgate_meter_insert_seconds", Unit::Seconds, "Time per ClickHouse insert");
 }
@@ -27,4 +32,12 @@ pub fn inserted(rows: usize, seconds: f64) {
     counter!("tollgate_meter_rows_inserted_total").increment(rows as u64);
     histogram!("tollgate_meter_batch_rows").record(rows as f64);
     histogram!("tollgate_meter_insert_seconds").record(seconds);
+}
+
+pub fn dead_lettered() {
+    counter!("tollgate_meter_dead_lettered_total").increment(1);
+}
+
+pub fn dead_letter_failed() {
+    counter!("tollgate_meter_dead_letter_failures_total").increment(1);
 }

@@ -223,6 +223,8 @@ pub struct SessionRow {
 pub struct Windows {
     windows: HashMap<WindowKey, Entry<Totals>>,
     sessions: HashMap<SessionKey, Entry<SessionTotals>>,
+    /// Last offset this process consumed per partition.
+    consumed: HashMap<i32, i64>,
 }
 
 /// Windows and sessions a batch touches that are not in memory: ClickHouse may hold them.
@@ -269,6 +271,17 @@ impl Windows {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Notes each consumed offset, in order. When a partition's offsets jump forward, another
+    /// meter owned it in between (a rebalance), so what memory holds of it is stale: it is
+    /// dropped and read again from ClickHouse on demand. A jump backwards is a replay, which
+    /// the covered offsets make harmless. Call outside `apply`..`written`.
+    pub fn consumed(&mut self, partition: i32, offset: i64) {
+        if self.consumed.insert(partition, offset).is_some_and(|last| offset > last + 1) {
+            self.windows.retain(|k, _| k.partition != partition);
+            self.sessions.retain(|k, _| k.partition != partition);
+        }
     }
 
     /// What must be read from ClickHouse before `apply(rows)`.
@@ -580,6 +593,28 @@ mod tests {
             }
             prop_assert_eq!(got, expect);
         }
+    }
+
+    #[test]
+    fn a_jump_in_offsets_drops_the_partitions_stale_windows() {
+        let mut w = Windows::default();
+        let first: Vec<UsageRow> = (0..3).map(|i| row(1, i, 1_796_443_200, "a", 10)).collect();
+        for r in &first {
+            w.consumed(1, r.kafka_offset);
+        }
+        w.apply(&first);
+        w.apply(&[row(0, 0, 1_796_443_200, "a", 10)]);
+        w.consumed(0, 0);
+        w.written();
+        let held = w.len();
+        w.consumed(1, 3);
+        assert_eq!(w.len(), held, "the next offset is no jump");
+        w.consumed(1, 2);
+        assert_eq!(w.len(), held, "a replay keeps memory");
+        w.consumed(1, 9);
+        assert!(w.len() < held, "offsets 3..8 were another meter's: partition 1 is read again");
+        assert!(w.missing(&[row(0, 3, 1_796_443_200, "a", 10)]).is_empty(), "partition 0 kept");
+        assert!(!w.missing(&[row(1, 9, 1_796_443_200, "a", 10)]).is_empty());
     }
 
     #[test]

@@ -10,4 +10,6 @@ pub mod topics {
     pub const USAGE: &str = "tollgate.usage.v1";
     pub const BREACHES: &str = "tollgate.breaches.v1";
     pub const ALERTS: &str = "tollgate.alerts.v1";
+    /// Usage events the meter could not decode, with the reason in headers.
+    pub const USAGE_DEAD_LETTERS: &str = "tollgate.usage.dlq.v1";
 }

@@ -162,6 +162,7 @@ pub fn meter_config(topic: &str, database: &str) -> tollgate_meter::Config {
         },
     );
     config.usage_topic = topic.into();
+    config.dead_letter_topic = format!("{topic}.dlq");
     config.group_id = format!("{database}_meter");
     config.batch_max_wait = Duration::from_millis(200);
     config.metrics = Some(metrics());

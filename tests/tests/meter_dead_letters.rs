@@ -1,0 +1,119 @@
+//! Usage events the meter cannot decode go to the dead-letter topic, with why, and never block
+//! their partition: the events around them are all counted.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::time::Duration;
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Headers;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Message};
+use tollgate_schemas::usage::{ApiFormat, Envelope, Status, TokenSource, UsageEvent};
+
+fn event(i: i64) -> UsageEvent {
+    UsageEvent {
+        event_id: format!("00000000-0000-7000-8000-{i:012}"),
+        started_at_us: 1_795_924_958_000_000 + i,
+        first_token_at_us: None,
+        ended_at_us: 1_795_924_958_000_000 + i * 1000,
+        envelope: Envelope {
+            project: Some("dlq".into()),
+            session_id: Some(format!("s{}", i % 4)),
+            ..Default::default()
+        },
+        api_key_id: None,
+        api_format: ApiFormat::Anthropic,
+        virtual_model: "vm".into(),
+        provider: "p".into(),
+        model: "m".into(),
+        model_version: None,
+        attempt: 1,
+        fallback_path: vec![],
+        status: Status::Ok,
+        http_status: 200,
+        error: None,
+        streamed: false,
+        input_tokens: 10 + i,
+        output_tokens: 1,
+        cached_input_tokens: 0,
+        cache_write_tokens: 0,
+        reasoning_tokens: 0,
+        reference_input_tokens: None,
+        input_chars: 0,
+        token_source: TokenSource::Provider,
+        cost_nanos: 1000 * (10 + i),
+        price_card_version: "v".into(),
+        decision: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn undecodable_events_are_dead_lettered_and_the_rest_counted() {
+    let topic = common::unique("dlq");
+    let db = common::unique("tollgate_dlq");
+    common::create_topic(&topic, 2).await;
+    common::create_topic(&format!("{topic}.dlq"), 1).await;
+    let producer: FutureProducer =
+        ClientConfig::new().set("bootstrap.servers", common::kafka_brokers()).create().unwrap();
+    let codec = UsageEvent::codec().unwrap();
+    let garbage: [&[u8]; 3] = [b"{\"json\": \"not avro\"}", &[0xC3, 0x01, 1, 2, 3, 4, 5, 6, 7, 8, 9], b""];
+    let mut good = 0;
+    for i in 0..300i64 {
+        let (payload, key) = if i % 100 == 50 {
+            (garbage[(i / 100) as usize].to_vec(), "s2".to_owned())
+        } else {
+            good += 1;
+            (codec.encode(&event(i)).unwrap(), format!("s{}", i % 4))
+        };
+        producer
+            .send(FutureRecord::to(&topic).key(&key).payload(&payload), Duration::from_secs(10))
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+    let meter = common::start_meter(common::meter_config(&topic, &db)).await;
+    let sql = format!("SELECT count() FROM {db}.usage_events FINAL");
+    assert!(common::eventually(Duration::from_secs(60), || async { common::ch_count(&sql).await >= good }).await);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    meter.stop().await;
+    assert_eq!(common::ch_count(&sql).await, good, "every decodable event, once");
+    let want: i64 = (0..300).filter(|i| i % 100 != 50).map(|i| 1000 * (10 + i)).sum();
+    assert_eq!(
+        common::ch(&format!("SELECT sum(cost_nanos) FROM {db}.usage_windows FINAL WHERE granularity = 'month'"))
+            .await
+            .trim(),
+        want.to_string()
+    );
+
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", common::kafka_brokers())
+        .set("group.id", common::unique("dlq-reader"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&format!("{topic}.dlq")]).unwrap();
+    let mut dead = Vec::new();
+    while dead.len() < 3 {
+        let m =
+            tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await.expect("dead letters arrive").unwrap();
+        let headers = m.headers().unwrap();
+        let header = |name: &str| {
+            headers
+                .iter()
+                .find(|h| h.key == name)
+                .and_then(|h| h.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+        };
+        assert_eq!(header("tollgate-source-topic").as_deref(), Some(topic.as_str()));
+        assert!(header("tollgate-error").is_some_and(|e| !e.is_empty()));
+        assert!(header("tollgate-source-offset").is_some());
+        dead.push(m.payload().unwrap_or_default().to_vec());
+    }
+    let mut want_dead: Vec<Vec<u8>> = garbage.iter().map(|g| g.to_vec()).collect();
+    want_dead.sort();
+    dead.sort();
+    assert_eq!(dead, want_dead, "the undecodable payloads, unchanged");
+    common::ch(&format!("DROP DATABASE IF EXISTS {db}")).await;
+}
