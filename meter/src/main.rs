@@ -1,9 +1,11 @@
-//! `tollgate-meter`: `run` consumes usage into ClickHouse; `migrate` applies the schema and exits.
+//! `tollgate-meter`: `run` consumes usage into ClickHouse; `migrate` applies the schema and exits;
+//! `report` prints chargeback and the failure-mode reports.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use tollgate_meter::report::{self, Dimension, Format, Output, Period, Reporter};
 use tollgate_meter::{ClickHouseConfig, Config};
 
 /// Tollgate meter: usage events from Kafka into ClickHouse, exactly once.
@@ -20,19 +22,21 @@ enum Command {
     Run(RunArgs),
     /// Apply ClickHouse migrations and exit.
     Migrate(ChArgs),
+    /// Print chargeback (`--by ...`) or a failure-mode report from ClickHouse.
+    Report(ReportArgs),
 }
 
 #[derive(Args, Debug)]
 struct ChArgs {
     /// ClickHouse HTTP URL.
-    #[arg(long, env = "TOLLGATE_CLICKHOUSE_URL", default_value = "http://127.0.0.1:8123")]
+    #[arg(long, global = true, env = "TOLLGATE_CLICKHOUSE_URL", default_value = "http://127.0.0.1:8123")]
     clickhouse_url: String,
     /// ClickHouse database.
-    #[arg(long, env = "TOLLGATE_CLICKHOUSE_DATABASE", default_value = "tollgate")]
+    #[arg(long, global = true, env = "TOLLGATE_CLICKHOUSE_DATABASE", default_value = "tollgate")]
     database: String,
-    #[arg(long, env = "TOLLGATE_CLICKHOUSE_USER")]
+    #[arg(long, global = true, env = "TOLLGATE_CLICKHOUSE_USER")]
     clickhouse_user: Option<String>,
-    #[arg(long, env = "TOLLGATE_CLICKHOUSE_PASSWORD", hide_env_values = true)]
+    #[arg(long, global = true, env = "TOLLGATE_CLICKHOUSE_PASSWORD", hide_env_values = true)]
     clickhouse_password: Option<String>,
 }
 
@@ -84,15 +88,23 @@ async fn main() -> ExitCode {
             tollgate_runtime::exit_code("migration", result)
         }
         Command::Run(args) => run(args).await,
+        Command::Report(args) => report(args).await,
     }
 }
 
 async fn run(args: RunArgs) -> ExitCode {
+    let mut price_card = None;
     if let Some(dir) = &args.policy_dir {
-        if let Err(e) = tollgate_schemas::policy::Policy::load_dir(dir) {
-            tracing::error!("policy in {} is invalid:\n{e}", dir.display());
-            return ExitCode::from(tollgate_runtime::exit::CONFIG);
+        match tollgate_schemas::policy::Policy::load_dir(dir) {
+            Ok(policy) => price_card = policy.price_card,
+            Err(e) => {
+                tracing::error!("policy in {} is invalid:\n{e}", dir.display());
+                return ExitCode::from(tollgate_runtime::exit::CONFIG);
+            }
         }
+    }
+    if let Some(card) = &price_card {
+        sync_tiers_at_start(&args.ch.config(), card).await;
     }
     let (metrics, listener) = match tollgate_runtime::metrics_and_listener(&args.listen).await {
         Ok(started) => started,
@@ -106,4 +118,134 @@ async fn run(args: RunArgs) -> ExitCode {
     config.metrics = Some(metrics);
     let shutdown = tollgate_runtime::shutdown_on_signal();
     tollgate_runtime::exit_code("meter", tollgate_meter::run(config, listener, shutdown).await)
+}
+
+/// Writes the price card's model tiers for the frontier-share report. Needs migration 0003, so
+/// migrations are applied first (`run` finds them current); a failure is logged, and `run`
+/// then reports the unreachable ClickHouse itself.
+async fn sync_tiers_at_start(cfg: &ClickHouseConfig, card: &tollgate_schemas::policy::PriceCard) {
+    if let Err(e) = tollgate_meter::migrate::apply(&cfg.server_client(), &cfg.database).await {
+        tracing::warn!(error = format!("{e:#}"), "model tiers not synced: migrations failed");
+        return;
+    }
+    match Reporter::new(cfg) {
+        Ok(r) => match r.sync_model_tiers(card).await {
+            Ok(n) => tracing::info!(models = n, version = %card.version, "model tiers synced"),
+            Err(e) => tracing::warn!(error = %e, "model tiers not synced"),
+        },
+        Err(e) => tracing::warn!(error = %e, "model tiers not synced"),
+    }
+}
+
+#[derive(Args, Debug)]
+struct ReportArgs {
+    #[command(subcommand)]
+    kind: Option<ReportKind>,
+    #[command(flatten)]
+    ch: ChArgs,
+    /// Chargeback grouping; repeat for several (`--by team --by model`); default project.
+    #[arg(long = "by", value_enum)]
+    by: Vec<Dimension>,
+    /// A calendar month, UTC (`2026-04`).
+    #[arg(long, global = true, conflicts_with_all = ["from", "to"])]
+    month: Option<String>,
+    /// Start of the period, inclusive: a date (`2026-04-01`, UTC midnight) or a UTC datetime.
+    #[arg(long, global = true)]
+    from: Option<String>,
+    /// End of the period, exclusive.
+    #[arg(long, global = true)]
+    to: Option<String>,
+    #[arg(long, global = true, value_enum, default_value_t = Format::Table)]
+    format: Format,
+    /// Policy directory whose price card's model tiers are written to ClickHouse first.
+    #[arg(long, global = true, env = "TOLLGATE_POLICY_DIR")]
+    policy_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug, Clone, Copy)]
+enum ReportKind {
+    /// Share of each workflow's cost on frontier models (price card `tier: frontier`).
+    FrontierShare {
+        /// Flag workflows whose frontier share is above this.
+        #[arg(long, default_value_t = report::DEFAULT_FRONTIER_SHARE)]
+        threshold: f64,
+    },
+    /// Average prompt tokens (input + cache reads + cache writes) per successful request, per workflow.
+    ContextStuffing {
+        /// Flag workflows whose average is above this many tokens.
+        #[arg(long, default_value_t = report::DEFAULT_STUFFING_TOKENS)]
+        threshold: u64,
+    },
+    /// Session-hours whose tokens exceed k times the p95 session-hour of their workflow.
+    Loops {
+        #[arg(long, default_value_t = report::DEFAULT_LOOP_K)]
+        k: f64,
+    },
+    /// Provider tokens per reference (tiktoken) token, per model version, against the previous version.
+    Drift {
+        /// Flag a version whose ratio is this much above the previous version's (0.10 = 10%).
+        #[arg(long, default_value_t = report::DEFAULT_DRIFT)]
+        threshold: f64,
+    },
+    /// Spend without a project, team or cost centre.
+    Untagged,
+}
+
+async fn report(args: ReportArgs) -> ExitCode {
+    match build_report(&args).await.and_then(|out| out.render(args.format).map_err(anyhow::Error::from)) {
+        Ok(text) => {
+            use std::io::Write as _;
+            let mut stdout = std::io::stdout().lock();
+            if stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()).is_err() {
+                return ExitCode::FAILURE;
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "report failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn build_report(args: &ReportArgs) -> anyhow::Result<Output> {
+    let period = match &args.month {
+        Some(m) => Period::month(m)?,
+        None => Period::between(args.from.as_deref(), args.to.as_deref())?,
+    };
+    let reporter = Reporter::new(&args.ch.config())?;
+    if let Some(dir) = &args.policy_dir {
+        let policy = tollgate_schemas::policy::Policy::load_dir(dir)
+            .map_err(|e| anyhow::anyhow!("policy in {} is invalid:\n{e}", dir.display()))?;
+        if let Some(card) = &policy.price_card {
+            reporter.sync_model_tiers(card).await?;
+        }
+    }
+    if args.kind.is_some() && !args.by.is_empty() {
+        anyhow::bail!("--by groups chargeback; it does not apply to the failure-mode reports");
+    }
+    Ok(match args.kind {
+        None => {
+            let dims = if args.by.is_empty() { vec![Dimension::Project] } else { args.by.clone() };
+            Output::chargeback(&dims, period, &reporter.chargeback(&dims, &period).await?)
+        }
+        Some(ReportKind::FrontierShare { threshold }) => {
+            if reporter.frontier_models().await? == 0 {
+                tracing::warn!(
+                    "no model is marked frontier in ClickHouse: pass --policy-dir, or run the meter with a price card that sets `tier: frontier`"
+                );
+            }
+            Output::frontier_share(period, threshold, &reporter.frontier_share(&period).await?)
+        }
+        Some(ReportKind::ContextStuffing { threshold }) => {
+            Output::context_stuffing(period, threshold, &reporter.context_stuffing(&period).await?)
+        }
+        Some(ReportKind::Loops { k }) => Output::loops(period, k, &reporter.loops(&period, k).await?),
+        Some(ReportKind::Drift { threshold }) => {
+            Output::drift(period, threshold, &reporter.drift(&period, threshold).await?)
+        }
+        Some(ReportKind::Untagged) => {
+            Output::untagged(period, reporter.total_cost(&period).await?, &reporter.untagged(&period).await?)
+        }
+    })
 }

@@ -65,12 +65,38 @@ fn de_opt_price<'de, D: Deserializer<'de>>(d: D) -> Result<Option<NanosPerMTok>,
     de_price(d).map(Some)
 }
 
+/// How capable, and how dear, a model is; the frontier-share report counts `frontier` spend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelTier {
+    /// The flagship models (Opus): worth their price only on hard tasks.
+    Frontier,
+    /// The balanced middle (Sonnet); what a model without a tier is.
+    #[default]
+    Standard,
+    /// Small, cheap models for routine work (Haiku, mini, flash).
+    Economy,
+}
+
+impl ModelTier {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelTier::Frontier => "frontier",
+            ModelTier::Standard => "standard",
+            ModelTier::Economy => "economy",
+        }
+    }
+}
+
 /// One row of the price card: what a concrete model costs.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelPrice {
     pub provider: String,
     pub model: String,
+    /// `frontier`, `standard` (the default) or `economy`.
+    #[serde(default)]
+    pub tier: ModelTier,
     #[serde(deserialize_with = "de_price")]
     pub input_usd_per_mtok: NanosPerMTok,
     #[serde(deserialize_with = "de_price")]
@@ -137,10 +163,29 @@ mod tests {
     }
 
     #[test]
+    fn tier_defaults_to_standard_and_rejects_unknown_names() {
+        let p: ModelPrice = serde_yaml_ng::from_str(
+            "{provider: anthropic, model: claude-opus-4-7, tier: frontier, input_usd_per_mtok: 5, output_usd_per_mtok: 25}",
+        )
+        .unwrap();
+        assert_eq!(p.tier, ModelTier::Frontier);
+        let p: ModelPrice = serde_yaml_ng::from_str(
+            "{provider: openai, model: gpt-4o, input_usd_per_mtok: 2.5, output_usd_per_mtok: 10}",
+        )
+        .unwrap();
+        assert_eq!(p.tier, ModelTier::Standard);
+        let bad = serde_yaml_ng::from_str::<ModelPrice>(
+            "{provider: a, model: b, tier: premium, input_usd_per_mtok: 1, output_usd_per_mtok: 1}",
+        );
+        assert!(bad.unwrap_err().to_string().contains("premium"));
+    }
+
+    #[test]
     fn cost_of_a_haiku_request() {
         let price = ModelPrice {
             provider: "anthropic".into(),
             model: "claude-haiku-4-5".into(),
+            tier: ModelTier::Economy,
             input_usd_per_mtok: NanosPerMTok::parse_usd("1.00").unwrap(),
             output_usd_per_mtok: NanosPerMTok::parse_usd("5.00").unwrap(),
             cached_read_usd_per_mtok: Some(NanosPerMTok::parse_usd("0.10").unwrap()),

@@ -7,6 +7,23 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
+/// What migration 0003 creates: the model-tier table and the chargeback and failure-mode views.
+const CHARGEBACK_OBJECTS: &[&str] = &[
+    "model_tiers",
+    "frontier_models",
+    "chargeback_by_project",
+    "chargeback_by_team",
+    "chargeback_by_cost_center",
+    "chargeback_by_user",
+    "chargeback_by_workflow",
+    "chargeback_by_model",
+    "frontier_share_by_workflow",
+    "context_stuffing_by_workflow",
+    "loop_session_hours",
+    "tokenizer_drift",
+    "untagged_spend",
+];
+
 #[tokio::test]
 async fn migrations_apply_once_on_the_local_server() {
     let db = common::unique("tollgate_mig");
@@ -32,7 +49,10 @@ async fn migrations_apply_once_on_the_local_server() {
     ))
     .await;
     let tables: Vec<&str> = tables.lines().collect();
-    for t in ["meter_checkpoints", "schema_migrations", "session_hours", "usage_events", "usage_windows"] {
+    for t in ["meter_checkpoints", "schema_migrations", "session_hours", "usage_events", "usage_windows"]
+        .into_iter()
+        .chain(CHARGEBACK_OBJECTS.iter().copied())
+    {
         assert!(tables.contains(&t), "{t} missing from {tables:?}");
     }
     common::ch(&format!("DROP DATABASE {db}")).await;
@@ -58,7 +78,10 @@ fn migrations_run_on_current_clickhouse() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "current ClickHouse (chdb) refused a migration:\n{stdout}\n{stderr}");
     assert!(stdout.starts_with("clickhouse \"2"), "{stdout}");
-    for t in ["meter_checkpoints", "schema_migrations", "session_hours", "usage_events", "usage_windows"] {
+    for t in ["meter_checkpoints", "schema_migrations", "session_hours", "usage_events", "usage_windows"]
+        .into_iter()
+        .chain(CHARGEBACK_OBJECTS.iter().copied())
+    {
         assert!(stdout.contains(&format!("\"{t}\"\n")), "{t} missing on current ClickHouse: {stdout}");
     }
     assert!(stdout.contains("\n43\n"), "usage_events has its 43 columns on current ClickHouse: {stdout}");
