@@ -63,6 +63,9 @@ struct RunArgs {
     kafka_brokers: String,
     #[arg(long, default_value = tollgate_schemas::topics::USAGE)]
     usage_topic: String,
+    /// Topic that takes usage events the meter cannot decode.
+    #[arg(long, default_value = tollgate_schemas::topics::USAGE_DEAD_LETTERS)]
+    dead_letter_topic: String,
     #[arg(long, default_value = "tollgate-meter")]
     group_id: String,
     /// Address for /healthz and /metrics.
@@ -113,6 +116,7 @@ async fn run(args: RunArgs) -> ExitCode {
     let mut config = Config::new(args.kafka_brokers, args.ch.config());
     config.usage_topic = args.usage_topic;
     config.group_id = args.group_id;
+    config.dead_letter_topic = args.dead_letter_topic;
     config.batch_max_rows = args.batch_max_rows;
     config.batch_max_wait = std::time::Duration::from_millis(args.batch_max_wait_ms);
     config.metrics = Some(metrics);
