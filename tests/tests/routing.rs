@@ -150,6 +150,7 @@ async fn a_90_10_virtual_model_splits_10000_requests_within_2_percent() {
     assert_eq!(counts.iter().map(|c| c.1).sum::<u64>(), N, "{counts:?}");
     let heavy = counts.iter().find(|c| c.0 == "heavy").map_or(0, |c| c.1);
     let share = heavy as f64 / N as f64;
+    eprintln!("90/10 split over {N} requests: {counts:?}, primary share {share:.4}");
     assert!((0.88..=0.92).contains(&share), "heavy took {share:.4} of traffic, want 0.90 ± 0.02 ({counts:?})");
     s.stop().await;
 }
