@@ -11,10 +11,12 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tollgate_schemas::usage::{ApiFormat, Envelope, Status, TokenSource, UsageEvent};
 use tollgate_tests::mock::{self, MockOptions};
 
 pub fn kafka_brokers() -> String {
@@ -301,4 +303,135 @@ pub fn binary(package: &str, bin: &str) -> PathBuf {
     let path = profile_dir.join(bin);
     assert!(path.is_file(), "{} missing after cargo build", path.display());
     path
+}
+
+/// Usage event `i` of the meter tests, ended at `ended_us`: three projects, two teams, two
+/// workflows, two models, 500 sessions, one provider error in 17, tokens varying with `i`.
+pub fn usage_event(i: u64, ended_us: i64) -> UsageEvent {
+    let tokens = 100 + (i * 7919 % 5000) as i64;
+    UsageEvent {
+        event_id: format!("00000000-0000-7000-8000-{i:012}"),
+        started_at_us: ended_us - 400_000,
+        first_token_at_us: None,
+        ended_at_us: ended_us,
+        envelope: Envelope {
+            project: Some(["search", "support", "intern-sandbox"][(i % 3) as usize].into()),
+            team: Some(["data", "platform"][(i % 2) as usize].into()),
+            session_id: Some(format!("sess-{}", i % 500)),
+            workflow_tag: Some(["classify", "summarize"][(i % 2) as usize].into()),
+            ..Default::default()
+        },
+        api_key_id: None,
+        api_format: ApiFormat::OpenAi,
+        virtual_model: "vm".into(),
+        provider: "anthropic".into(),
+        model: ["claude-haiku-4-5", "claude-opus-4-7"][(i % 4 == 0) as usize].into(),
+        model_version: None,
+        attempt: 1,
+        fallback_path: vec![],
+        status: if i % 17 == 0 { Status::ProviderError } else { Status::Ok },
+        http_status: 200,
+        error: None,
+        streamed: i % 2 == 0,
+        input_tokens: tokens,
+        output_tokens: tokens / 5,
+        cached_input_tokens: tokens / 10,
+        cache_write_tokens: 0,
+        reasoning_tokens: 0,
+        reference_input_tokens: Some(tokens),
+        input_chars: tokens * 4,
+        token_source: TokenSource::Provider,
+        cost_nanos: tokens * 1000 + (tokens / 5) * 5000,
+        price_card_version: "v".into(),
+        decision: None,
+    }
+}
+
+/// `n` usage events from 2026-10-20 00:00 UTC, one every 13 s: about 30 days per 200,000,
+/// across a month end.
+pub fn usage_events(n: u64) -> Vec<UsageEvent> {
+    let base_us: i64 = 1_792_454_400 * 1_000_000;
+    (0..n).map(|i| usage_event(i, base_us + (i as i64) * 13_000_000)).collect()
+}
+
+/// An idempotent producer to the shared broker that acks only once every replica has a record.
+pub fn usage_producer() -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "20")
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()
+        .unwrap()
+}
+
+/// Produces `events` to `topic` as Avro, keyed by session (as the ingress does), and waits for
+/// every acknowledgement.
+pub async fn produce_usage(topic: &str, events: &[UsageEvent]) {
+    let producer = usage_producer();
+    let codec = UsageEvent::codec().unwrap();
+    for chunk in events.chunks(20_000) {
+        let mut pending = Vec::with_capacity(chunk.len());
+        for ev in chunk {
+            let payload = codec.encode(ev).unwrap();
+            let key = ev.envelope.session_id.clone().unwrap();
+            let record = FutureRecord::to(topic).key(&key).payload(&payload);
+            pending.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
+        }
+        for d in pending {
+            d.await.unwrap().map_err(|(e, _)| e).unwrap();
+        }
+    }
+}
+
+/// Events of a partition the meter has finished with (raw rows, windows and checkpoint in
+/// ClickHouse), summed over partitions: the next offset each checkpoint names.
+pub async fn checkpointed(db: &str) -> u64 {
+    ch(&format!(
+        "SELECT sum(o) FROM (SELECT max(next_offset) AS o FROM {db}.meter_checkpoints GROUP BY kafka_partition)"
+    ))
+    .await
+    .trim()
+    .parse()
+    .unwrap_or(0)
+}
+
+const WINDOW_GROUPS: &str = "project, team, user_id, cost_center, workflow_tag, environment, api_key_id, virtual_model, provider, model, model_version";
+
+/// Asserts that every rollup window of `db` (minute, hour, day, month), summed over partitions,
+/// equals the sums of its raw events, and that the session hours add up to the raw events.
+pub async fn assert_windows_match_raw(db: &str) {
+    for (granularity, start) in [
+        ("minute", "toStartOfMinute(ended_at)"),
+        ("hour", "toStartOfHour(ended_at)"),
+        ("day", "toStartOfDay(ended_at)"),
+        ("month", "toDateTime(toStartOfMonth(ended_at))"),
+    ] {
+        let from_windows = ch(&format!(
+            "SELECT window_start, {WINDOW_GROUPS}, sum(requests), sum(errors), sum(input_tokens), sum(output_tokens), \
+             sum(cached_input_tokens), sum(cost_nanos), sum(latency_us_sum) FROM {db}.usage_windows FINAL \
+             WHERE granularity = '{granularity}' GROUP BY window_start, {WINDOW_GROUPS} ORDER BY window_start, {WINDOW_GROUPS} FORMAT TabSeparated"
+        ))
+        .await;
+        let from_raw = ch(&format!(
+            "SELECT {start} AS w, {WINDOW_GROUPS}, count(), sum(status != 'ok'), sum(input_tokens), sum(output_tokens), \
+             sum(cached_input_tokens), sum(cost_nanos), sum(ended_at_us - started_at_us) FROM {db}.usage_events FINAL \
+             GROUP BY w, {WINDOW_GROUPS} ORDER BY w, {WINDOW_GROUPS} FORMAT TabSeparated"
+        ))
+        .await;
+        assert!(!from_raw.is_empty());
+        assert_eq!(from_windows.lines().count(), from_raw.lines().count(), "{granularity}: number of windows");
+        assert!(from_windows == from_raw, "{granularity} windows differ from the sums of their raw events");
+    }
+    let sessions = ch(&format!(
+        "SELECT sum(requests), sum(input_tokens), sum(cost_nanos) FROM {db}.session_hours FINAL FORMAT TabSeparated"
+    ))
+    .await;
+    let raw = ch(&format!(
+        "SELECT count(), sum(input_tokens), sum(cost_nanos) FROM {db}.usage_events FINAL FORMAT TabSeparated"
+    ))
+    .await;
+    assert_eq!(sessions, raw, "session hours add up to the raw events");
 }
