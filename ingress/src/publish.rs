@@ -517,40 +517,16 @@ impl DropLog {
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
-    use tollgate_schemas::usage::{ApiFormat, Envelope, Status, TokenSource};
-
     use super::*;
 
     fn event(i: u64) -> UsageEvent {
         UsageEvent {
-            event_id: format!("ev-{i}"),
             started_at_us: 1,
-            first_token_at_us: None,
-            ended_at_us: 2,
-            envelope: Envelope { session_id: Some(format!("s-{i}")), ..Envelope::default() },
-            api_key_id: None,
-            api_format: ApiFormat::OpenAi,
-            virtual_model: "vm".into(),
-            provider: "p".into(),
-            model: "m".into(),
-            model_version: None,
-            attempt: 1,
-            fallback_path: vec![],
-            status: Status::Ok,
-            http_status: 200,
-            error: None,
-            streamed: false,
             input_tokens: 10,
             output_tokens: 5,
-            cached_input_tokens: 0,
-            cache_write_tokens: 0,
-            reasoning_tokens: 0,
-            reference_input_tokens: None,
             input_chars: 40,
-            token_source: TokenSource::Provider,
             cost_nanos: 1234,
-            price_card_version: "v".into(),
-            decision: None,
+            ..UsageEvent::example(format!("ev-{i}"), Some(format!("s-{i}")), 2)
         }
     }
 

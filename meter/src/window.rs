@@ -461,42 +461,21 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use proptest::prelude::*;
-    use tollgate_schemas::usage::{ApiFormat, Envelope, Status, TokenSource, UsageEvent};
+    use tollgate_schemas::usage::{Envelope, Status, UsageEvent};
 
     fn row(partition: i32, offset: i64, ended_at: u32, project: &str, tokens: i64) -> UsageRow {
         let ev = UsageEvent {
-            event_id: format!("{partition}-{offset}"),
             started_at_us: i64::from(ended_at) * 1_000_000 - 250,
-            first_token_at_us: None,
-            ended_at_us: i64::from(ended_at) * 1_000_000,
             envelope: Envelope {
                 project: Some(project.into()),
                 session_id: Some(format!("s{}", offset % 3)),
                 ..Default::default()
             },
-            api_key_id: None,
-            api_format: ApiFormat::OpenAi,
-            virtual_model: "vm".into(),
-            provider: "p".into(),
-            model: "m".into(),
-            model_version: None,
-            attempt: 1,
-            fallback_path: vec![],
             status: if offset % 5 == 0 { Status::ProviderError } else { Status::Ok },
-            http_status: 200,
-            error: None,
-            streamed: false,
             input_tokens: tokens,
             output_tokens: tokens / 2,
-            cached_input_tokens: 0,
-            cache_write_tokens: 0,
-            reasoning_tokens: 0,
-            reference_input_tokens: None,
-            input_chars: 0,
-            token_source: TokenSource::Provider,
             cost_nanos: tokens * 1000,
-            price_card_version: "v".into(),
-            decision: None,
+            ..UsageEvent::example(format!("{partition}-{offset}"), None, i64::from(ended_at) * 1_000_000)
         };
         UsageRow::new(ev, "t", partition, offset)
     }

@@ -122,6 +122,44 @@ impl UsageEvent {
     }
 }
 
+#[cfg(any(test, feature = "fixtures"))]
+impl UsageEvent {
+    /// A successful, unpriced-looking request for tests: everything zero or empty but the ids
+    /// and the end time. Override what a test cares about with struct update syntax.
+    pub fn example(event_id: String, session_id: Option<String>, ended_at_us: i64) -> Self {
+        UsageEvent {
+            event_id,
+            started_at_us: ended_at_us,
+            first_token_at_us: None,
+            ended_at_us,
+            envelope: Envelope { session_id, ..Envelope::default() },
+            api_key_id: None,
+            api_format: ApiFormat::OpenAi,
+            virtual_model: "vm".into(),
+            provider: "p".into(),
+            model: "m".into(),
+            model_version: None,
+            attempt: 1,
+            fallback_path: vec![],
+            status: Status::Ok,
+            http_status: 200,
+            error: None,
+            streamed: false,
+            input_tokens: 0,
+            output_tokens: 0,
+            cached_input_tokens: 0,
+            cache_write_tokens: 0,
+            reasoning_tokens: 0,
+            reference_input_tokens: None,
+            input_chars: 0,
+            token_source: TokenSource::Provider,
+            cost_nanos: 0,
+            price_card_version: "v".into(),
+            decision: None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]

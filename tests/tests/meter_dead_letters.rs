@@ -10,42 +10,21 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Headers;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message};
-use tollgate_schemas::usage::{ApiFormat, Envelope, Status, TokenSource, UsageEvent};
+use tollgate_schemas::usage::{ApiFormat, Envelope, UsageEvent};
 
 fn event(i: i64) -> UsageEvent {
     UsageEvent {
-        event_id: format!("00000000-0000-7000-8000-{i:012}"),
         started_at_us: 1_795_924_958_000_000 + i,
-        first_token_at_us: None,
-        ended_at_us: 1_795_924_958_000_000 + i * 1000,
         envelope: Envelope {
             project: Some("dlq".into()),
             session_id: Some(format!("s{}", i % 4)),
             ..Default::default()
         },
-        api_key_id: None,
         api_format: ApiFormat::Anthropic,
-        virtual_model: "vm".into(),
-        provider: "p".into(),
-        model: "m".into(),
-        model_version: None,
-        attempt: 1,
-        fallback_path: vec![],
-        status: Status::Ok,
-        http_status: 200,
-        error: None,
-        streamed: false,
         input_tokens: 10 + i,
         output_tokens: 1,
-        cached_input_tokens: 0,
-        cache_write_tokens: 0,
-        reasoning_tokens: 0,
-        reference_input_tokens: None,
-        input_chars: 0,
-        token_source: TokenSource::Provider,
         cost_nanos: 1000 * (10 + i),
-        price_card_version: "v".into(),
-        decision: None,
+        ..UsageEvent::example(format!("00000000-0000-7000-8000-{i:012}"), None, 1_795_924_958_000_000 + i * 1000)
     }
 }
 

@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tollgate_schemas::usage::{ApiFormat, Envelope, Status, TokenSource, UsageEvent};
+use tollgate_schemas::usage::{Envelope, Status, UsageEvent};
 use tollgate_tests::mock::{self, MockOptions};
 
 pub fn kafka_brokers() -> String {
@@ -310,10 +310,7 @@ pub fn binary(package: &str, bin: &str) -> PathBuf {
 pub fn usage_event(i: u64, ended_us: i64) -> UsageEvent {
     let tokens = 100 + (i * 7919 % 5000) as i64;
     UsageEvent {
-        event_id: format!("00000000-0000-7000-8000-{i:012}"),
         started_at_us: ended_us - 400_000,
-        first_token_at_us: None,
-        ended_at_us: ended_us,
         envelope: Envelope {
             project: Some(["search", "support", "intern-sandbox"][(i % 3) as usize].into()),
             team: Some(["data", "platform"][(i % 2) as usize].into()),
@@ -321,29 +318,17 @@ pub fn usage_event(i: u64, ended_us: i64) -> UsageEvent {
             workflow_tag: Some(["classify", "summarize"][(i % 2) as usize].into()),
             ..Default::default()
         },
-        api_key_id: None,
-        api_format: ApiFormat::OpenAi,
-        virtual_model: "vm".into(),
         provider: "anthropic".into(),
         model: ["claude-haiku-4-5", "claude-opus-4-7"][(i % 4 == 0) as usize].into(),
-        model_version: None,
-        attempt: 1,
-        fallback_path: vec![],
         status: if i % 17 == 0 { Status::ProviderError } else { Status::Ok },
-        http_status: 200,
-        error: None,
         streamed: i % 2 == 0,
         input_tokens: tokens,
         output_tokens: tokens / 5,
         cached_input_tokens: tokens / 10,
-        cache_write_tokens: 0,
-        reasoning_tokens: 0,
         reference_input_tokens: Some(tokens),
         input_chars: tokens * 4,
-        token_source: TokenSource::Provider,
         cost_nanos: tokens * 1000 + (tokens / 5) * 5000,
-        price_card_version: "v".into(),
-        decision: None,
+        ..UsageEvent::example(format!("00000000-0000-7000-8000-{i:012}"), None, ended_us)
     }
 }
 
