@@ -538,23 +538,26 @@ mod tests {
             let mut cut_iter = cuts.iter().cycle();
             while pos < events.len() {
                 let n = (*cut_iter.next().unwrap()).min(events.len() - pos);
-                let batch = &events[pos..pos + n];
-                if batches == crash_after {
-                    // Crash: memory is lost; the meter replays from `rewind` events back and
-                    // reads what ClickHouse holds for the windows it touches.
+                // A crash loses memory; the meter replays from `rewind` events back.
+                let slice = if batches == crash_after {
                     mem = Windows::default();
-                    let from = pos.saturating_sub(rewind);
-                    let replay = &events[from..pos + n];
-                    let missing = mem.missing(replay);
-                    let ch = final_rows(&written);
-                    let wanted: Vec<WindowRow> = ch.into_iter().filter(|w| {
-                        missing.windows.iter().any(|(g, s, p)| g.as_str() == w.granularity && *s == w.window_start && *p == w.kafka_partition)
-                    }).collect();
-                    mem.load(wanted, vec![]);
-                    mem.apply(replay);
+                    &events[pos.saturating_sub(rewind)..pos + n]
                 } else {
-                    mem.apply(batch);
-                }
+                    &events[pos..pos + n]
+                };
+                // As `flush` does for every batch: read what ClickHouse holds of the windows
+                // memory lacks, then apply.
+                let missing = mem.missing(slice);
+                let wanted: Vec<WindowRow> = final_rows(&written)
+                    .into_iter()
+                    .filter(|w| {
+                        missing.windows.iter().any(|(g, s, p)| {
+                            g.as_str() == w.granularity && *s == w.window_start && *p == w.kafka_partition
+                        })
+                    })
+                    .collect();
+                mem.load(wanted, vec![]);
+                mem.apply(slice);
                 written.extend(mem.dirty().0);
                 mem.written();
                 pos += n;
