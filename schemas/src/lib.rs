@@ -1,8 +1,10 @@
 //! Types that cross Tollgate's process boundaries: usage events, policy documents, the price card.
 
 pub mod avro;
+pub mod decision;
 pub mod policy;
 pub mod price;
+pub mod rules;
 pub mod usage;
 
 /// Kafka topic names fixed by the contract (DESIGN.md, "Contracts").

@@ -319,6 +319,16 @@ pub struct Limit {
     pub scope: Option<String>,
 }
 
+/// Whether a rule acts or only records what it would have done.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Enforce,
+    /// Decisions are published and recorded on usage events, but requests pass.
+    Audit,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimitRule {
@@ -326,7 +336,17 @@ pub struct RateLimitRule {
     #[serde(default)]
     pub when: When,
     pub limit: Limit,
+    /// hard_block, queue_then_429, fallback_to_<model>, fallback_to_cheaper.
     pub on_breach: String,
+    /// Tollgate: `audit` records without acting.
+    #[serde(default)]
+    pub mode: Mode,
+    /// Tollgate: end the scope's in-flight streams when the rule is breached.
+    #[serde(default)]
+    pub cut_streams: bool,
+    /// Tollgate: for `queue_then_429`, how long a request waits for headroom (default 5000).
+    #[serde(default)]
+    pub queue_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -364,6 +384,219 @@ pub struct Budget {
     #[serde(default)]
     pub alerts: Vec<BudgetAlert>,
     pub on_exceed: String,
+    /// Tollgate: IANA time zone of the calendar window (default UTC).
+    #[serde(default)]
+    pub timezone: Option<String>,
+    #[serde(default)]
+    pub mode: Mode,
+    #[serde(default)]
+    pub cut_streams: bool,
+    #[serde(default)]
+    pub queue_timeout_ms: Option<u64>,
+}
+
+/// `tollgate-alert-channels`: where `notify:` names deliver.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AlertChannelsDoc {
+    #[serde(rename = "type")]
+    _type: String,
+    channels: Vec<AlertChannel>,
+}
+
+/// One notify target: `slack:…` (Slack incoming webhook), `pagerduty:…` (Events API v2) or
+/// `webhook:…` (the alert as JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertChannel {
+    /// As written in `notify:`, e.g. `slack:#ai-budget-alerts`.
+    pub name: String,
+    /// The URL to POST to; or give `url_env`.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Environment variable holding the URL (webhook URLs are secrets).
+    #[serde(default)]
+    pub url_env: Option<String>,
+    /// PagerDuty: environment variable holding the integration's routing key.
+    #[serde(default)]
+    pub routing_key_env: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelKind {
+    Slack,
+    PagerDuty,
+    Webhook,
+}
+
+impl AlertChannel {
+    pub fn kind(&self) -> Option<ChannelKind> {
+        match self.name.split_once(':')?.0 {
+            "slack" => Some(ChannelKind::Slack),
+            "pagerduty" => Some(ChannelKind::PagerDuty),
+            "webhook" => Some(ChannelKind::Webhook),
+            _ => None,
+        }
+    }
+
+    /// The URL, from `url` or the `url_env` variable.
+    pub fn resolve_url(&self) -> Option<String> {
+        self.url.clone().or_else(|| self.url_env.as_ref().and_then(|v| std::env::var(v).ok()))
+    }
+}
+
+/// `tollgate-anomaly-guards`: detectors for the reference's failure modes.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GuardsDoc {
+    #[serde(rename = "type")]
+    _type: String,
+    guards: Vec<Guard>,
+}
+
+/// One anomaly guard. Every kind takes `id`, `notify` (channels to alert), `mode`, and — loop
+/// and context-stuffing guards only — `on_breach`, what the ingress does while the guard fires
+/// (without it the guard only alerts).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Guard {
+    Loop(LoopGuard),
+    ContextStuffing(ContextStuffingGuard),
+    TokenizerDrift(TokenizerDriftGuard),
+    FrontierCostShare(FrontierCostShareGuard),
+}
+
+/// A session whose tokens in the current hour exceed `multiplier` × the p`percentile` of its
+/// workflow's session-hours over the last `baseline_days`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoopGuard {
+    pub id: String,
+    #[serde(default)]
+    pub notify: Vec<String>,
+    #[serde(default)]
+    pub on_breach: Option<String>,
+    #[serde(default)]
+    pub mode: Mode,
+    #[serde(default = "default_multiplier")]
+    pub multiplier: u32,
+    #[serde(default = "default_percentile")]
+    pub percentile: u32,
+    #[serde(default = "default_baseline_days")]
+    pub baseline_days: u32,
+    /// Session-hours a workflow needs before its baseline is trusted.
+    #[serde(default = "default_min_samples")]
+    pub min_samples: u32,
+}
+
+/// A workflow whose average input tokens per request over `window` exceed the limit.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContextStuffingGuard {
+    pub id: String,
+    #[serde(default)]
+    pub notify: Vec<String>,
+    #[serde(default)]
+    pub on_breach: Option<String>,
+    #[serde(default)]
+    pub mode: Mode,
+    pub max_avg_input_tokens: u64,
+    #[serde(default = "default_hour")]
+    pub window: String,
+    #[serde(default = "default_min_samples")]
+    pub min_requests: u32,
+}
+
+/// A model version whose provider/reference input-token ratio is more than `max_increase_pct`
+/// above the previous version's of the same model.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizerDriftGuard {
+    pub id: String,
+    #[serde(default)]
+    pub notify: Vec<String>,
+    #[serde(default)]
+    pub mode: Mode,
+    #[serde(default = "default_drift_pct")]
+    pub max_increase_pct: u32,
+    #[serde(default = "default_min_samples")]
+    pub min_requests: u32,
+}
+
+/// A workflow whose frontier-tier share of cost over `window` exceeds `max_share_pct`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FrontierCostShareGuard {
+    pub id: String,
+    #[serde(default)]
+    pub notify: Vec<String>,
+    #[serde(default)]
+    pub mode: Mode,
+    pub max_share_pct: u32,
+    #[serde(default = "default_day")]
+    pub window: String,
+    /// Cost in USD below which a workflow is not judged (default 0).
+    #[serde(default, deserialize_with = "crate::price::de_usd_nanos")]
+    pub min_cost_usd: i64,
+}
+
+impl Guard {
+    pub fn id(&self) -> &str {
+        match self {
+            Guard::Loop(g) => &g.id,
+            Guard::ContextStuffing(g) => &g.id,
+            Guard::TokenizerDrift(g) => &g.id,
+            Guard::FrontierCostShare(g) => &g.id,
+        }
+    }
+
+    pub fn notify(&self) -> &[String] {
+        match self {
+            Guard::Loop(g) => &g.notify,
+            Guard::ContextStuffing(g) => &g.notify,
+            Guard::TokenizerDrift(g) => &g.notify,
+            Guard::FrontierCostShare(g) => &g.notify,
+        }
+    }
+
+    pub fn on_breach(&self) -> Option<&str> {
+        match self {
+            Guard::Loop(g) => g.on_breach.as_deref(),
+            Guard::ContextStuffing(g) => g.on_breach.as_deref(),
+            Guard::TokenizerDrift(_) | Guard::FrontierCostShare(_) => None,
+        }
+    }
+
+    pub fn mode(&self) -> Mode {
+        match self {
+            Guard::Loop(g) => g.mode,
+            Guard::ContextStuffing(g) => g.mode,
+            Guard::TokenizerDrift(g) => g.mode,
+            Guard::FrontierCostShare(g) => g.mode,
+        }
+    }
+}
+
+fn default_multiplier() -> u32 {
+    3
+}
+fn default_percentile() -> u32 {
+    95
+}
+fn default_baseline_days() -> u32 {
+    7
+}
+fn default_min_samples() -> u32 {
+    20
+}
+fn default_drift_pct() -> u32 {
+    10
+}
+fn default_hour() -> String {
+    "1h".into()
+}
+fn default_day() -> String {
+    "1d".into()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -387,6 +620,11 @@ pub struct Policy {
     /// API keys by SHA-256; `None` when the policy has no `tollgate-api-keys` document, in
     /// which case the gateway takes requests without a key.
     pub api_keys: Option<BTreeMap<String, ApiKey>>,
+    /// Notify targets by name.
+    pub alert_channels: BTreeMap<String, AlertChannel>,
+    pub guards: Vec<Guard>,
+    /// Rate limits, budgets and guards compiled for evaluation (see `rules`).
+    pub rules: Vec<crate::rules::Rule>,
 }
 
 impl Policy {
@@ -479,6 +717,11 @@ struct Builder {
     price_origin: Option<(PathBuf, usize)>,
     key_origin: BTreeMap<String, (PathBuf, usize)>,
     envelope_seen: bool,
+    /// Where each rate-limit config, budget config and guard document was defined, by index.
+    rate_origin: Vec<(PathBuf, usize)>,
+    budget_origin: Vec<(PathBuf, usize)>,
+    guard_origin: Vec<(PathBuf, usize)>,
+    channel_origin: BTreeMap<String, (PathBuf, usize)>,
 }
 
 impl Builder {
@@ -624,6 +867,7 @@ impl Builder {
                             self.err(file, line, format!("rules[{i}].limit.window"), m);
                         }
                     }
+                    self.rate_origin.push((file.to_path_buf(), line));
                     self.policy.rate_limits.push(c);
                 }
             }
@@ -634,7 +878,44 @@ impl Builder {
                             self.err(file, line, format!("budgets[{i}].window"), "expected daily, weekly or monthly");
                         }
                     }
+                    self.budget_origin.push((file.to_path_buf(), line));
                     self.policy.budgets.push(c);
+                }
+            }
+            "tollgate-alert-channels" => {
+                if let Some(d) = self.parse::<AlertChannelsDoc>(file, line, doc) {
+                    for (i, c) in d.channels.into_iter().enumerate() {
+                        let problem = if c.kind().is_none() {
+                            Some(("name", "a channel name starts with slack:, pagerduty: or webhook:".to_owned()))
+                        } else if c.url.is_some() == c.url_env.is_some() {
+                            Some(("url", "set exactly one of `url` and `url_env`".to_owned()))
+                        } else if c
+                            .url
+                            .as_deref()
+                            .is_some_and(|u| !u.starts_with("http://") && !u.starts_with("https://"))
+                        {
+                            Some(("url", "must start with http:// or https://".to_owned()))
+                        } else if self.policy.alert_channels.contains_key(&c.name) {
+                            Some(("name", format!("channel {:?} is defined twice", c.name)))
+                        } else {
+                            None
+                        };
+                        match problem {
+                            Some((field, msg)) => self.err(file, line, format!("channels[{i}].{field}"), msg),
+                            None => {
+                                self.channel_origin.insert(c.name.clone(), (file.to_path_buf(), line));
+                                self.policy.alert_channels.insert(c.name.clone(), c);
+                            }
+                        }
+                    }
+                }
+            }
+            "tollgate-anomaly-guards" => {
+                if let Some(d) = self.parse::<GuardsDoc>(file, line, doc) {
+                    for g in d.guards {
+                        self.guard_origin.push((file.to_path_buf(), line));
+                        self.policy.guards.push(g);
+                    }
                 }
             }
             other => self.err(file, line, "type", format!("unknown document type {other:?}")),
@@ -706,6 +987,7 @@ impl Builder {
         for (file, line, field, message) in problems {
             self.err(&file, line, field, message);
         }
+        self.compile_rules();
         if self.errors.is_empty() { Ok(self.policy) } else { Err(PolicyErrors(self.errors)) }
     }
 }
@@ -735,6 +1017,8 @@ pub fn parse_window_seconds(w: &str) -> Result<u64, String> {
     }
     Ok(n * mult)
 }
+
+mod compile;
 
 #[cfg(test)]
 mod tests;

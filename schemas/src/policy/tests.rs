@@ -102,3 +102,66 @@ fn fallback_statuses_default_to_429_and_5xx() {
     assert_eq!(vm.retries, Some(RetryConfig { attempts: 2, backoff_ms: 50 }));
     assert!(vm.falls_back_on(503) && !vm.falls_back_on(429));
 }
+
+#[test]
+fn the_reference_rules_compile_as_written() {
+    use crate::decision::{Measure, RuleKind};
+    use crate::rules::{Action, FallbackTarget, Field, Period, Scope, Window};
+    let p = Policy::load_dir(&demo_dir()).unwrap();
+    let rule = |id: &str| p.rules.iter().find(|r| r.id == id).unwrap_or_else(|| panic!("no rule {id}"));
+
+    let loop_guard = rule("per-session-loop-guard");
+    assert_eq!(loop_guard.scope, Scope::Field(Field::SessionId));
+    assert_eq!(loop_guard.matchers, vec![(Field::Environment, "production".to_owned())]);
+    assert_eq!((loop_guard.measure, loop_guard.limit), (Measure::Tokens, 200_000));
+    assert_eq!(loop_guard.window, Window::Sliding { seconds: 3600 });
+    assert_eq!(loop_guard.action, Action::HardBlock);
+
+    let burst = rule("per-user-burst");
+    assert_eq!(burst.subject_kind, Some(SubjectKind::User));
+    assert_eq!((burst.scope.clone(), burst.action.clone()), (Scope::Field(Field::UserId), Action::QueueThen429));
+    assert_eq!(burst.window, Window::Sliding { seconds: 86_400 });
+
+    let classify = rule("classify-intent-soft-cap");
+    assert_eq!((classify.measure, classify.limit, classify.scope.clone()), (Measure::Requests, 100_000, Scope::Global));
+    assert_eq!(
+        classify.action,
+        Action::FallbackTo(FallbackTarget::Concrete(Target {
+            provider: "anthropic".into(),
+            model: "claude-haiku-4-5".into()
+        }))
+    );
+
+    let search = rule("platform-search-monthly");
+    assert_eq!(search.kind, RuleKind::Budget);
+    assert_eq!(search.scope, Scope::Named("X-TFY-Project=platform-search".into()));
+    assert_eq!((search.measure, search.limit), (Measure::CostNanos, 4_000_000_000_000));
+    assert_eq!(search.window, Window::Calendar { period: Period::Monthly, timezone: "UTC".into() });
+    assert_eq!(search.action, Action::FallbackToCheaper);
+    assert_eq!(search.alerts.iter().map(|a| a.at_pct).collect::<Vec<_>>(), vec![80, 100]);
+    assert_eq!(rule("intern-sandbox-cap").action, Action::HardBlock);
+
+    let guard = rule("session-loop-guard");
+    assert_eq!((guard.kind, guard.scope.clone()), (RuleKind::Guard, Scope::Field(Field::SessionId)));
+    assert!(p.rules.iter().all(|r| r.id != "tokenizer-drift"), "alert-only guards are not request rules");
+    assert_eq!(p.guards.len(), 4);
+    assert_eq!(p.alert_channels.len(), 3);
+}
+
+#[test]
+fn rule_errors_name_the_field() {
+    let text = "type: gateway-rate-limit-config\nname: x\nrules:\n  - id: a\n    when: {metadata: {X-Nope: 1}, subjects: {kind: user}}\n    limit: {tokens: 5, window: 1h, scope: planet}\n    on_breach: explode\n  - id: a\n    limit: {requests: 5, window: 1h}\n    on_breach: fallback_to_unicorn\n---\ntype: gateway-budget-config\nname: b\nbudgets:\n  - id: b1\n    scope: {metadata: {X-TFY-Project: p}}\n    ceiling_usd: 10\n    window: monthly\n    timezone: Mars/Olympus\n    alerts: [{at_pct: 50, notify: [\"slack:#nowhere\"]}]\n    on_exceed: hard_block\n";
+    let err = Policy::from_sources([(Path::new("r.yaml"), text)]).unwrap_err().to_string();
+    for want in [
+        "r.yaml:1: rules[0].when.metadata.X-Nope: not an envelope header",
+        "r.yaml:1: rules[0].when.subjects: unknown key \"kind\"",
+        "r.yaml:1: rules[0].limit.scope: unknown scope \"planet\"",
+        "r.yaml:1: rules[0].on_breach: unknown action \"explode\"",
+        "r.yaml:1: rules[1].id: rule id \"a\" is used by another",
+        "r.yaml:1: rules[1].on_breach: fallback_to_unicorn: no virtual model",
+        "r.yaml:12: budgets[0].timezone: unknown time zone \"Mars/Olympus\"",
+        "r.yaml:12: budgets[0].alerts[0].notify[0]: no channel \"slack:#nowhere\"",
+    ] {
+        assert!(err.contains(want), "missing {want:?} in:\n{err}");
+    }
+}

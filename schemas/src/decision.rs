@@ -1,0 +1,250 @@
+//! Breach decisions and alerts: what the enforcer publishes, as `schemas/avro/breach_decision.avsc`
+//! and `schemas/avro/alert.avsc` define them.
+
+use apache_avro::AvroSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::avro::{AvroCodec, CodecError};
+
+pub const BREACH_DECISION_AVSC: &str = include_str!("../avro/breach_decision.avsc");
+pub const ALERT_AVSC: &str = include_str!("../avro/alert.avsc");
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, AvroSchema)]
+#[avro(namespace = "tollgate.v1")]
+pub enum RuleKind {
+    RateLimit,
+    Budget,
+    Guard,
+}
+
+impl RuleKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuleKind::RateLimit => "rate_limit",
+            RuleKind::Budget => "budget",
+            RuleKind::Guard => "guard",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, AvroSchema)]
+#[avro(namespace = "tollgate.v1")]
+pub enum DecisionState {
+    /// Over the limit: requests of the scope get the action.
+    Breached,
+    /// Under the limit but close: ingresses count what they admit against `headroom`.
+    Watch,
+    /// Nothing to do.
+    Clear,
+}
+
+impl DecisionState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DecisionState::Breached => "breached",
+            DecisionState::Watch => "watch",
+            DecisionState::Clear => "clear",
+        }
+    }
+}
+
+/// What a limit counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, AvroSchema)]
+#[avro(namespace = "tollgate.v1")]
+pub enum Measure {
+    /// Input plus output tokens.
+    Tokens,
+    /// Requests that reached a provider.
+    Requests,
+    /// Cost in nano-USD.
+    CostNanos,
+}
+
+impl Measure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Measure::Tokens => "tokens",
+            Measure::Requests => "requests",
+            Measure::CostNanos => "cost_nanos",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, AvroSchema)]
+#[avro(namespace = "tollgate.v1")]
+pub struct BreachDecision {
+    pub rule_id: String,
+    pub rule_kind: RuleKind,
+    pub scope: String,
+    pub state: DecisionState,
+    pub action: String,
+    pub audit: bool,
+    pub cut_streams: bool,
+    pub measure: Measure,
+    pub limit: i64,
+    pub observed: i64,
+    pub headroom: i64,
+    pub window_start_us: i64,
+    pub window_end_us: i64,
+    pub decided_at_us: i64,
+    pub version: i64,
+}
+
+impl BreachDecision {
+    pub fn codec() -> Result<AvroCodec, CodecError> {
+        AvroCodec::from_avsc(BREACH_DECISION_AVSC)
+    }
+
+    /// The Kafka key of the compacted topic: `rule_id/scope`.
+    pub fn key(&self) -> String {
+        decision_key(&self.rule_id, &self.scope)
+    }
+}
+
+/// `rule_id/scope`, the key of `tollgate.breaches.v1`.
+pub fn decision_key(rule_id: &str, scope: &str) -> String {
+    let mut k = String::with_capacity(rule_id.len() + 1 + scope.len());
+    k.push_str(rule_id);
+    k.push('/');
+    k.push_str(scope);
+    k
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, AvroSchema)]
+#[avro(namespace = "tollgate.v1")]
+pub enum AlertKind {
+    BudgetThreshold,
+    RateLimitBreach,
+    LoopGuard,
+    ContextStuffing,
+    TokenizerDrift,
+    FrontierCostShare,
+}
+
+impl AlertKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlertKind::BudgetThreshold => "budget_threshold",
+            AlertKind::RateLimitBreach => "rate_limit_breach",
+            AlertKind::LoopGuard => "loop_guard",
+            AlertKind::ContextStuffing => "context_stuffing",
+            AlertKind::TokenizerDrift => "tokenizer_drift",
+            AlertKind::FrontierCostShare => "frontier_cost_share",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, AvroSchema)]
+#[avro(namespace = "tollgate.v1")]
+pub enum Severity {
+    Info,
+    Warning,
+    Critical,
+}
+
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Info => "info",
+            Severity::Warning => "warning",
+            Severity::Critical => "critical",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, AvroSchema)]
+#[avro(namespace = "tollgate.v1")]
+pub struct Alert {
+    pub alert_id: String,
+    pub rule_id: String,
+    pub kind: AlertKind,
+    pub severity: Severity,
+    pub scope: String,
+    pub threshold_pct: i32,
+    pub measure: Measure,
+    pub limit: i64,
+    pub observed: i64,
+    pub window_start_us: i64,
+    pub window_end_us: i64,
+    pub raised_at_us: i64,
+    pub summary: String,
+    pub notify: Vec<String>,
+}
+
+impl Alert {
+    pub fn codec() -> Result<AvroCodec, CodecError> {
+        AvroCodec::from_avsc(ALERT_AVSC)
+    }
+
+    /// The id every copy of this alert carries: one per rule, scope, window and threshold.
+    pub fn id_for(rule_id: &str, scope: &str, window_start_us: i64, threshold_pct: i32) -> String {
+        format!("{rule_id}/{scope}/{window_start_us}/{threshold_pct}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn rust_types_match_avsc() {
+        assert_eq!(
+            BreachDecision::codec().unwrap().canonical_form(),
+            BreachDecision::get_schema().canonical_form(),
+            "schemas/avro/breach_decision.avsc and BreachDecision have drifted apart"
+        );
+        assert_eq!(
+            Alert::codec().unwrap().canonical_form(),
+            Alert::get_schema().canonical_form(),
+            "schemas/avro/alert.avsc and Alert have drifted apart"
+        );
+    }
+
+    fn measure() -> impl Strategy<Value = Measure> {
+        prop_oneof![Just(Measure::Tokens), Just(Measure::Requests), Just(Measure::CostNanos)]
+    }
+
+    prop_compose! {
+        fn decision()(
+            rule_id in "[a-z\\-]{1,20}", scope in "[a-zA-Z_:=\\-0-9]{0,30}",
+            rule_kind in prop_oneof![Just(RuleKind::RateLimit), Just(RuleKind::Budget), Just(RuleKind::Guard)],
+            state in prop_oneof![Just(DecisionState::Breached), Just(DecisionState::Watch), Just(DecisionState::Clear)],
+            action in "[a-z_]{1,24}", flags in any::<(bool, bool)>(), measure in measure(),
+            nums in proptest::array::uniform7(any::<i64>()),
+        ) -> BreachDecision {
+            BreachDecision {
+                rule_id, rule_kind, scope, state, action, audit: flags.0, cut_streams: flags.1, measure,
+                limit: nums[0], observed: nums[1], headroom: nums[2], window_start_us: nums[3],
+                window_end_us: nums[4], decided_at_us: nums[5], version: nums[6],
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn decisions_round_trip(d in decision()) {
+            let codec = BreachDecision::codec().unwrap();
+            let back: BreachDecision = codec.decode(&codec.encode(&d).unwrap()).unwrap();
+            prop_assert_eq!(back, d);
+        }
+
+        #[test]
+        fn alerts_round_trip(
+            d in decision(), pct in 0i32..1000, summary in ".{0,40}",
+            notify in proptest::collection::vec("[a-z]+:[#a-z\\-]+", 0..3),
+            kind in prop_oneof![Just(AlertKind::BudgetThreshold), Just(AlertKind::LoopGuard), Just(AlertKind::TokenizerDrift)],
+        ) {
+            let a = Alert {
+                alert_id: Alert::id_for(&d.rule_id, &d.scope, d.window_start_us, pct),
+                rule_id: d.rule_id, kind, severity: Severity::Warning, scope: d.scope, threshold_pct: pct,
+                measure: d.measure, limit: d.limit, observed: d.observed, window_start_us: d.window_start_us,
+                window_end_us: d.window_end_us, raised_at_us: d.decided_at_us, summary, notify,
+            };
+            let codec = Alert::codec().unwrap();
+            let back: Alert = codec.decode(&codec.encode(&a).unwrap()).unwrap();
+            prop_assert_eq!(back, a);
+        }
+    }
+}
