@@ -61,6 +61,8 @@ start_service meter "$METER_PORT" tollgate-meter run \
 start_service enforcer "$ENFORCER_PORT" tollgate-enforcer \
     --policy-dir "$POLICY_DIR" \
     --kafka-brokers "$KAFKA_BROKERS" \
+    --clickhouse-url "$CLICKHOUSE_URL" \
+    --database "$DATABASE" \
     --listen "$LOCALHOST:$ENFORCER_PORT"
 start_service ingress "$INGRESS_PORT" tollgate-ingress \
     --policy-dir "$POLICY_DIR" \

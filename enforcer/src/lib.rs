@@ -1,84 +1,205 @@
-//! Tollgate's enforcer: evaluates policy over the usage stream.
+//! Tollgate's enforcer: rate limits, budgets and anomaly guards evaluated over the usage stream.
 //!
-//! This first version loads and validates the policy, follows the usage topic in its consumer
-//! group and exports what it sees; rate limits, budgets and anomaly guards build on this loop.
+//! On start it reads back what it last published (the compacted breaches topic and the alerts
+//! topic), rebuilds the open windows from the usage ClickHouse holds up to the meter's
+//! checkpoints, and consumes the usage topic from exactly those offsets. Decisions go to
+//! `tollgate.breaches.v1` keyed `rule_id/scope`; alerts go to `tollgate.alerts.v1` and their
+//! notify channels.
 
+pub mod engine;
 pub mod metrics;
+pub mod notify;
+pub mod rebuild;
+pub mod topics;
+pub mod window;
 
+use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use metrics_exporter_prometheus::PrometheusHandle;
-use rdkafka::ClientConfig;
-use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use tokio::net::TcpListener;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tollgate_meter::ClickHouseConfig;
+use tollgate_schemas::avro::AvroCodec;
+use tollgate_schemas::decision::{Alert, BreachDecision};
 use tollgate_schemas::policy::Policy;
 use tollgate_schemas::usage::UsageEvent;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
+
+use engine::{Engine, Usage};
+use notify::Notifier;
 
 #[derive(Debug, Clone)]
 pub struct Config {
     pub policy_dir: PathBuf,
     pub brokers: String,
     pub usage_topic: String,
-    pub group_id: String,
+    pub breaches_topic: String,
+    pub alerts_topic: String,
+    pub clickhouse: ClickHouseConfig,
+    /// Scopes at or above this share of their limit are published as `Watch` with their headroom.
+    pub watch_pct: u32,
+    /// How long a batch of new usage may wait before it is evaluated.
+    pub evaluate_every: Duration,
     pub kafka_extra: Vec<(String, String)>,
     pub metrics: Option<PrometheusHandle>,
 }
 
 impl Config {
-    pub fn new(policy_dir: PathBuf, brokers: String) -> Self {
+    pub fn new(policy_dir: PathBuf, brokers: String, clickhouse: ClickHouseConfig) -> Self {
         Self {
             policy_dir,
             brokers,
             usage_topic: tollgate_schemas::topics::USAGE.into(),
-            group_id: "tollgate-enforcer".into(),
+            breaches_topic: tollgate_schemas::topics::BREACHES.into(),
+            alerts_topic: tollgate_schemas::topics::ALERTS.into(),
+            clickhouse,
+            watch_pct: 50,
+            evaluate_every: Duration::from_millis(10),
             kafka_extra: Vec::new(),
             metrics: None,
         }
     }
 }
 
-/// Loads the policy, then follows the usage topic until `shutdown`.
+fn now_us() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
+}
+
+/// Loads the policy, then enforces it until `shutdown`.
 pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     let policy = Policy::load_dir(&config.policy_dir)
         .map_err(|e| anyhow::anyhow!("policy in {} is invalid:\n{e}", config.policy_dir.display()))?;
     metrics::describe();
-    let rate_rules: usize = policy.rate_limits.iter().map(|c| c.rules.len()).sum();
-    let budgets: usize = policy.budgets.iter().map(|c| c.budgets.len()).sum();
-    metrics::rules("rate_limit", rate_rules);
-    metrics::rules("budget", budgets);
-
-    let mut cc = ClientConfig::new();
-    cc.set("bootstrap.servers", &config.brokers)
-        .set("group.id", &config.group_id)
-        .set("enable.auto.commit", "true")
-        .set("auto.offset.reset", "latest");
-    for (k, v) in &config.kafka_extra {
-        cc.set(k, v);
-    }
-    let consumer: StreamConsumer = cc.create().context("creating the Kafka consumer")?;
-    consumer.subscribe(&[&config.usage_topic]).context("subscribing to the usage topic")?;
-    info!(topic = %config.usage_topic, rate_rules, budgets, "enforcer consuming");
-
     let http = axum::serve(listener, tollgate_runtime::ops_router(config.metrics.clone()))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let http = tokio::spawn(async move { http.await });
+
+    let mut cc = ClientConfig::new();
+    cc.set("bootstrap.servers", &config.brokers)
+        .set("acks", "all")
+        .set("linger.ms", "1")
+        .set("message.timeout.ms", "30000");
+    for (k, v) in &config.kafka_extra {
+        cc.set(k, v);
+    }
+    let producer: FutureProducer = cc.create().context("creating the Kafka producer")?;
+    let notifier =
+        Notifier::new(&policy.alert_channels, notify::NotifyConfig::default()).context("setting up alert channels")?;
+    let result = enforce(&config, Arc::new(policy), &producer, &notifier, &shutdown).await;
+    notifier.shutdown(Duration::from_secs(10)).await;
+    shutdown.cancel();
+    let _ = http.await;
+    info!("enforcer stopped");
+    result
+}
+
+/// Reads back the enforcer's own history, rebuilds the windows and follows the usage topic.
+async fn enforce(
+    config: &Config,
+    policy: Arc<Policy>,
+    producer: &FutureProducer,
+    notifier: &Notifier,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let counts = |kind| policy.rules.iter().filter(|r| r.kind == kind).count();
+    metrics::rules("rate_limit", counts(tollgate_schemas::decision::RuleKind::RateLimit));
+    metrics::rules("budget", counts(tollgate_schemas::decision::RuleKind::Budget));
+    metrics::rules("guard", policy.guards.len());
+    let started = Instant::now();
+    let (decisions, alerts) = replay_own_history(config).await?;
+    // The engine as the topics leave it: what was last decided per key, which alerts went out.
+    let seeded = || {
+        let mut e = Engine::new(Arc::clone(&policy), config.watch_pct);
+        for d in &decisions {
+            e.seed_published(d);
+        }
+        for a in &alerts {
+            e.seed_alerted(a.clone());
+        }
+        e
+    };
+
+    let ch = config.clickhouse.client();
+    let Some(covered) = retry(shutdown, "reading the meter's checkpoints", || {
+        tollgate_meter::sink::checkpoints(&ch, &config.usage_topic)
+    })
+    .await
+    else {
+        return Ok(());
+    };
+    // Each attempt starts from the seeded engine: a failed one may have counted part of the rows.
+    let Some((rebuilt, mut engine)) = retry(shutdown, "rebuilding windows from clickhouse", || async {
+        let mut e = seeded();
+        let r = rebuild::rebuild(&ch, &config.usage_topic, &covered, &mut e, now_us()).await?;
+        Ok((r, e))
+    })
+    .await
+    else {
+        return Ok(());
+    };
+    info!(
+        decisions = decisions.len(),
+        buckets = rebuilt.buckets,
+        requests = rebuilt.requests,
+        scopes = engine.scopes(),
+        resume = ?covered,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "windows rebuilt from clickhouse"
+    );
+
+    let consumer = usage_consumer(config, &covered).await?;
     let codec = UsageEvent::codec()?;
+    let publisher = Publisher::new(producer, config)?;
+    publisher.publish(&mut engine, notifier, now_us()).await;
+
+    let mut seen = RecentIds::default();
+    let mut pending = 0usize;
+    let mut oldest_pending: Option<i64> = None;
+    let mut tick = tokio::time::interval(config.evaluate_every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
+    let mut last_gc = Instant::now();
     loop {
         tokio::select! {
+            biased;
             () = shutdown.cancelled() => break,
+            _ = tick.tick(), if pending > 0 => {
+                let now = now_us();
+                publisher.publish(&mut engine, notifier, now).await;
+                if let Some(oldest) = oldest_pending.take() {
+                    metrics::evaluated(pending, (now - oldest).max(0) as f64 / 1e6);
+                }
+                pending = 0;
+            }
+            _ = housekeeping.tick() => {
+                let now = now_us();
+                publisher.publish(&mut engine, notifier, now).await;
+                if last_gc.elapsed() > Duration::from_secs(30) {
+                    metrics::scopes(engine.gc(now));
+                    last_gc = Instant::now();
+                }
+            }
             msg = consumer.recv() => match msg {
                 Ok(m) => match m.payload().map(|p| codec.decode::<UsageEvent>(p)) {
                     Some(Ok(ev)) => {
-                        let now_us = std::time::SystemTime::now()
-                            .duration_since(std::time::UNIX_EPOCH)
-                            .map_or(0, |d| d.as_micros() as i64);
-                        let age = (now_us - ev.ended_at_us).max(0) as f64 / 1e6;
-                        metrics::event(ev.input_tokens, ev.output_tokens, ev.cost_nanos, age);
+                        if !seen.insert(&ev.event_id) {
+                            metrics::duplicate();
+                            continue;
+                        }
+                        metrics::event(ev.input_tokens, ev.output_tokens, ev.cost_nanos);
+                        if let Some(u) = Usage::of(&ev) {
+                            engine.observe(&u, now_us());
+                            pending += 1;
+                            oldest_pending.get_or_insert(ev.ended_at_us);
+                        }
                     }
                     Some(Err(e)) => {
                         metrics::decode_error();
@@ -93,7 +214,186 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
             },
         }
     }
-    let _ = http.await;
-    info!("enforcer stopped");
+    if pending > 0 {
+        publisher.publish(&mut engine, notifier, now_us()).await;
+    }
     Ok(())
+}
+
+/// The last decision per key and every alert id, from the enforcer's own topics.
+async fn replay_own_history(config: &Config) -> anyhow::Result<(Vec<BreachDecision>, Vec<String>)> {
+    let cfg = config.clone();
+    tokio::task::spawn_blocking(move || {
+        let codec = BreachDecision::codec()?;
+        let mut decisions: BTreeMap<String, BreachDecision> = BTreeMap::new();
+        let deadline = Duration::from_secs(120);
+        topics::read_to_end(&cfg.brokers, &cfg.kafka_extra, &cfg.breaches_topic, deadline, |key, payload| {
+            match (key, payload.map(|p| codec.decode::<BreachDecision>(p))) {
+                (_, Some(Ok(d))) => match decisions.get(&d.key()) {
+                    Some(old) if old.version >= d.version => {}
+                    _ => {
+                        decisions.insert(d.key(), d);
+                    }
+                },
+                (Some(k), None) => {
+                    decisions.remove(String::from_utf8_lossy(k).as_ref());
+                }
+                (_, Some(Err(e))) => warn!(error = %e, "breach decision skipped: cannot decode"),
+                (None, None) => {}
+            }
+        })?;
+        let alert_codec = Alert::codec()?;
+        let mut alerts = Vec::new();
+        topics::read_to_end(&cfg.brokers, &cfg.kafka_extra, &cfg.alerts_topic, deadline, |_, payload| {
+            if let Some(Ok(a)) = payload.map(|p| alert_codec.decode::<Alert>(p)) {
+                alerts.push(a.alert_id);
+            }
+        })?;
+        Ok((decisions.into_values().collect(), alerts))
+    })
+    .await?
+}
+
+async fn usage_consumer(config: &Config, covered: &BTreeMap<i32, i64>) -> anyhow::Result<StreamConsumer> {
+    let mut cc = ClientConfig::new();
+    cc.set("bootstrap.servers", &config.brokers)
+        .set("group.id", "tollgate-enforcer")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .set("fetch.wait.max.ms", "10");
+    for (k, v) in &config.kafka_extra {
+        cc.set(k, v);
+    }
+    let consumer: StreamConsumer = cc.create().context("creating the usage consumer")?;
+    let topic = config.usage_topic.clone();
+    let partitions = {
+        let md = consumer
+            .fetch_metadata(Some(&topic), Duration::from_secs(10))
+            .with_context(|| format!("reading metadata of {topic}"))?;
+        md.topics()
+            .iter()
+            .filter(|t| t.name() == topic && t.error().is_none())
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .collect::<Vec<_>>()
+    };
+    let mut tpl = TopicPartitionList::new();
+    for p in &partitions {
+        let offset = covered.get(p).map_or(Offset::Beginning, |o| Offset::Offset(*o));
+        tpl.add_partition_offset(&topic, *p, offset)?;
+    }
+    consumer.assign(&tpl).context("assigning the usage partitions")?;
+    info!(%topic, ?partitions, "enforcer consuming usage");
+    Ok(consumer)
+}
+
+/// Sends what the engine decides to the breaches and alerts topics; a send that fails is
+/// forgotten by the engine, so the next evaluation sends it again.
+struct Publisher<'a> {
+    producer: &'a FutureProducer,
+    breaches_topic: String,
+    alerts_topic: String,
+    decision_codec: AvroCodec,
+    alert_codec: AvroCodec,
+}
+
+impl<'a> Publisher<'a> {
+    fn new(producer: &'a FutureProducer, config: &Config) -> anyhow::Result<Self> {
+        Ok(Self {
+            producer,
+            breaches_topic: config.breaches_topic.clone(),
+            alerts_topic: config.alerts_topic.clone(),
+            decision_codec: BreachDecision::codec()?,
+            alert_codec: Alert::codec()?,
+        })
+    }
+
+    async fn publish(&self, engine: &mut Engine, notifier: &Notifier, now: i64) {
+        let out = engine.evaluate(now);
+        if out.decisions.is_empty() && out.alerts.is_empty() {
+            return;
+        }
+        let timeout = Duration::from_secs(10);
+        let decisions = out.decisions.iter().map(|d| async move {
+            let payload = self.decision_codec.encode(d).map_err(|e| e.to_string())?;
+            let key = d.key();
+            let record = FutureRecord::to(&self.breaches_topic).key(&key).payload(&payload);
+            self.producer.send(record, timeout).await.map(|_| ()).map_err(|(e, _)| e.to_string())
+        });
+        let alerts = out.alerts.iter().map(|a| async move {
+            let payload = self.alert_codec.encode(a).map_err(|e| e.to_string())?;
+            let record = FutureRecord::to(&self.alerts_topic).key(&a.alert_id).payload(&payload);
+            self.producer.send(record, timeout).await.map(|_| ()).map_err(|(e, _)| e.to_string())
+        });
+        let (sent, raised) = futures::join!(futures::future::join_all(decisions), futures::future::join_all(alerts));
+        for (d, r) in out.decisions.iter().zip(sent) {
+            match r {
+                Ok(()) => {
+                    metrics::decision(d.rule_kind.as_str(), d.state.as_str());
+                    debug!(key = %d.key(), state = d.state.as_str(), observed = d.observed, limit = d.limit, "decision published");
+                }
+                Err(e) => {
+                    metrics::publish_error("decision");
+                    warn!(key = %d.key(), error = %e, "decision not published; will retry");
+                    engine.unpublish(d);
+                }
+            }
+        }
+        for (a, r) in out.alerts.iter().zip(raised) {
+            match r {
+                Ok(()) => {
+                    metrics::alert(a.kind.as_str());
+                    info!(alert = %a.alert_id, summary = %a.summary, "alert raised");
+                    notifier.notify(a);
+                }
+                Err(e) => {
+                    metrics::publish_error("alert");
+                    warn!(alert = %a.alert_id, error = %e, "alert not published; will retry");
+                    engine.unalert(a);
+                }
+            }
+        }
+    }
+}
+
+/// Event ids seen in the last 10 to 20 minutes: the ingress re-sends an event whose delivery it
+/// could not confirm, and such a copy must not count twice.
+#[derive(Default)]
+struct RecentIds {
+    current: HashSet<String>,
+    previous: HashSet<String>,
+    rotated: Option<std::time::Instant>,
+}
+
+impl RecentIds {
+    fn insert(&mut self, id: &str) -> bool {
+        let now = std::time::Instant::now();
+        if self.rotated.is_none_or(|t| now.duration_since(t) > Duration::from_secs(600)) {
+            self.previous = std::mem::take(&mut self.current);
+            self.rotated = Some(now);
+        }
+        if self.previous.contains(id) {
+            return false;
+        }
+        self.current.insert(id.to_owned())
+    }
+}
+
+/// Retries a ClickHouse call with capped exponential backoff until it succeeds or shutdown.
+async fn retry<T, F, Fut>(shutdown: &CancellationToken, what: &str, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, clickhouse::error::Error>>,
+{
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match f().await {
+            Ok(v) => return Some(v),
+            Err(e) => warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "clickhouse unavailable: {what}"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return None,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
 }

@@ -1,42 +1,133 @@
-//! `tollgate-enforcer`: parses flags, starts tracing and metrics, binds, and runs the enforcer.
+//! `tollgate-enforcer`: parses flags, starts tracing and metrics, binds, and runs the enforcer;
+//! `tollgate-enforcer check-config` validates a policy directory.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use tollgate_enforcer::Config;
+use tollgate_meter::ClickHouseConfig;
+use tollgate_schemas::policy::Policy;
 
 /// Tollgate enforcer: rate limits, budgets and anomaly guards over the usage stream.
+///
+/// Publishes breach decisions to the compacted breaches topic (key `rule_id/scope`) and alerts to
+/// the alerts topic and the policy's notify channels. On start it rebuilds its windows from the
+/// usage ClickHouse holds (the meter's tables) and consumes the usage topic from the meter's
+/// checkpoints, so a restart neither forgets spend nor counts it twice.
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(version, args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Directory of policy YAML files.
     #[arg(long, env = "TOLLGATE_POLICY_DIR")]
-    policy_dir: PathBuf,
+    policy_dir: Option<PathBuf>,
     /// Kafka bootstrap servers.
     #[arg(long, env = "TOLLGATE_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
     kafka_brokers: String,
     #[arg(long, default_value = tollgate_schemas::topics::USAGE)]
     usage_topic: String,
-    #[arg(long, default_value = "tollgate-enforcer")]
-    group_id: String,
+    #[arg(long, default_value = tollgate_schemas::topics::BREACHES)]
+    breaches_topic: String,
+    #[arg(long, default_value = tollgate_schemas::topics::ALERTS)]
+    alerts_topic: String,
+    /// ClickHouse HTTP URL (the meter's database, read at start).
+    #[arg(long, env = "TOLLGATE_CLICKHOUSE_URL", default_value = "http://127.0.0.1:8123")]
+    clickhouse_url: String,
+    #[arg(long, env = "TOLLGATE_CLICKHOUSE_DATABASE", default_value = "tollgate")]
+    database: String,
+    #[arg(long, env = "TOLLGATE_CLICKHOUSE_USER")]
+    clickhouse_user: Option<String>,
+    #[arg(long, env = "TOLLGATE_CLICKHOUSE_PASSWORD", hide_env_values = true)]
+    clickhouse_password: Option<String>,
+    /// A scope at or above this percentage of its limit is published as `Watch` with its
+    /// headroom, which ingresses count their own admissions against.
+    #[arg(long, default_value_t = 50)]
+    watch_pct: u32,
+    /// Longest wait, in milliseconds, between new usage arriving and its decisions going out.
+    #[arg(long, default_value_t = 10)]
+    evaluate_every_ms: u64,
+    /// Extra librdkafka settings, `key=value`, repeatable.
+    #[arg(long = "kafka-option", value_parser = parse_kv)]
+    kafka_options: Vec<(String, String)>,
     /// Address for /healthz and /metrics.
     #[arg(long, env = "TOLLGATE_ENFORCER_LISTEN", default_value = "127.0.0.1:9102")]
     listen: String,
 }
 
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Validate a policy directory: print every error with file, line and field (exit 1), or a
+    /// summary of what it defines (exit 0).
+    CheckConfig {
+        #[arg(long, env = "TOLLGATE_POLICY_DIR")]
+        policy_dir: PathBuf,
+    },
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())).ok_or_else(|| format!("expected key=value, got {s:?}"))
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
-    tollgate_runtime::init_tracing();
     let args = Args::parse();
+    if let Some(Command::CheckConfig { policy_dir }) = args.command {
+        return check_config(&policy_dir);
+    }
+    tollgate_runtime::init_tracing();
+    let Some(policy_dir) = args.policy_dir else {
+        eprintln!("--policy-dir (or TOLLGATE_POLICY_DIR) is required");
+        return ExitCode::from(2);
+    };
     let (metrics, listener) = match tollgate_runtime::metrics_and_listener(&args.listen).await {
         Ok(started) => started,
         Err(code) => return code,
     };
-    let mut config = Config::new(args.policy_dir, args.kafka_brokers);
+    let clickhouse = ClickHouseConfig {
+        url: args.clickhouse_url,
+        database: args.database,
+        user: args.clickhouse_user,
+        password: args.clickhouse_password,
+    };
+    let mut config = Config::new(policy_dir, args.kafka_brokers, clickhouse);
     config.usage_topic = args.usage_topic;
-    config.group_id = args.group_id;
+    config.breaches_topic = args.breaches_topic;
+    config.alerts_topic = args.alerts_topic;
+    config.watch_pct = args.watch_pct;
+    config.evaluate_every = Duration::from_millis(args.evaluate_every_ms.max(1));
+    config.kafka_extra = args.kafka_options;
     config.metrics = Some(metrics);
     let shutdown = tollgate_runtime::shutdown_on_signal();
     tollgate_runtime::exit_code("enforcer", tollgate_enforcer::run(config, listener, shutdown).await)
+}
+
+#[allow(clippy::print_stdout)] // check-config's output is its purpose
+fn check_config(dir: &std::path::Path) -> ExitCode {
+    match Policy::load_dir(dir) {
+        Ok(p) => {
+            let count = |k| p.rules.iter().filter(|r| r.kind == k).count();
+            use tollgate_schemas::decision::RuleKind;
+            println!(
+                "{}: ok — {} providers, {} virtual models, {} API keys, {} rate limits, {} budgets, {} guards, {} alert channels, price card {}",
+                dir.display(),
+                p.providers.len(),
+                p.virtual_models.len(),
+                p.api_keys.as_ref().map_or(0, |k| k.len()),
+                count(RuleKind::RateLimit),
+                count(RuleKind::Budget),
+                p.guards.len(),
+                p.alert_channels.len(),
+                p.price_card.as_ref().map_or("(none)", |c| c.version.as_str()),
+            );
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            eprintln!("{errors}");
+            eprintln!("{}: {} error(s)", dir.display(), errors.0.len());
+            ExitCode::from(1)
+        }
+    }
 }

@@ -1,6 +1,6 @@
 //! The enforcer's Prometheus metrics, each declared once with its description.
 
-use metrics::{counter, describe_counter, describe_gauge, gauge};
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 
 pub fn describe() {
     describe_counter!("tollgate_enforcer_events_total", "Usage events evaluated");
@@ -8,24 +8,55 @@ pub fn describe() {
         "tollgate_enforcer_decode_errors_total",
         "Usage events that could not be decoded (skipped, logged)"
     );
+    describe_counter!("tollgate_enforcer_duplicate_events_total", "Usage events seen twice (re-sent), counted once");
     describe_counter!("tollgate_enforcer_tokens_total", "Tokens seen on the usage stream, by kind");
     describe_counter!("tollgate_enforcer_cost_nanos_total", "Cost in nano-USD seen on the usage stream");
     describe_gauge!("tollgate_enforcer_policy_rules", "Rules loaded, by kind");
-    describe_gauge!("tollgate_enforcer_event_age_seconds", "Age of the last evaluated event when it was read");
+    describe_gauge!("tollgate_enforcer_scopes", "Rule scopes with live counters");
+    describe_counter!("tollgate_enforcer_decisions_total", "Breach decisions published, by rule kind and state");
+    describe_counter!("tollgate_enforcer_alerts_total", "Alerts raised, by kind");
+    describe_counter!("tollgate_enforcer_publish_errors_total", "Decisions or alerts Kafka did not take (retried)");
+    describe_histogram!(
+        "tollgate_enforcer_evaluation_lag_seconds",
+        "From the oldest event of a batch ending to the batch's decisions being published"
+    );
 }
 
 pub fn rules(kind: &'static str, n: usize) {
     gauge!("tollgate_enforcer_policy_rules", "kind" => kind).set(n as f64);
 }
 
-pub fn event(input: i64, output: i64, cost_nanos: i64, age_seconds: f64) {
+pub fn event(input: i64, output: i64, cost_nanos: i64) {
     counter!("tollgate_enforcer_events_total").increment(1);
     counter!("tollgate_enforcer_tokens_total", "kind" => "input").increment(input.unsigned_abs());
     counter!("tollgate_enforcer_tokens_total", "kind" => "output").increment(output.unsigned_abs());
     counter!("tollgate_enforcer_cost_nanos_total").increment(cost_nanos.unsigned_abs());
-    gauge!("tollgate_enforcer_event_age_seconds").set(age_seconds);
+}
+
+pub fn duplicate() {
+    counter!("tollgate_enforcer_duplicate_events_total").increment(1);
 }
 
 pub fn decode_error() {
     counter!("tollgate_enforcer_decode_errors_total").increment(1);
+}
+
+pub fn scopes(n: usize) {
+    gauge!("tollgate_enforcer_scopes").set(n as f64);
+}
+
+pub fn evaluated(_events: usize, lag_seconds: f64) {
+    histogram!("tollgate_enforcer_evaluation_lag_seconds").record(lag_seconds);
+}
+
+pub fn decision(kind: &'static str, state: &'static str) {
+    counter!("tollgate_enforcer_decisions_total", "kind" => kind, "state" => state).increment(1);
+}
+
+pub fn alert(kind: &'static str) {
+    counter!("tollgate_enforcer_alerts_total", "kind" => kind).increment(1);
+}
+
+pub fn publish_error(what: &'static str) {
+    counter!("tollgate_enforcer_publish_errors_total", "what" => what).increment(1);
 }

@@ -417,7 +417,10 @@ pub struct AlertChannel {
     /// Environment variable holding the URL (webhook URLs are secrets).
     #[serde(default)]
     pub url_env: Option<String>,
-    /// PagerDuty: environment variable holding the integration's routing key.
+    /// PagerDuty: the integration's routing key, or `routing_key_env` naming a variable that
+    /// holds it.
+    #[serde(default)]
+    pub routing_key: Option<String>,
     #[serde(default)]
     pub routing_key_env: Option<String>,
 }

@@ -100,6 +100,7 @@ fn build(opts: MockOptions, stop: CancellationToken) -> Router {
         .route("/_mock/stats", get(stats))
         .layer(DefaultBodyLimit::disable())
         .with_state(shared)
+        .merge(webhook_sink::router())
 }
 
 struct Shared {
@@ -906,6 +907,254 @@ async fn stats(State(shared): AppState) -> Json<Value> {
         "messages": shared.messages.load(Ordering::Relaxed),
         "embeddings": shared.embeddings.load(Ordering::Relaxed),
     }))
+}
+
+// ---------------------------------------------------------------------------------------
+// webhook sink
+// ---------------------------------------------------------------------------------------
+
+/// Stand-in for the alert channels (Slack, PagerDuty, plain webhooks), so tests and the demo
+/// can watch the enforcer's alert deliveries arrive.
+///
+/// `POST /webhooks/{channel}` stores the JSON body with the channel and the arrival time and
+/// answers 200 `ok`; a body that is not JSON is answered 400. `?fail=N` makes the first N posts
+/// to that channel (counted since the mock started, failed ones included) answer 503, so a
+/// sender that retries gets through on post N+1; an unknown query key or a malformed value is
+/// answered 400. `GET /webhooks` (optionally `?channel=slack`) returns what was stored as a
+/// JSON array, oldest first, each entry
+/// `{"channel", "received_at_us", "attempt", "alert_id", "idempotency_key", "body"}` where
+/// `attempt` is the post's number on its channel and the two ids are the
+/// `X-Tollgate-Alert-Id` and `Idempotency-Key` headers (null when absent).
+mod webhook_sink {
+    use std::collections::{HashMap, VecDeque};
+    use std::sync::{Arc, Mutex, PoisonError};
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    use axum::body::Bytes;
+    use axum::extract::{Path, Query, State};
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::response::{IntoResponse, Response};
+    use axum::routing::{get, post};
+    use axum::{Json, Router};
+    use serde::Deserialize;
+    use serde_json::{Value, json};
+
+    /// Entries kept; the oldest go first beyond this.
+    const MAX_STORED: usize = 10_000;
+
+    #[derive(Default)]
+    struct Sink {
+        stored: VecDeque<Value>,
+        /// Posts received per channel, failed ones included.
+        posts: HashMap<String, u64>,
+    }
+
+    type SinkState = State<Arc<Mutex<Sink>>>;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct PostParams {
+        #[serde(default)]
+        fail: u64,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct ListParams {
+        channel: Option<String>,
+    }
+
+    /// The sink's routes, with their own state.
+    pub(super) fn router() -> Router {
+        Router::new()
+            .route("/webhooks", get(list))
+            .route("/webhooks/{channel}", post(receive))
+            .with_state(Arc::new(Mutex::new(Sink::default())))
+    }
+
+    fn header(headers: &HeaderMap, name: &str) -> Value {
+        headers.get(name).and_then(|v| v.to_str().ok()).map_or(Value::Null, |v| Value::String(v.to_owned()))
+    }
+
+    async fn receive(
+        State(sink): SinkState,
+        Path(channel): Path<String>,
+        Query(params): Query<PostParams>,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Response {
+        let received_at_us =
+            SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or_default();
+        let mut sink = sink.lock().unwrap_or_else(PoisonError::into_inner);
+        let attempt = {
+            let n = sink.posts.entry(channel.clone()).or_default();
+            *n += 1;
+            *n
+        };
+        if attempt <= params.fail {
+            let message = format!("mock: post {attempt} of the {} to fail on channel {channel:?}", params.fail);
+            return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": message}))).into_response();
+        }
+        let body: Value = match serde_json::from_slice(&body) {
+            Ok(v) => v,
+            Err(e) => {
+                let message = format!("mock: webhook body is not JSON: {e}");
+                return (StatusCode::BAD_REQUEST, Json(json!({"error": message}))).into_response();
+            }
+        };
+        if sink.stored.len() >= MAX_STORED {
+            sink.stored.pop_front();
+        }
+        sink.stored.push_back(json!({
+            "channel": channel,
+            "received_at_us": received_at_us,
+            "attempt": attempt,
+            "alert_id": header(&headers, "x-tollgate-alert-id"),
+            "idempotency_key": header(&headers, "idempotency-key"),
+            "body": body,
+        }));
+        (StatusCode::OK, "ok").into_response()
+    }
+
+    async fn list(State(sink): SinkState, Query(params): Query<ListParams>) -> Json<Value> {
+        let sink = sink.lock().unwrap_or_else(PoisonError::into_inner);
+        let entries = sink
+            .stored
+            .iter()
+            .filter(|e| params.channel.as_deref().is_none_or(|c| e["channel"] == c))
+            .cloned()
+            .collect();
+        Json(Value::Array(entries))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+        use std::collections::BTreeMap;
+        use std::time::Duration;
+
+        use axum::body::Body;
+        use axum::http::Request;
+        use tollgate_enforcer::notify::{DeliveryStats, Notifier, NotifyConfig};
+        use tollgate_schemas::decision::{Alert, AlertKind, Measure, Severity};
+        use tollgate_schemas::policy::AlertChannel;
+        use tower::ServiceExt;
+
+        use super::*;
+
+        async fn post_to(app: &Router, uri: &str, body: &str) -> StatusCode {
+            let request = Request::builder()
+                .method("POST")
+                .uri(uri)
+                .header("content-type", "application/json")
+                .header("x-tollgate-alert-id", "rule/scope/0/80")
+                .body(Body::from(body.to_owned()))
+                .unwrap();
+            app.clone().oneshot(request).await.unwrap().status()
+        }
+
+        async fn list_at(app: &Router, uri: &str) -> Vec<Value> {
+            let request = Request::builder().uri(uri).body(Body::empty()).unwrap();
+            let response = app.clone().oneshot(request).await.unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+            let bytes = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+            serde_json::from_slice::<Value>(&bytes).unwrap().as_array().unwrap().clone()
+        }
+
+        #[tokio::test]
+        async fn stores_json_posts_per_channel() {
+            let app = super::super::router(super::super::MockOptions::default());
+            assert_eq!(post_to(&app, "/webhooks/slack", r#"{"text":"hello"}"#).await, StatusCode::OK);
+            assert_eq!(post_to(&app, "/webhooks/finops", r#"{"alert_id":"a"}"#).await, StatusCode::OK);
+            let all = list_at(&app, "/webhooks").await;
+            assert_eq!(all.len(), 2);
+            assert_eq!(all[0]["channel"], "slack");
+            assert_eq!(all[0]["body"], json!({"text": "hello"}));
+            assert_eq!(all[0]["attempt"], 1);
+            assert_eq!(all[0]["alert_id"], "rule/scope/0/80");
+            assert_eq!(all[0]["idempotency_key"], Value::Null);
+            assert!(all[0]["received_at_us"].as_i64().unwrap() > 1_700_000_000_000_000);
+            let finops = list_at(&app, "/webhooks?channel=finops").await;
+            assert_eq!(finops.len(), 1);
+            assert_eq!(finops[0]["body"]["alert_id"], "a");
+        }
+
+        #[tokio::test]
+        async fn fail_n_answers_503_to_the_first_n_posts_of_that_channel() {
+            let app = router();
+            let statuses = [
+                post_to(&app, "/webhooks/pagerduty?fail=2", "{}").await,
+                post_to(&app, "/webhooks/slack?fail=0", "{}").await,
+                post_to(&app, "/webhooks/pagerduty?fail=2", "{}").await,
+                post_to(&app, "/webhooks/pagerduty?fail=2", "{}").await,
+            ];
+            assert_eq!(
+                statuses,
+                [StatusCode::SERVICE_UNAVAILABLE, StatusCode::OK, StatusCode::SERVICE_UNAVAILABLE, StatusCode::OK]
+            );
+            let pagerduty = list_at(&app, "/webhooks?channel=pagerduty").await;
+            assert_eq!(pagerduty.len(), 1, "failed posts are not stored");
+            assert_eq!(pagerduty[0]["attempt"], 3);
+        }
+
+        #[tokio::test]
+        async fn mistakes_are_answered_400() {
+            let app = router();
+            assert_eq!(post_to(&app, "/webhooks/slack", "not json").await, StatusCode::BAD_REQUEST);
+            assert_eq!(post_to(&app, "/webhooks/slack?fial=2", "{}").await, StatusCode::BAD_REQUEST);
+            assert_eq!(post_to(&app, "/webhooks/slack?fail=two", "{}").await, StatusCode::BAD_REQUEST);
+            assert!(list_at(&app, "/webhooks").await.is_empty());
+        }
+
+        /// The enforcer's notifier against the sink over TCP: retried through `?fail=2`, stored
+        /// once.
+        #[tokio::test]
+        async fn notifier_retries_through_fail_and_lands_once() {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            tokio::spawn(async move { axum::serve(listener, router()).await });
+            let channel = AlertChannel {
+                name: "webhook:finops".to_owned(),
+                url: Some(format!("http://{addr}/webhooks/finops?fail=2")),
+                url_env: None,
+                routing_key_env: None,
+            };
+            let config = NotifyConfig {
+                initial_backoff: Duration::from_millis(10),
+                max_backoff: Duration::from_millis(50),
+                ..NotifyConfig::default()
+            };
+            let notifier =
+                Notifier::new(&BTreeMap::from([(channel.name.clone(), channel)]), config).expect("notifier builds");
+            let alert = Alert {
+                alert_id: Alert::id_for("finops-daily", "team:search", 0, 80),
+                rule_id: "finops-daily".to_owned(),
+                kind: AlertKind::BudgetThreshold,
+                severity: Severity::Warning,
+                scope: "team:search".to_owned(),
+                threshold_pct: 80,
+                measure: Measure::CostNanos,
+                limit: 100_000_000_000,
+                observed: 80_000_000_000,
+                window_start_us: 0,
+                window_end_us: 86_400_000_000,
+                raised_at_us: 1_000,
+                summary: "team:search spent $80.00 of $100.00".to_owned(),
+                notify: vec!["webhook:finops".to_owned()],
+            };
+            assert_eq!(notifier.notify(&alert), 1);
+            assert_eq!(notifier.flush(Duration::from_secs(10)).await, 0);
+            assert_eq!(notifier.stats(), DeliveryStats { delivered: 1, retried: 2, failed: 0, dropped: 0 });
+
+            let response = reqwest::get(format!("http://{addr}/webhooks")).await.unwrap();
+            let stored: Vec<Value> = response.json().await.unwrap();
+            assert_eq!(stored.len(), 1);
+            assert_eq!(stored[0]["attempt"], 3);
+            assert_eq!(stored[0]["idempotency_key"], alert.alert_id.as_str());
+            assert_eq!(serde_json::from_value::<Alert>(stored[0]["body"].clone()).unwrap(), alert);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -420,3 +420,110 @@ pub async fn assert_windows_match_raw(db: &str) {
     .await;
     assert_eq!(sessions, raw, "session hours add up to the raw events");
 }
+
+/// The enforcer's settings for a test: its own topics, the meter's database, the shared metrics.
+pub fn enforcer_config(
+    policy_dir: &Path,
+    usage: &str,
+    breaches: &str,
+    alerts: &str,
+    db: &str,
+) -> tollgate_enforcer::Config {
+    let mut config = tollgate_enforcer::Config::new(
+        policy_dir.to_path_buf(),
+        kafka_brokers(),
+        tollgate_meter::ClickHouseConfig { url: clickhouse_url(), database: db.into(), user: None, password: None },
+    );
+    config.usage_topic = usage.into();
+    config.breaches_topic = breaches.into();
+    config.alerts_topic = alerts.into();
+    config.metrics = Some(metrics());
+    config
+}
+
+pub async fn start_enforcer(config: tollgate_enforcer::Config) -> Service {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(tollgate_enforcer::run(config, listener, shutdown.clone()));
+    Service { addr, shutdown, task, temp: None }
+}
+
+/// Follows a breaches topic from its beginning and keeps every decision read, in order.
+pub struct DecisionLog {
+    decisions: std::sync::Arc<std::sync::Mutex<Vec<tollgate_schemas::decision::BreachDecision>>>,
+    stop: CancellationToken,
+}
+
+impl DecisionLog {
+    pub fn follow(topic: &str) -> DecisionLog {
+        use rdkafka::consumer::{Consumer, StreamConsumer};
+        use rdkafka::{Message, Offset, TopicPartitionList};
+        let consumer: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", kafka_brokers())
+            .set("group.id", unique("decision-log"))
+            .set("fetch.wait.max.ms", "10")
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, 0, Offset::Beginning).unwrap();
+        consumer.assign(&tpl).unwrap();
+        let decisions = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = CancellationToken::new();
+        let (sink, token) = (decisions.clone(), stop.clone());
+        tokio::spawn(async move {
+            let codec = tollgate_schemas::decision::BreachDecision::codec().unwrap();
+            loop {
+                tokio::select! {
+                    () = token.cancelled() => break,
+                    m = consumer.recv() => {
+                        let m = m.unwrap();
+                        let d = codec.decode(m.payload().unwrap()).unwrap();
+                        sink.lock().unwrap().push(d);
+                    }
+                }
+            }
+        });
+        DecisionLog { decisions, stop }
+    }
+
+    pub fn all(&self) -> Vec<tollgate_schemas::decision::BreachDecision> {
+        self.decisions.lock().unwrap().clone()
+    }
+
+    /// The newest decision for `rule_id/scope`.
+    pub fn latest(&self, key: &str) -> Option<tollgate_schemas::decision::BreachDecision> {
+        self.decisions.lock().unwrap().iter().filter(|d| d.key() == key).max_by_key(|d| d.version).cloned()
+    }
+
+    /// Waits until the newest decision for `key` satisfies `f`, and returns it.
+    pub async fn wait_for(
+        &self,
+        key: &str,
+        f: impl Fn(&tollgate_schemas::decision::BreachDecision) -> bool,
+    ) -> tollgate_schemas::decision::BreachDecision {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(d) = self.latest(key).filter(|d| f(d)) {
+                return d;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no matching decision for {key} in 60 s; newest: {:?}",
+                self.latest(key)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for DecisionLog {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Microseconds since the epoch, now.
+pub fn now_us() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as i64
+}

@@ -1,0 +1,366 @@
+//! The rule engine: counts usage per rule and scope and turns the counts into breach decisions
+//! and budget alerts. Pure and synchronous; the caller feeds it events and the clock and publishes
+//! what it returns.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use tollgate_schemas::decision::{Alert, AlertKind, BreachDecision, DecisionState, Measure, RuleKind, Severity};
+use tollgate_schemas::policy::{Policy, Subject};
+use tollgate_schemas::rules::Rule;
+use tollgate_schemas::usage::{Envelope, Status, UsageEvent};
+
+use crate::window::Counter;
+
+/// Usage as the engine counts it: one event, or (when rebuilding from ClickHouse) the sum of
+/// many events that share a time bucket and the dimensions rules look at.
+#[derive(Debug, Clone, Default)]
+pub struct Usage {
+    pub at_us: i64,
+    pub envelope: Envelope,
+    pub api_key_id: Option<String>,
+    pub requests: i64,
+    pub tokens: i64,
+    pub cost_nanos: i64,
+}
+
+impl Usage {
+    /// `None` for requests Tollgate refused: they reached no provider and cost nothing.
+    pub fn of(ev: &UsageEvent) -> Option<Usage> {
+        if ev.status == Status::Rejected {
+            return None;
+        }
+        Some(Usage {
+            at_us: ev.ended_at_us,
+            envelope: ev.envelope.clone(),
+            api_key_id: ev.api_key_id.clone(),
+            requests: 1,
+            tokens: total_tokens(ev),
+            cost_nanos: ev.cost_nanos,
+        })
+    }
+
+    fn amount(&self, m: Measure) -> i64 {
+        match m {
+            Measure::Tokens => self.tokens,
+            Measure::Requests => self.requests,
+            Measure::CostNanos => self.cost_nanos,
+        }
+    }
+}
+
+/// What a token limit counts: everything the model read or wrote.
+pub fn total_tokens(ev: &UsageEvent) -> i64 {
+    ev.input_tokens + ev.cached_input_tokens + ev.cache_write_tokens + ev.output_tokens
+}
+
+/// A breached scope's count and lift time are republished at most this often: ingresses act on
+/// the state, the figures only feed the 429 body.
+pub const BREACHED_REFRESH_US: i64 = 1_000_000;
+
+/// The last decision published for a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    pub state: DecisionState,
+    pub decided_at_us: i64,
+    pub observed: i64,
+    pub window_end_us: i64,
+    pub version: i64,
+}
+
+#[derive(Debug)]
+struct ScopeState {
+    rule_id: String,
+    scope: String,
+    counter: Counter,
+}
+
+#[derive(Debug, Default)]
+pub struct Output {
+    pub decisions: Vec<BreachDecision>,
+    pub alerts: Vec<Alert>,
+}
+
+pub struct Engine {
+    policy: Arc<Policy>,
+    rules: Vec<Rule>,
+    subjects: HashMap<String, Subject>,
+    states: HashMap<String, ScopeState>,
+    /// Keys counted into since the last evaluation.
+    dirty: HashSet<String>,
+    /// What was last published per key (from the compacted topic at start, then our own).
+    published: HashMap<String, Published>,
+    /// Alert ids already raised (from the alerts topic at start, then our own).
+    alerted: HashSet<String>,
+    last_version: i64,
+    /// A scope at or above this percentage of its limit is published as `Watch` with its headroom.
+    watch_pct: i64,
+}
+
+impl Engine {
+    pub fn new(policy: Arc<Policy>, watch_pct: u32) -> Engine {
+        let rules: Vec<Rule> = policy.rules.iter().filter(|r| r.kind != RuleKind::Guard).cloned().collect();
+        let subjects =
+            policy.api_keys.iter().flat_map(|keys| keys.values()).map(|k| (k.id.clone(), k.subject.clone())).collect();
+        Engine {
+            policy,
+            rules,
+            subjects,
+            states: HashMap::new(),
+            dirty: HashSet::new(),
+            published: HashMap::new(),
+            alerted: HashSet::new(),
+            last_version: 0,
+            watch_pct: i64::from(watch_pct.min(100)),
+        }
+    }
+
+    pub fn policy(&self) -> &Arc<Policy> {
+        &self.policy
+    }
+
+    /// Remembers a decision read back from the breaches topic (the last one per key wins).
+    pub fn seed_published(&mut self, d: &BreachDecision) {
+        self.last_version = self.last_version.max(d.version);
+        let p = published_of(d);
+        match self.published.get(&d.key()) {
+            Some(old) if old.version >= d.version => {}
+            _ => {
+                self.published.insert(d.key(), p);
+            }
+        }
+    }
+
+    pub fn seed_alerted(&mut self, alert_id: String) {
+        self.alerted.insert(alert_id);
+    }
+
+    /// Counts one unit of usage into every rule and scope it falls in.
+    pub fn observe(&mut self, u: &Usage, now_us: i64) {
+        let subject = u.api_key_id.as_ref().and_then(|k| self.subjects.get(k));
+        for rule in &self.rules {
+            let Some(scope) = rule.scope_of(&u.envelope, u.api_key_id.as_deref(), subject) else { continue };
+            let amount = u.amount(rule.measure);
+            if amount == 0 {
+                continue;
+            }
+            let key = tollgate_schemas::decision::decision_key(&rule.id, &scope);
+            let state = self.states.entry(key.clone()).or_insert_with(|| ScopeState {
+                rule_id: rule.id.clone(),
+                scope,
+                counter: Counter::new(&rule.window),
+            });
+            state.counter.add(u.at_us, amount, now_us);
+            self.dirty.insert(key);
+        }
+    }
+
+    /// Decisions and alerts for every scope counted into since the last call, and for every scope
+    /// whose last published decision was not `Clear` (its breach may have lifted with time).
+    pub fn evaluate(&mut self, now_us: i64) -> Output {
+        let mut keys: Vec<String> = self.dirty.drain().collect();
+        keys.extend(self.published.iter().filter(|(_, p)| p.state != DecisionState::Clear).map(|(k, _)| k.clone()));
+        keys.sort();
+        keys.dedup();
+        let by_id: HashMap<&str, &Rule> = self.rules.iter().map(|r| (r.id.as_str(), r)).collect();
+        let mut out = Output::default();
+        for key in keys {
+            let Some((rule_id, scope)) = key.split_once('/') else { continue };
+            let Some(rule) = by_id.get(rule_id) else {
+                // The rule left the policy: lift what it had decided.
+                if let Some(p) = self.published.get(&key).copied() {
+                    if p.state != DecisionState::Clear {
+                        let d = clear_for_removed(rule_id, scope, now_us, next_version(&mut self.last_version, now_us));
+                        self.published.insert(key.clone(), published_of(&d));
+                        out.decisions.push(d);
+                    }
+                }
+                continue;
+            };
+            let (observed, bounds, lifts_at) = match self.states.get_mut(&key) {
+                Some(s) => {
+                    let v = s.counter.value(now_us);
+                    let lifts = if v >= rule.limit { s.counter.lifts_at(now_us, rule.limit) } else { now_us };
+                    (v, s.counter.bounds(now_us), lifts)
+                }
+                None => (0, Counter::new(&rule.window).bounds(now_us), now_us),
+            };
+            let state = if observed >= rule.limit {
+                DecisionState::Breached
+            } else if observed * 100 >= rule.limit * self.watch_pct && observed > 0 {
+                DecisionState::Watch
+            } else {
+                DecisionState::Clear
+            };
+            let window_end_us = match state {
+                DecisionState::Breached => lifts_at,
+                _ => bounds.1,
+            };
+            let last = self.published.get(&key).copied();
+            let changed = match last {
+                None => state != DecisionState::Clear,
+                Some(p) => {
+                    p.state != state
+                        || (state == DecisionState::Watch && p.observed != observed)
+                        || (state == DecisionState::Breached
+                            && (p.window_end_us != window_end_us || p.observed != observed)
+                            && now_us - p.decided_at_us >= BREACHED_REFRESH_US)
+                }
+            };
+            if changed {
+                let d = BreachDecision {
+                    rule_id: rule.id.clone(),
+                    rule_kind: rule.kind,
+                    scope: scope.to_owned(),
+                    state,
+                    action: rule.action_name.clone(),
+                    audit: rule.audit,
+                    cut_streams: rule.cut_streams,
+                    measure: rule.measure,
+                    limit: rule.limit,
+                    observed,
+                    headroom: (rule.limit - observed).max(0),
+                    window_start_us: bounds.0,
+                    window_end_us,
+                    decided_at_us: now_us,
+                    version: next_version(&mut self.last_version, now_us),
+                };
+                self.published.insert(key.clone(), published_of(&d));
+                out.decisions.push(d);
+            }
+            for t in &rule.alerts {
+                if observed.saturating_mul(100) < rule.limit.saturating_mul(i64::from(t.at_pct)) {
+                    break; // thresholds are sorted
+                }
+                let pct = i32::try_from(t.at_pct).unwrap_or(i32::MAX);
+                let id = Alert::id_for(&rule.id, scope, bounds.0, pct);
+                if self.alerted.insert(id.clone()) {
+                    out.alerts.push(Alert {
+                        alert_id: id,
+                        rule_id: rule.id.clone(),
+                        kind: AlertKind::BudgetThreshold,
+                        severity: match t.at_pct {
+                            100.. => Severity::Critical,
+                            80.. => Severity::Warning,
+                            _ => Severity::Info,
+                        },
+                        scope: scope.to_owned(),
+                        threshold_pct: pct,
+                        measure: rule.measure,
+                        limit: rule.limit,
+                        observed,
+                        window_start_us: bounds.0,
+                        window_end_us: bounds.1,
+                        raised_at_us: now_us,
+                        summary: summary(rule, scope, t.at_pct, observed),
+                        notify: t.notify.clone(),
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// Forgets scopes with nothing counted and nothing in force; returns how many remain.
+    pub fn gc(&mut self, now_us: i64) -> usize {
+        let published = &self.published;
+        self.states.retain(|k, s| {
+            !s.counter.is_empty(now_us) || published.get(k).is_some_and(|p| p.state != DecisionState::Clear)
+        });
+        self.published.retain(|_, p| p.state != DecisionState::Clear);
+        self.states.len()
+    }
+
+    /// A publish failed: forget that it happened so the next evaluation publishes again.
+    pub fn unpublish(&mut self, d: &BreachDecision) {
+        let key = d.key();
+        if self.published.get(&key).is_some_and(|p| p.version == d.version) {
+            self.published.remove(&key);
+            self.dirty.insert(key);
+        }
+    }
+
+    pub fn unalert(&mut self, a: &Alert) {
+        self.alerted.remove(&a.alert_id);
+        let key = tollgate_schemas::decision::decision_key(&a.rule_id, &a.scope);
+        self.dirty.insert(key);
+    }
+
+    pub fn scopes(&self) -> usize {
+        self.states.len()
+    }
+
+    /// The current count of a key, for tests and diagnostics.
+    pub fn observed(&mut self, key: &str, now_us: i64) -> Option<i64> {
+        self.states.get_mut(key).map(|s| s.counter.value(now_us))
+    }
+
+    /// Every live key with its rule, scope and count.
+    pub fn snapshot(&mut self, now_us: i64) -> Vec<(String, String, i64)> {
+        let mut v: Vec<_> =
+            self.states.values_mut().map(|s| (s.rule_id.clone(), s.scope.clone(), s.counter.value(now_us))).collect();
+        v.sort();
+        v
+    }
+}
+
+fn next_version(last: &mut i64, now_us: i64) -> i64 {
+    *last = (*last + 1).max(now_us);
+    *last
+}
+
+fn published_of(d: &BreachDecision) -> Published {
+    Published {
+        state: d.state,
+        decided_at_us: d.decided_at_us,
+        observed: d.observed,
+        window_end_us: d.window_end_us,
+        version: d.version,
+    }
+}
+
+fn clear_for_removed(rule_id: &str, scope: &str, now_us: i64, version: i64) -> BreachDecision {
+    BreachDecision {
+        rule_id: rule_id.to_owned(),
+        rule_kind: RuleKind::RateLimit,
+        scope: scope.to_owned(),
+        state: DecisionState::Clear,
+        action: String::new(),
+        audit: false,
+        cut_streams: false,
+        measure: Measure::Requests,
+        limit: 0,
+        observed: 0,
+        headroom: 0,
+        window_start_us: now_us,
+        window_end_us: now_us,
+        decided_at_us: now_us,
+        version,
+    }
+}
+
+/// `$3,200.00`.
+pub fn usd(nanos: i64) -> String {
+    let cents = nanos / 10_000_000;
+    let (d, c) = (cents / 100, (cents % 100).abs());
+    let digits = d.abs().to_string();
+    let mut grouped = String::new();
+    for (i, ch) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            grouped.push(',');
+        }
+        grouped.push(ch);
+    }
+    format!("{}${grouped}.{c:02}", if nanos < 0 { "-" } else { "" })
+}
+
+fn summary(rule: &Rule, scope: &str, pct: u32, observed: i64) -> String {
+    let (obs, lim) = match rule.measure {
+        Measure::CostNanos => (usd(observed), usd(rule.limit)),
+        m => (format!("{observed} {}", m.as_str()), format!("{} {}", rule.limit, m.as_str())),
+    };
+    format!("{} for {scope} reached {pct}%: {obs} of {lim}; on exceed: {}", rule.id, rule.action_name)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,169 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+use std::path::Path;
+
+use super::*;
+
+const US: i64 = 1_000_000;
+/// 2026-11-10T00:00:00Z: mid-month, so monthly budgets do not roll over inside a test.
+const T0: i64 = 1_794_268_800 * US;
+
+fn demo() -> Arc<Policy> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../compose/policy");
+    Arc::new(Policy::load_dir(&dir).unwrap_or_else(|e| panic!("{e}")))
+}
+
+fn usage(at_us: i64, env: &[(&str, &str)], tokens: i64, cost_nanos: i64) -> Usage {
+    let mut envelope = Envelope::default();
+    for (k, v) in env {
+        let v = Some((*v).to_owned());
+        match *k {
+            "project" => envelope.project = v,
+            "session" => envelope.session_id = v,
+            "environment" => envelope.environment = v,
+            "workflow" => envelope.workflow_tag = v,
+            "user" => envelope.user_id = v,
+            _ => panic!("{k}"),
+        }
+    }
+    Usage { at_us, envelope, api_key_id: None, requests: 1, tokens, cost_nanos }
+}
+
+fn states(out: &Output, rule: &str) -> Vec<(DecisionState, i64)> {
+    out.decisions.iter().filter(|d| d.rule_id == rule).map(|d| (d.state, d.observed)).collect()
+}
+
+#[test]
+fn a_session_is_watched_then_blocked_then_released_by_time() {
+    let mut e = Engine::new(demo(), 50);
+    let prod = [("session", "s1"), ("environment", "production")];
+    e.observe(&usage(T0, &prod, 90_000, 0), T0);
+    assert!(states(&e.evaluate(T0), "per-session-loop-guard").is_empty(), "45% is below the watch line");
+    e.observe(&usage(T0 + US, &prod, 20_000, 0), T0 + US);
+    assert_eq!(states(&e.evaluate(T0 + US), "per-session-loop-guard"), vec![(DecisionState::Watch, 110_000)]);
+    e.observe(&usage(T0 + 120 * US, &prod, 90_000, 0), T0 + 120 * US);
+    let out = e.evaluate(T0 + 120 * US);
+    let d = out.decisions.iter().find(|d| d.rule_id == "per-session-loop-guard").unwrap();
+    assert_eq!(
+        (d.state, d.observed, d.headroom, d.scope.as_str()),
+        (DecisionState::Breached, 200_000, 0, "session:s1")
+    );
+    assert_eq!(d.action, "hard_block");
+    // Dropping the first minute (110K) lifts it: one hour and one minute after T0.
+    assert_eq!(d.window_end_us, T0 + 3600 * US + 60 * US);
+    assert!(e.evaluate(T0 + 3600 * US).decisions.is_empty(), "still breached, nothing new to say");
+    let later = e.evaluate(T0 + 3661 * US);
+    assert_eq!(states(&later, "per-session-loop-guard"), vec![(DecisionState::Clear, 90_000)], "45% again");
+    e.observe(&usage(T0 + 3662 * US, &prod, 20_000, 0), T0 + 3662 * US);
+    let watch = e.evaluate(T0 + 3662 * US);
+    assert_eq!(states(&watch, "per-session-loop-guard"), vec![(DecisionState::Watch, 110_000)]);
+    let cleared = e.evaluate(T0 + 3600 * US + 181 * US);
+    assert_eq!(states(&cleared, "per-session-loop-guard"), vec![(DecisionState::Clear, 20_000)]);
+    // Staging traffic is not governed by the production rule.
+    e.observe(&usage(T0, &[("session", "s2"), ("environment", "staging")], 500_000, 0), T0);
+    assert!(states(&e.evaluate(T0), "per-session-loop-guard").is_empty());
+}
+
+#[test]
+fn budget_alerts_fire_once_per_threshold_and_window() {
+    let mut e = Engine::new(demo(), 50);
+    let search = [("project", "platform-search")];
+    let usd = 1_000_000_000i64;
+    e.observe(&usage(T0, &search, 1, 3_199 * usd), T0);
+    let out = e.evaluate(T0);
+    assert!(out.alerts.is_empty());
+    assert_eq!(states(&out, "platform-search-monthly"), vec![(DecisionState::Watch, 3_199 * usd)]);
+    e.observe(&usage(T0 + US, &search, 1, usd), T0 + US);
+    let out = e.evaluate(T0 + US);
+    assert_eq!(out.alerts.iter().map(|a| a.threshold_pct).collect::<Vec<_>>(), vec![80]);
+    assert_eq!(out.alerts[0].notify, vec!["slack:#ai-budget-alerts", "pagerduty:platform"]);
+    assert!(out.alerts[0].summary.contains("$3,200.00 of $4,000.00"), "{}", out.alerts[0].summary);
+    e.observe(&usage(T0 + 2 * US, &search, 1, usd), T0 + 2 * US);
+    assert!(e.evaluate(T0 + 2 * US).alerts.is_empty(), "80% fires once");
+    e.observe(&usage(T0 + 3 * US, &search, 1, 800 * usd), T0 + 3 * US);
+    let out = e.evaluate(T0 + 3 * US);
+    assert_eq!(
+        out.alerts.iter().map(|a| (a.threshold_pct, a.severity)).collect::<Vec<_>>(),
+        vec![(100, Severity::Critical)]
+    );
+    let d = out.decisions.iter().find(|d| d.rule_id == "platform-search-monthly").unwrap();
+    assert_eq!((d.state, d.action.as_str()), (DecisionState::Breached, "fallback_to_cheaper"));
+    assert_eq!(d.window_end_us, 1_796_083_200 * US, "December 1st, UTC");
+    assert!(e.evaluate(T0 + 4 * US).alerts.is_empty());
+    // Other projects are not in this budget.
+    e.observe(&usage(T0, &[("project", "other")], 1, 5_000 * usd), T0);
+    assert!(e.evaluate(T0 + 5 * US).decisions.iter().all(|d| d.scope != "X-TFY-Project=other"));
+}
+
+#[test]
+fn the_user_rule_needs_a_user_key() {
+    let policy = demo();
+    let user_key = policy.api_keys.as_ref().unwrap().values().find(|k| k.id == "demo-search").unwrap().id.clone();
+    let team_key = policy.api_keys.as_ref().unwrap().values().find(|k| k.id == "intern").unwrap().id.clone();
+    let mut e = Engine::new(policy, 50);
+    let mut u = usage(T0, &[("user", "u1")], 5_000_000, 0);
+    u.api_key_id = Some(team_key);
+    e.observe(&u, T0);
+    assert!(states(&e.evaluate(T0), "per-user-burst").is_empty(), "a team key is not a user subject");
+    u.api_key_id = Some(user_key);
+    e.observe(&u, T0);
+    let out = e.evaluate(T0);
+    let d = out.decisions.iter().find(|d| d.rule_id == "per-user-burst").unwrap();
+    assert_eq!((d.state, d.scope.as_str(), d.action.as_str()), (DecisionState::Breached, "user:u1", "queue_then_429"));
+}
+
+#[test]
+fn a_restarted_engine_repeats_nothing_and_versions_move_forward() {
+    let events: Vec<Usage> = (0..50)
+        .map(|i| {
+            usage(
+                T0 + i * US,
+                &[("project", "platform-search"), ("session", "s"), ("environment", "production")],
+                10_000,
+                100_000_000_000,
+            )
+        })
+        .collect();
+    let mut a = Engine::new(demo(), 50);
+    let mut published = Vec::new();
+    let mut alerts = Vec::new();
+    for (i, u) in events.iter().enumerate() {
+        a.observe(u, u.at_us);
+        if i % 7 == 0 {
+            let out = a.evaluate(u.at_us);
+            published.extend(out.decisions);
+            alerts.extend(out.alerts);
+        }
+    }
+    let now = T0 + 60 * US;
+    let out = a.evaluate(now);
+    published.extend(out.decisions);
+    alerts.extend(out.alerts);
+    assert_eq!(alerts.len(), 2, "80% and 100% of the budget");
+    let versions: Vec<i64> = published.iter().map(|d| d.version).collect();
+    assert!(versions.windows(2).all(|w| w[0] < w[1]), "{versions:?}");
+
+    // The restart: what the topics hold, then the same usage rebuilt.
+    let mut b = Engine::new(demo(), 50);
+    for d in &published {
+        b.seed_published(d);
+    }
+    for a in &alerts {
+        b.seed_alerted(a.alert_id.clone());
+    }
+    for u in &events {
+        b.observe(u, now);
+    }
+    let again = b.evaluate(now);
+    assert!(again.decisions.is_empty(), "{:?}", again.decisions);
+    assert!(again.alerts.is_empty());
+    b.observe(&events[0], now + US);
+    let next = b.evaluate(now + US);
+    assert!(next.decisions.iter().all(|d| d.version > *versions.last().unwrap()));
+}
+
+#[test]
+fn usd_formats_money() {
+    assert_eq!(usd(4_000_000_000_000), "$4,000.00");
+    assert_eq!(usd(1_289_000), "$0.00");
+    assert_eq!(usd(12_345_678_900_000), "$12,345.67");
+}

@@ -1,0 +1,177 @@
+//! Rebuilding the open windows at start: the usage ClickHouse already holds, up to the per-partition
+//! offsets the meter has checkpointed, summed per time bucket and rule dimensions. The enforcer
+//! then consumes the usage topic from exactly those offsets, so nothing is forgotten or counted
+//! twice across a restart.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use clickhouse::Client;
+use clickhouse::Row;
+use serde::Deserialize;
+use tollgate_schemas::policy::Policy;
+use tollgate_schemas::rules::Window;
+use tollgate_schemas::usage::Envelope;
+
+use crate::engine::{Engine, Usage};
+use crate::window::{Counter, bucket_seconds};
+
+const US: i64 = 1_000_000;
+/// Every time zone's offset is a multiple of 15 minutes, so 15-minute buckets never straddle the
+/// start of a calendar day, week or month.
+const CALENDAR_BUCKET_S: i64 = 900;
+
+#[derive(Debug, Row, Deserialize)]
+struct Bucket {
+    project: String,
+    team: String,
+    user_id: String,
+    session_id: String,
+    workflow_tag: String,
+    environment: String,
+    cost_center: String,
+    api_key_id: String,
+    bucket: i64,
+    requests: u64,
+    tokens: i64,
+    cost: i64,
+}
+
+/// What the rebuild read.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Rebuilt {
+    pub buckets: u64,
+    pub requests: u64,
+}
+
+/// The time ranges to read: sliding windows need recent usage at their bucket resolution, calendar
+/// windows everything since the earliest open period started, at 15 minutes.
+struct Plan {
+    sliding_since_s: i64,
+    sliding_bucket_s: i64,
+    calendar_since_s: Option<i64>,
+}
+
+fn gcd(a: i64, b: i64) -> i64 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+fn plan(policy: &Policy, now_us: i64) -> Plan {
+    let now_s = now_us / US;
+    let mut longest = 0i64;
+    let mut bucket = CALENDAR_BUCKET_S;
+    let mut calendar_since: Option<i64> = None;
+    for rule in &policy.rules {
+        match &rule.window {
+            Window::Sliding { seconds } => {
+                let b = bucket_seconds(*seconds);
+                longest = longest.max(i64::try_from(*seconds).unwrap_or(i64::MAX / US) + b);
+                bucket = gcd(bucket, b);
+            }
+            Window::Calendar { .. } => {
+                let start = Counter::new(&rule.window).bounds(now_us).0 / US;
+                calendar_since = Some(calendar_since.map_or(start, |c: i64| c.min(start)));
+            }
+        }
+    }
+    let sliding_since_s = now_s - longest;
+    Plan {
+        sliding_since_s,
+        sliding_bucket_s: bucket.max(1),
+        calendar_since_s: calendar_since.filter(|c| *c < sliding_since_s),
+    }
+}
+
+/// Feeds the engine everything ClickHouse holds below `covered` (partition → next offset not yet
+/// in ClickHouse) that can still matter to an open window.
+pub async fn rebuild(
+    ch: &Client,
+    topic: &str,
+    covered: &BTreeMap<i32, i64>,
+    engine: &mut Engine,
+    now_us: i64,
+) -> Result<Rebuilt, clickhouse::error::Error> {
+    if covered.is_empty() || engine.policy().rules.is_empty() {
+        return Ok(Rebuilt::default());
+    }
+    let p = plan(engine.policy(), now_us);
+    let mut ranges = vec![(p.sliding_since_s, now_us / US + 1, p.sliding_bucket_s)];
+    if let Some(since) = p.calendar_since_s {
+        ranges.push((since, p.sliding_since_s, CALENDAR_BUCKET_S));
+    }
+    let mut rebuilt = Rebuilt::default();
+    for (from_s, to_s, bucket_s) in ranges {
+        let rows: Vec<Bucket> = ch.query(&query(covered, from_s, to_s, bucket_s)).bind(topic).fetch_all().await?;
+        for r in rows {
+            let opt = |s: String| if s.is_empty() { None } else { Some(s) };
+            let usage = Usage {
+                // The bucket's last instant: a sliding window keeps it longest, and it lies in the
+                // same calendar period as every event of the bucket.
+                at_us: (r.bucket + bucket_s) * US - 1,
+                envelope: Envelope {
+                    project: opt(r.project),
+                    team: opt(r.team),
+                    user_id: opt(r.user_id),
+                    session_id: opt(r.session_id),
+                    workflow_tag: opt(r.workflow_tag),
+                    environment: opt(r.environment),
+                    cost_center: opt(r.cost_center),
+                },
+                api_key_id: opt(r.api_key_id),
+                requests: i64::try_from(r.requests).unwrap_or(i64::MAX),
+                tokens: r.tokens,
+                cost_nanos: r.cost,
+            };
+            engine.observe(&usage, now_us);
+            rebuilt.buckets += 1;
+            rebuilt.requests += r.requests;
+        }
+    }
+    Ok(rebuilt)
+}
+
+/// One aggregate query; the topic is bound, the numbers are formatted in (they are integers).
+fn query(covered: &BTreeMap<i32, i64>, from_s: i64, to_s: i64, bucket_s: i64) -> String {
+    let mut offsets = String::new();
+    for (i, (p, next)) in covered.iter().enumerate() {
+        if i > 0 {
+            offsets.push_str(" OR ");
+        }
+        let _ = write!(offsets, "(kafka_partition = {p} AND kafka_offset < {next})");
+    }
+    format!(
+        "SELECT project, team, user_id, session_id, workflow_tag, environment, cost_center, api_key_id, \
+         intDiv(ended_at_us, {bucket_us}) * {bucket_s} AS bucket, count() AS requests, \
+         sum(input_tokens + cached_input_tokens + cache_write_tokens + output_tokens) AS tokens, \
+         sum(cost_nanos) AS cost \
+         FROM usage_events FINAL \
+         WHERE kafka_topic = ? AND ended_at_us >= {from_us} AND ended_at_us < {to_us} \
+         AND status != 'rejected' AND ({offsets}) \
+         GROUP BY project, team, user_id, session_id, workflow_tag, environment, cost_center, api_key_id, bucket",
+        bucket_us = bucket_s * US,
+        from_us = from_s * US,
+        to_us = to_s * US,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_demo_policy_reads_a_day_by_minute_and_the_month_by_quarter_hour() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../compose/policy");
+        let policy = Policy::load_dir(&dir).unwrap();
+        let now = 1_794_268_800 * US + 5 * 86_400 * US; // 2026-11-15
+        let p = plan(&policy, now);
+        assert_eq!(p.sliding_bucket_s, 60, "gcd of 60 (1h), 1440 (1d) and 900");
+        assert_eq!(p.sliding_since_s, now / US - 86_400 - 1_440);
+        assert_eq!(p.calendar_since_s, Some(1_793_491_200), "2026-11-01T00:00Z");
+        let sql = query(&BTreeMap::from([(0, 10), (3, 7)]), 100, 200, 60);
+        assert!(
+            sql.contains("(kafka_partition = 0 AND kafka_offset < 10) OR (kafka_partition = 3 AND kafka_offset < 7)")
+        );
+        assert!(sql.contains("ended_at_us >= 100000000 AND ended_at_us < 200000000"));
+    }
+}
