@@ -58,6 +58,16 @@ pub fn total_tokens(ev: &UsageEvent) -> i64 {
 /// the state, the figures only feed the 429 body.
 pub const BREACHED_REFRESH_US: i64 = 1_000_000;
 
+/// What a rule's count says about a scope now.
+#[derive(Debug, Clone, Copy)]
+pub struct Verdict {
+    pub state: DecisionState,
+    pub observed: i64,
+    pub limit: i64,
+    pub window_start_us: i64,
+    pub window_end_us: i64,
+}
+
 /// The last decision published for a key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Published {
@@ -93,6 +103,8 @@ pub struct Engine {
     /// Alert ids already raised (from the alerts topic at start, then our own).
     alerted: HashSet<String>,
     last_version: i64,
+    /// Rules whose decisions the anomaly guards make (not counted here).
+    guard_ids: HashSet<String>,
     /// A scope at or above this percentage of its limit is published as `Watch` with its headroom.
     watch_pct: i64,
 }
@@ -102,6 +114,7 @@ impl Engine {
         let rules: Vec<Rule> = policy.rules.iter().filter(|r| r.kind != RuleKind::Guard).cloned().collect();
         let subjects =
             policy.api_keys.iter().flat_map(|keys| keys.values()).map(|k| (k.id.clone(), k.subject.clone())).collect();
+        let guard_ids = policy.guards.iter().map(|g| g.id().to_owned()).collect();
         Engine {
             policy,
             rules,
@@ -111,6 +124,7 @@ impl Engine {
             published: HashMap::new(),
             alerted: HashSet::new(),
             last_version: 0,
+            guard_ids,
             watch_pct: i64::from(watch_pct.min(100)),
         }
     }
@@ -162,22 +176,26 @@ impl Engine {
         keys.extend(self.published.iter().filter(|(_, p)| p.state != DecisionState::Clear).map(|(k, _)| k.clone()));
         keys.sort();
         keys.dedup();
-        let by_id: HashMap<&str, &Rule> = self.rules.iter().map(|r| (r.id.as_str(), r)).collect();
+        let Engine { rules, states, published, alerted, last_version, guard_ids, watch_pct, .. } = self;
+        let by_id: HashMap<&str, &Rule> = rules.iter().map(|r| (r.id.as_str(), r)).collect();
         let mut out = Output::default();
         for key in keys {
             let Some((rule_id, scope)) = key.split_once('/') else { continue };
+            if guard_ids.contains(rule_id) {
+                continue; // the guards decide these
+            }
             let Some(rule) = by_id.get(rule_id) else {
                 // The rule left the policy: lift what it had decided.
-                if let Some(p) = self.published.get(&key).copied() {
+                if let Some(p) = published.get(&key).copied() {
                     if p.state != DecisionState::Clear {
-                        let d = clear_for_removed(rule_id, scope, now_us, next_version(&mut self.last_version, now_us));
-                        self.published.insert(key.clone(), published_of(&d));
+                        let d = clear_for_removed(rule_id, scope, now_us, next_version(last_version, now_us));
+                        published.insert(key.clone(), published_of(&d));
                         out.decisions.push(d);
                     }
                 }
                 continue;
             };
-            let (observed, bounds, lifts_at) = match self.states.get_mut(&key) {
+            let (observed, bounds, lifts_at) = match states.get_mut(&key) {
                 Some(s) => {
                     let v = s.counter.value(now_us);
                     let lifts = if v >= rule.limit { s.counter.lifts_at(now_us, rule.limit) } else { now_us };
@@ -187,7 +205,7 @@ impl Engine {
             };
             let state = if observed >= rule.limit {
                 DecisionState::Breached
-            } else if observed * 100 >= rule.limit * self.watch_pct && observed > 0 {
+            } else if observed * 100 >= rule.limit * *watch_pct && observed > 0 {
                 DecisionState::Watch
             } else {
                 DecisionState::Clear
@@ -196,36 +214,8 @@ impl Engine {
                 DecisionState::Breached => lifts_at,
                 _ => bounds.1,
             };
-            let last = self.published.get(&key).copied();
-            let changed = match last {
-                None => state != DecisionState::Clear,
-                Some(p) => {
-                    p.state != state
-                        || (state == DecisionState::Watch && p.observed != observed)
-                        || (state == DecisionState::Breached
-                            && (p.window_end_us != window_end_us || p.observed != observed)
-                            && now_us - p.decided_at_us >= BREACHED_REFRESH_US)
-                }
-            };
-            if changed {
-                let d = BreachDecision {
-                    rule_id: rule.id.clone(),
-                    rule_kind: rule.kind,
-                    scope: scope.to_owned(),
-                    state,
-                    action: rule.action_name.clone(),
-                    audit: rule.audit,
-                    cut_streams: rule.cut_streams,
-                    measure: rule.measure,
-                    limit: rule.limit,
-                    observed,
-                    headroom: (rule.limit - observed).max(0),
-                    window_start_us: bounds.0,
-                    window_end_us,
-                    decided_at_us: now_us,
-                    version: next_version(&mut self.last_version, now_us),
-                };
-                self.published.insert(key.clone(), published_of(&d));
+            let verdict = Verdict { state, observed, limit: rule.limit, window_start_us: bounds.0, window_end_us };
+            if let Some(d) = decide(published, last_version, rule, scope, verdict, now_us) {
                 out.decisions.push(d);
             }
             for t in &rule.alerts {
@@ -234,7 +224,8 @@ impl Engine {
                 }
                 let pct = i32::try_from(t.at_pct).unwrap_or(i32::MAX);
                 let id = Alert::id_for(&rule.id, scope, bounds.0, pct);
-                if self.alerted.insert(id.clone()) {
+                if !alerted.contains(&id) {
+                    alerted.insert(id.clone());
                     out.alerts.push(Alert {
                         alert_id: id,
                         rule_id: rule.id.clone(),
@@ -259,6 +250,31 @@ impl Engine {
             }
         }
         out
+    }
+
+    /// A decision for `rule`/`scope` if the verdict differs from what was last published (or a
+    /// breached scope's figures moved and the last word is over a second old), with the next
+    /// version. Guards decide through this too, so every key's versions move forward together.
+    pub fn decide(&mut self, rule: &Rule, scope: &str, v: Verdict, now_us: i64) -> Option<BreachDecision> {
+        decide(&mut self.published, &mut self.last_version, rule, scope, v, now_us)
+    }
+
+    /// Whether `alert_id` is new; remembers it.
+    pub fn first_time(&mut self, alert_id: &str) -> bool {
+        if self.alerted.contains(alert_id) {
+            return false;
+        }
+        self.alerted.insert(alert_id.to_owned());
+        true
+    }
+
+    /// Keys of `rule_id` whose last published decision is not `Clear`.
+    pub fn in_force(&self, rule_id: &str) -> Vec<String> {
+        self.published
+            .iter()
+            .filter(|(k, p)| p.state != DecisionState::Clear && k.split_once('/').is_some_and(|(r, _)| r == rule_id))
+            .map(|(k, _)| k.split_once('/').map(|(_, s)| s.to_owned()).unwrap_or_default())
+            .collect()
     }
 
     /// Forgets scopes with nothing counted and nothing in force; returns how many remain.
@@ -302,6 +318,49 @@ impl Engine {
         v.sort();
         v
     }
+}
+
+fn decide(
+    published: &mut HashMap<String, Published>,
+    last_version: &mut i64,
+    rule: &Rule,
+    scope: &str,
+    v: Verdict,
+    now_us: i64,
+) -> Option<BreachDecision> {
+    let key = tollgate_schemas::decision::decision_key(&rule.id, scope);
+    let changed = match published.get(&key) {
+        None => v.state != DecisionState::Clear,
+        Some(p) => {
+            p.state != v.state
+                || (v.state == DecisionState::Watch && p.observed != v.observed)
+                || (v.state == DecisionState::Breached
+                    && (p.window_end_us != v.window_end_us || p.observed != v.observed)
+                    && now_us - p.decided_at_us >= BREACHED_REFRESH_US)
+        }
+    };
+    if !changed {
+        return None;
+    }
+    let d = BreachDecision {
+        rule_id: rule.id.clone(),
+        rule_kind: rule.kind,
+        scope: scope.to_owned(),
+        state: v.state,
+        action: rule.action_name.clone(),
+        audit: rule.audit,
+        cut_streams: rule.cut_streams,
+        measure: rule.measure,
+        limit: v.limit,
+        observed: v.observed,
+        headroom: (v.limit - v.observed).max(0),
+        window_start_us: v.window_start_us,
+        window_end_us: v.window_end_us,
+        decided_at_us: now_us,
+        version: next_version(last_version, now_us),
+    };
+    published.insert(key, published_of(&d));
+    Some(d)
 }
 
 fn next_version(last: &mut i64, now_us: i64) -> i64 {

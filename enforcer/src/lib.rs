@@ -7,6 +7,7 @@
 //! notify channels.
 
 pub mod engine;
+pub mod guards;
 pub mod metrics;
 pub mod notify;
 pub mod rebuild;
@@ -34,6 +35,7 @@ use tollgate_schemas::usage::UsageEvent;
 use tracing::{debug, error, info, warn};
 
 use engine::{Engine, Usage};
+use guards::{Guards, Sample};
 use notify::Notifier;
 
 #[derive(Debug, Clone)]
@@ -136,10 +138,16 @@ async fn enforce(
         return Ok(());
     };
     // Each attempt starts from the seeded engine: a failed one may have counted part of the rows.
-    let Some((rebuilt, mut engine)) = retry(shutdown, "rebuilding windows from clickhouse", || async {
+    let Some((rebuilt, mut engine, mut guards)) = retry(shutdown, "rebuilding windows from clickhouse", || async {
+        let now = now_us();
         let mut e = seeded();
-        let r = rebuild::rebuild(&ch, &config.usage_topic, &covered, &mut e, now_us()).await?;
-        Ok((r, e))
+        let r = rebuild::rebuild(&ch, &config.usage_topic, &covered, &mut e, now).await?;
+        let mut g = Guards::new(&policy);
+        rebuild::rebuild_guards(&ch, &config.usage_topic, &covered, &mut g, now).await?;
+        for (i, pct, days) in g.baselines_wanted() {
+            g.set_baseline(i, rebuild::loop_baseline(&ch, pct, days, now).await?);
+        }
+        Ok((r, e, g))
     })
     .await
     else {
@@ -158,7 +166,7 @@ async fn enforce(
     let consumer = usage_consumer(config, &covered).await?;
     let codec = UsageEvent::codec()?;
     let publisher = Publisher::new(producer, config)?;
-    publisher.publish(&mut engine, notifier, now_us()).await;
+    publisher.publish(&mut engine, &mut guards, notifier, now_us(), true).await;
 
     let mut seen = RecentIds::default();
     let mut pending = 0usize;
@@ -167,13 +175,17 @@ async fn enforce(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
     let mut last_gc = Instant::now();
+    // The loop guards' baselines move slowly: re-read them every five minutes, off the loop.
+    let (baseline_tx, mut baselines) = tokio::sync::mpsc::channel(4);
+    let refresh = tokio::spawn(refresh_baselines(ch.clone(), guards.baselines_wanted(), baseline_tx, shutdown.clone()));
     loop {
         tokio::select! {
             biased;
             () = shutdown.cancelled() => break,
+            Some((i, baseline)) = baselines.recv() => guards.set_baseline(i, baseline),
             _ = tick.tick(), if pending > 0 => {
                 let now = now_us();
-                publisher.publish(&mut engine, notifier, now).await;
+                publisher.publish(&mut engine, &mut guards, notifier, now, false).await;
                 if let Some(oldest) = oldest_pending.take() {
                     metrics::evaluated(pending, (now - oldest).max(0) as f64 / 1e6);
                 }
@@ -181,7 +193,7 @@ async fn enforce(
             }
             _ = housekeeping.tick() => {
                 let now = now_us();
-                publisher.publish(&mut engine, notifier, now).await;
+                publisher.publish(&mut engine, &mut guards, notifier, now, true).await;
                 if last_gc.elapsed() > Duration::from_secs(30) {
                     metrics::scopes(engine.gc(now));
                     last_gc = Instant::now();
@@ -196,7 +208,11 @@ async fn enforce(
                         }
                         metrics::event(ev.input_tokens, ev.output_tokens, ev.cost_nanos);
                         if let Some(u) = Usage::of(&ev) {
-                            engine.observe(&u, now_us());
+                            let now = now_us();
+                            engine.observe(&u, now);
+                            if let Some(s) = Sample::of(&ev) {
+                                guards.observe(&s, now);
+                            }
                             pending += 1;
                             oldest_pending.get_or_insert(ev.ended_at_us);
                         }
@@ -215,9 +231,37 @@ async fn enforce(
         }
     }
     if pending > 0 {
-        publisher.publish(&mut engine, notifier, now_us()).await;
+        publisher.publish(&mut engine, &mut guards, notifier, now_us(), false).await;
     }
+    refresh.abort();
     Ok(())
+}
+
+async fn refresh_baselines(
+    ch: clickhouse::Client,
+    wanted: Vec<(usize, u32, u32)>,
+    tx: tokio::sync::mpsc::Sender<(usize, guards::Baseline)>,
+    shutdown: CancellationToken,
+) {
+    if wanted.is_empty() {
+        return;
+    }
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(300)) => {}
+        }
+        for (i, pct, days) in &wanted {
+            match rebuild::loop_baseline(&ch, *pct, *days, now_us()).await {
+                Ok(b) => {
+                    if tx.send((*i, b)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => warn!(error = %e, "cannot refresh the loop guard's baseline; keeping the last one"),
+            }
+        }
+    }
 }
 
 /// The last decision per key and every alert id, from the enforcer's own topics.
@@ -307,8 +351,10 @@ impl<'a> Publisher<'a> {
         })
     }
 
-    async fn publish(&self, engine: &mut Engine, notifier: &Notifier, now: i64) {
-        let out = engine.evaluate(now);
+    /// Publishes what the rules and guards decide now; `sweep` re-judges every guard scope.
+    async fn publish(&self, engine: &mut Engine, guards: &mut Guards, notifier: &Notifier, now: i64, sweep: bool) {
+        let mut out = engine.evaluate(now);
+        guards.evaluate(engine, now, sweep, &mut out);
         if out.decisions.is_empty() && out.alerts.is_empty() {
             return;
         }

@@ -130,8 +130,8 @@ pub async fn rebuild(
     Ok(rebuilt)
 }
 
-/// One aggregate query; the topic is bound, the numbers are formatted in (they are integers).
-fn query(covered: &BTreeMap<i32, i64>, from_s: i64, to_s: i64, bucket_s: i64) -> String {
+/// `(kafka_partition = 0 AND kafka_offset < 10) OR …`: the rows the meter's checkpoints cover.
+fn covered_filter(covered: &BTreeMap<i32, i64>) -> String {
     let mut offsets = String::new();
     for (i, (p, next)) in covered.iter().enumerate() {
         if i > 0 {
@@ -139,6 +139,12 @@ fn query(covered: &BTreeMap<i32, i64>, from_s: i64, to_s: i64, bucket_s: i64) ->
         }
         let _ = write!(offsets, "(kafka_partition = {p} AND kafka_offset < {next})");
     }
+    offsets
+}
+
+/// One aggregate query; the topic is bound, the numbers are formatted in (they are integers).
+fn query(covered: &BTreeMap<i32, i64>, from_s: i64, to_s: i64, bucket_s: i64) -> String {
+    let offsets = covered_filter(covered);
     format!(
         "SELECT project, team, user_id, session_id, workflow_tag, environment, cost_center, api_key_id, \
          intDiv(ended_at_us, {bucket_us}) * {bucket_s} AS bucket, count() AS requests, \
@@ -174,4 +180,117 @@ mod tests {
         );
         assert!(sql.contains("ended_at_us >= 100000000 AND ended_at_us < 200000000"));
     }
+}
+
+#[derive(Debug, Row, Deserialize)]
+struct GuardRow {
+    session_id: String,
+    workflow_tag: String,
+    provider: String,
+    model: String,
+    model_version: String,
+    at_us: i64,
+    requests: u64,
+    io_tokens: i64,
+    prompt_tokens: i64,
+    referenced_requests: u64,
+    referenced_prompt_tokens: i64,
+    reference_tokens: i64,
+    cost: i64,
+}
+
+/// Feeds the anomaly guards what ClickHouse holds below `covered`: this hour's session totals
+/// (loop guards), recent spend and prompt sizes per workflow and model (context stuffing,
+/// frontier share), and per model version the last 30 days' token ratios (tokenizer drift).
+pub async fn rebuild_guards(
+    ch: &Client,
+    topic: &str,
+    covered: &BTreeMap<i32, i64>,
+    guards: &mut crate::guards::Guards,
+    now_us: i64,
+) -> Result<u64, clickhouse::error::Error> {
+    if covered.is_empty() || guards.is_empty() {
+        return Ok(0);
+    }
+    let offsets = covered_filter(covered);
+    let hour_us = now_us / (3600 * US) * 3600 * US;
+    let recent_us = now_us - guards.lookback_s().min(86_400 * 7) * US;
+    let bucket_us = 60 * US;
+    let sums = "count() AS requests, sum(input_tokens + output_tokens) AS io_tokens, \
+         sum(input_tokens + cached_input_tokens + cache_write_tokens) AS prompt_tokens, \
+         countIf(isNotNull(reference_input_tokens)) AS referenced_requests, \
+         sumIf(input_tokens + cached_input_tokens + cache_write_tokens, isNotNull(reference_input_tokens)) AS referenced_prompt_tokens, \
+         sum(ifNull(reference_input_tokens, 0)) AS reference_tokens, sum(cost_nanos) AS cost";
+    let from = format!("FROM usage_events FINAL WHERE kafka_topic = ? AND status != 'rejected' AND ({offsets})");
+    let queries = [
+        // Loop guards: this hour per session (only session and workflow matter).
+        format!(
+            "SELECT session_id, workflow_tag, '' AS provider, '' AS model, '' AS model_version, max(ended_at_us) AS at_us, \
+             toUInt64(0) AS requests, sum(input_tokens + output_tokens) AS io_tokens, toInt64(0) AS prompt_tokens, \
+             toUInt64(0) AS referenced_requests, toInt64(0) AS referenced_prompt_tokens, toInt64(0) AS reference_tokens, \
+             toInt64(0) AS cost {from} AND ended_at_us >= {hour_us} GROUP BY session_id, workflow_tag"
+        ),
+        // Context stuffing and frontier share: per workflow and model, by minute.
+        format!(
+            "SELECT '' AS session_id, workflow_tag, provider, model, '' AS model_version, \
+             intDiv(ended_at_us, {bucket_us}) * {bucket_us} + {bucket_us} - 1 AS at_us, count() AS requests, \
+             toInt64(0) AS io_tokens, sum(input_tokens + cached_input_tokens + cache_write_tokens) AS prompt_tokens, \
+             toUInt64(0) AS referenced_requests, toInt64(0) AS referenced_prompt_tokens, toInt64(0) AS reference_tokens, \
+             sum(cost_nanos) AS cost {from} AND ended_at_us >= {recent_us} GROUP BY workflow_tag, provider, model, at_us"
+        ),
+        // Tokenizer drift: per model version, since it was first seen (30 days at most).
+        format!(
+            "SELECT {none_but_version}, model_version, min(ended_at_us) AS at_us, {sums} {from} \
+             AND model_version != '' AND ended_at_us >= {month_us} GROUP BY provider, model, model_version",
+            none_but_version = "'' AS session_id, '' AS workflow_tag, provider, model",
+            month_us = now_us - 30 * 86_400 * US,
+        ),
+    ];
+    let mut rows_read = 0u64;
+    for q in queries {
+        let rows: Vec<GuardRow> = ch.query(&q).bind(topic).fetch_all().await?;
+        for r in rows {
+            rows_read += 1;
+            let (requests, referenced) = (r.requests as i64, r.referenced_requests as i64);
+            // Drift rows carry everything; the others only what their guard reads.
+            let s = crate::guards::Sample {
+                at_us: r.at_us,
+                session_id: r.session_id,
+                workflow: r.workflow_tag,
+                provider: r.provider,
+                model: r.model,
+                model_version: r.model_version,
+                requests: if referenced > 0 { 0 } else { requests },
+                io_tokens: if referenced > 0 { 0 } else { r.io_tokens },
+                prompt_tokens: r.prompt_tokens,
+                referenced_requests: referenced,
+                referenced_prompt_tokens: r.referenced_prompt_tokens,
+                reference_tokens: r.reference_tokens,
+                cost_nanos: if referenced > 0 { 0 } else { r.cost },
+            };
+            guards.observe(&s, now_us);
+        }
+    }
+    Ok(rows_read)
+}
+
+/// Per workflow, the `percentile` of its session-hours' tokens over the last `days` full hours,
+/// and how many session-hours that is, from the meter's `session_hours`.
+pub async fn loop_baseline(
+    ch: &Client,
+    percentile: u32,
+    days: u32,
+    now_us: i64,
+) -> Result<crate::guards::Baseline, clickhouse::error::Error> {
+    let this_hour = now_us / (3600 * US) * 3600;
+    let since = this_hour - i64::from(days) * 86_400;
+    let q = format!(
+        "SELECT workflow_tag, toInt64(quantileExact({level})(t)) AS p, count() AS n FROM (\
+         SELECT hour, workflow_tag, session_id, sum(input_tokens + output_tokens) AS t FROM session_hours FINAL \
+         WHERE hour >= toDateTime({since}) AND hour < toDateTime({this_hour}) GROUP BY hour, workflow_tag, session_id) \
+         GROUP BY workflow_tag",
+        level = f64::from(percentile.clamp(1, 100)) / 100.0,
+    );
+    let rows: Vec<(String, i64, u64)> = ch.query(&q).fetch_all().await?;
+    Ok(rows.into_iter().map(|(w, p, n)| (w, (p, n))).collect())
 }

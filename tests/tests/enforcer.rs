@@ -5,30 +5,14 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::Value;
-use tollgate_schemas::decision::{Alert, DecisionState};
+use tollgate_schemas::decision::DecisionState;
 use tollgate_schemas::usage::{Envelope, UsageEvent};
 
 const USD: i64 = 1_000_000_000;
-
-/// The test policy plus the reference's rate-limit and budget YAML verbatim, and alert channels
-/// on the mock's webhook sink.
-fn reference_policy(dir: &Path, mock: SocketAddr) {
-    write_policy(dir, mock);
-    let reference = Path::new(env!("CARGO_MANIFEST_DIR")).join("../compose/policy");
-    for f in ["rate-limits.yaml", "budgets.yaml"] {
-        std::fs::copy(reference.join(f), dir.join(f)).unwrap();
-    }
-    let channels = format!(
-        "type: tollgate-alert-channels\nchannels:\n  - {{name: \"slack:#ai-budget-alerts\", url: \"http://{mock}/webhooks/slack\"}}\n  - {{name: \"pagerduty:platform\", url: \"http://{mock}/webhooks/pagerduty\", routing_key: test-routing-key}}\n"
-    );
-    std::fs::write(dir.join("channels.yaml"), channels).unwrap();
-}
 
 fn event(i: u64, envelope: Envelope, input: i64, output: i64, cost_nanos: i64) -> UsageEvent {
     UsageEvent {
@@ -51,65 +35,11 @@ fn env(project: &str, session: &str, environment: &str, workflow: &str) -> Envel
     }
 }
 
-async fn webhooks(mock: SocketAddr) -> Vec<Value> {
-    let v: Value = reqwest::get(format!("http://{mock}/webhooks")).await.unwrap().json().await.unwrap();
-    v.as_array().unwrap().clone()
-}
-
-async fn alerts_on(topic: &str) -> Vec<Alert> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
-    let topic = topic.to_owned();
-    tokio::task::spawn_blocking(move || {
-        let c: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", kafka_brokers())
-            .set("group.id", unique("alerts"))
-            .create()
-            .unwrap();
-        let (_, high) = c.fetch_watermarks(&topic, 0, Duration::from_secs(10)).unwrap();
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&topic, 0, Offset::Beginning).unwrap();
-        c.assign(&tpl).unwrap();
-        let codec = Alert::codec().unwrap();
-        let mut out = Vec::new();
-        while (out.len() as i64) < high {
-            if let Some(m) = c.poll(Duration::from_secs(10)) {
-                out.push(codec.decode(m.unwrap().payload().unwrap()).unwrap());
-            } else {
-                panic!("alerts topic ended early");
-            }
-        }
-        out
-    })
-    .await
-    .unwrap()
-}
-
-struct Topics {
-    usage: String,
-    breaches: String,
-    alerts: String,
-    db: String,
-}
-
-async fn topics(name: &str) -> Topics {
-    let t = Topics {
-        usage: unique(&format!("{name}_usage")),
-        breaches: unique(&format!("{name}_breaches")),
-        alerts: unique(&format!("{name}_alerts")),
-        db: unique(name),
-    };
-    create_topic(&t.usage, 4).await;
-    create_topic(&t.breaches, 1).await;
-    create_topic(&t.alerts, 1).await;
-    t
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_reference_rules_decide_as_written() {
     let mock = start_mock().await;
     let dir = tempfile::tempdir().unwrap();
-    reference_policy(dir.path(), mock.addr);
+    write_reference_rules(dir.path(), mock.addr);
     let t = topics("enf_ref").await;
     let meter = start_meter(meter_config(&t.usage, &t.db)).await;
     let enforcer = start_enforcer(enforcer_config(dir.path(), &t.usage, &t.breaches, &t.alerts, &t.db)).await;
@@ -228,7 +158,7 @@ fn spawn_enforcer(policy: &Path, t: &Topics, log_dir: &Path, n: u32) -> std::pro
 async fn a_restart_mid_window_neither_forgets_nor_double_counts() {
     let mock = start_mock().await;
     let dir = tempfile::tempdir().unwrap();
-    reference_policy(dir.path(), mock.addr);
+    write_reference_rules(dir.path(), mock.addr);
     let logs = tempfile::tempdir().unwrap();
     let t = topics("enf_restart").await;
     let meter = start_meter(meter_config(&t.usage, &t.db)).await;
@@ -273,5 +203,128 @@ async fn a_restart_mid_window_neither_forgets_nor_double_counts() {
     enforcer.kill().unwrap();
     enforcer.wait().unwrap();
     drop(log);
+    mock.stop().await;
+}
+
+/// A usage event for the guard test: `model`/`version` on the Anthropic-kind mock provider.
+fn guard_event(session: &str, workflow: &str, model: &str, version: &str, ended_us: i64) -> UsageEvent {
+    UsageEvent {
+        provider: "anthropic-mock".into(),
+        model: model.into(),
+        model_version: Some(version.into()),
+        envelope: Envelope {
+            project: Some("guards".into()),
+            session_id: Some(session.into()),
+            workflow_tag: Some(workflow.into()),
+            ..Envelope::default()
+        },
+        ..UsageEvent::example(uuid::Uuid::now_v7().to_string(), None, ended_us)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_anomaly_guards_find_the_loop_the_stuffing_the_drift_and_the_frontier_share() {
+    let mock = start_mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    write_reference_rules(dir.path(), mock.addr);
+    let reference = Path::new(env!("CARGO_MANIFEST_DIR")).join("../compose/policy");
+    std::fs::copy(reference.join("anomaly-guards.yaml"), dir.path().join("anomaly-guards.yaml")).unwrap();
+    let m = mock.addr;
+    std::fs::write(
+        dir.path().join("channels.yaml"),
+        format!(
+            "type: tollgate-alert-channels\nchannels:\n  - {{name: \"slack:#ai-budget-alerts\", url: \"http://{m}/webhooks/slack\"}}\n  - {{name: \"pagerduty:platform\", url: \"http://{m}/webhooks/pagerduty\", routing_key: k}}\n  - {{name: \"webhook:finops\", url: \"http://{m}/webhooks/finops\"}}\n"
+        ),
+    )
+    .unwrap();
+    let t = topics("enf_guards").await;
+    let meter = start_meter(meter_config(&t.usage, &t.db)).await;
+
+    // History, two hours ago: 30 agent sessions of 1,000 tokens (the loop baseline: p95 = 1,000),
+    // and 30 requests on version 4-6 whose provider counts equal the reference estimate.
+    let hour_us = 3_600_000_000;
+    let past = (now_us() / hour_us - 2) * hour_us + 60_000_000;
+    let mut history = Vec::new();
+    for i in 0..30 {
+        history.push(UsageEvent {
+            input_tokens: 800,
+            output_tokens: 200,
+            ..guard_event(&format!("agent-{i}"), "agent", "claude-haiku-4-5", "claude-haiku-4-5", past + i * 1_000_000)
+        });
+        history.push(UsageEvent {
+            input_tokens: 1_000,
+            reference_input_tokens: Some(1_000),
+            ..guard_event(&format!("old-{i}"), "review", "claude-opus-4-7", "claude-opus-4-6", past + i * 1_000_000)
+        });
+    }
+    produce_usage(&t.usage, &history).await;
+    assert!(eventually(Duration::from_secs(60), || async { checkpointed(&t.db).await == 60 }).await);
+
+    let enforcer = start_enforcer(enforcer_config(dir.path(), &t.usage, &t.breaches, &t.alerts, &t.db)).await;
+    let log = DecisionLog::follow(&t.breaches);
+    let now = now_us();
+    let mut live = Vec::new();
+    // A looping agent: 4 × 1,000 tokens this hour, above 3 × its workflow's p95.
+    for i in 0..4 {
+        live.push(UsageEvent {
+            input_tokens: 800,
+            output_tokens: 200,
+            ..guard_event("loop-x", "agent", "claude-haiku-4-5", "", now + i)
+        });
+    }
+    // A normal agent session: 2,000 tokens.
+    for i in 0..2 {
+        live.push(UsageEvent {
+            input_tokens: 800,
+            output_tokens: 200,
+            ..guard_event("fine-x", "agent", "claude-haiku-4-5", "", now + i)
+        });
+    }
+    // Context stuffing: 20 requests of 60K input tokens in `rag`.
+    for i in 0..20 {
+        live.push(UsageEvent { input_tokens: 60_000, ..guard_event("rag-1", "rag", "claude-haiku-4-5", "", now + i) });
+    }
+    // Tokenizer drift: version 4-7 reads the same prompts as 30% more tokens, 25 requests, in
+    // `review`, whose spend is all on the frontier model (cost share 100% > 50%).
+    for i in 0..25 {
+        live.push(UsageEvent {
+            input_tokens: 1_300,
+            reference_input_tokens: Some(1_000),
+            cost_nanos: 1_000_000_000,
+            // One request per session: no session of `review` is anywhere near a loop.
+            ..guard_event(&format!("review-{i}"), "review", "claude-opus-4-7", "claude-opus-4-7", now + i)
+        });
+    }
+    produce_usage(&t.usage, &live).await;
+
+    let d = log.wait_for("session-loop-guard/session:loop-x", |d| d.state == DecisionState::Breached).await;
+    assert_eq!((d.observed, d.limit, d.action.as_str()), (4_000, 3_000, "hard_block"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let kinds = || async {
+        let mut v: Vec<String> =
+            alerts_on(&t.alerts).await.iter().map(|a| format!("{}:{}", a.kind.as_str(), a.scope)).collect();
+        v.sort();
+        v
+    };
+    while kinds().await.len() < 4 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        kinds().await,
+        vec![
+            "context_stuffing:workflow:rag",
+            "frontier_cost_share:workflow:review",
+            "loop_guard:session:loop-x",
+            "tokenizer_drift:model:anthropic-mock/claude-opus-4-7@claude-opus-4-7",
+        ]
+    );
+    assert!(log.latest("session-loop-guard/session:fine-x").is_none(), "a normal session is left alone");
+    let hooks = webhooks(mock.addr).await;
+    let count = |c: &str| hooks.iter().filter(|h| h["channel"] == c).count();
+    assert_eq!((count("slack"), count("finops")), (2, 2), "loop + drift to Slack, stuffing + share to finops");
+    drop(log);
+    enforcer.stop().await;
+    meter.stop().await;
     mock.stop().await;
 }

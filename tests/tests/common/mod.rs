@@ -527,3 +527,86 @@ impl Drop for DecisionLog {
 pub fn now_us() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as i64
 }
+
+/// `write_policy`, plus the reference's rate-limit and budget YAML verbatim (compose/policy),
+/// alert channels on the mock's webhook sink, and `vm-premium`: a frontier model (priced in
+/// the card) with the cheaper Haiku as its fallback.
+pub fn write_reference_rules(dir: &Path, mock: SocketAddr) {
+    write_policy(dir, mock);
+    let reference = Path::new(env!("CARGO_MANIFEST_DIR")).join("../compose/policy");
+    for f in ["rate-limits.yaml", "budgets.yaml"] {
+        std::fs::copy(reference.join(f), dir.join(f)).unwrap();
+    }
+    let channels = format!(
+        "type: tollgate-alert-channels\nchannels:\n  - {{name: \"slack:#ai-budget-alerts\", url: \"http://{mock}/webhooks/slack\"}}\n  - {{name: \"pagerduty:platform\", url: \"http://{mock}/webhooks/pagerduty\", routing_key: test-routing-key}}\n"
+    );
+    std::fs::write(dir.join("channels.yaml"), channels).unwrap();
+    let prices = std::fs::read_to_string(dir.join("prices.yaml")).unwrap();
+    std::fs::write(
+        dir.join("prices.yaml"),
+        format!("{prices}  - {{provider: anthropic-mock, model: claude-opus-4-7, tier: frontier, input_usd_per_mtok: 5, output_usd_per_mtok: 25}}\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("premium.yaml"),
+        "name: vm-premium\ntype: gateway-load-balancing-config\nrule_type: priority-based\nrules:\n  - {id: opus, priority: 1, target: {provider: anthropic-mock, model: claude-opus-4-7}, timeout_ms: 5000}\nfallbacks:\n  - {provider: anthropic-mock, model: claude-haiku-4-5}\n",
+    )
+    .unwrap();
+}
+
+/// What the mock's webhook sink received, oldest first.
+pub async fn webhooks(mock: SocketAddr) -> Vec<Value> {
+    let v: Value = reqwest::get(format!("http://{mock}/webhooks")).await.unwrap().json().await.unwrap();
+    v.as_array().unwrap().clone()
+}
+
+/// Every alert on `topic` (one partition), in order.
+pub async fn alerts_on(topic: &str) -> Vec<tollgate_schemas::decision::Alert> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", kafka_brokers())
+            .set("group.id", unique("alerts"))
+            .create()
+            .unwrap();
+        let (_, high) = c.fetch_watermarks(&topic, 0, Duration::from_secs(10)).unwrap();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&topic, 0, Offset::Beginning).unwrap();
+        c.assign(&tpl).unwrap();
+        let codec = tollgate_schemas::decision::Alert::codec().unwrap();
+        let mut out = Vec::new();
+        while (out.len() as i64) < high {
+            if let Some(m) = c.poll(Duration::from_secs(10)) {
+                out.push(codec.decode(m.unwrap().payload().unwrap()).unwrap());
+            } else {
+                panic!("alerts topic ended early");
+            }
+        }
+        out
+    })
+    .await
+    .unwrap()
+}
+
+/// A usage, a breaches and an alerts topic and a database of their own.
+pub struct Topics {
+    pub usage: String,
+    pub breaches: String,
+    pub alerts: String,
+    pub db: String,
+}
+
+pub async fn topics(name: &str) -> Topics {
+    let t = Topics {
+        usage: unique(&format!("{name}_usage")),
+        breaches: unique(&format!("{name}_breaches")),
+        alerts: unique(&format!("{name}_alerts")),
+        db: unique(name),
+    };
+    create_topic(&t.usage, 4).await;
+    create_topic(&t.breaches, 1).await;
+    create_topic(&t.alerts, 1).await;
+    t
+}
