@@ -212,9 +212,39 @@ pub async fn rebuild_guards(
     if covered.is_empty() || guards.is_empty() {
         return Ok(0);
     }
+    let mut rows_read = 0u64;
+    for q in guard_queries(covered, guards.lookback_s(), now_us) {
+        let rows: Vec<GuardRow> = ch.query(&q).bind(topic).fetch_all().await?;
+        for r in rows {
+            rows_read += 1;
+            let (requests, referenced) = (r.requests as i64, r.referenced_requests as i64);
+            // Drift rows carry everything; the others only what their guard reads.
+            let s = crate::guards::Sample {
+                at_us: r.at_us,
+                session_id: r.session_id,
+                workflow: r.workflow_tag,
+                provider: r.provider,
+                model: r.model,
+                model_version: r.model_version,
+                requests: if referenced > 0 { 0 } else { requests },
+                io_tokens: if referenced > 0 { 0 } else { r.io_tokens },
+                prompt_tokens: r.prompt_tokens,
+                referenced_requests: referenced,
+                referenced_prompt_tokens: r.referenced_prompt_tokens,
+                reference_tokens: r.reference_tokens,
+                cost_nanos: if referenced > 0 { 0 } else { r.cost },
+            };
+            guards.observe(&s, now_us);
+        }
+    }
+    Ok(rows_read)
+}
+
+/// The guards' three rebuild queries (the topic is the one `?`).
+fn guard_queries(covered: &BTreeMap<i32, i64>, lookback_s: i64, now_us: i64) -> [String; 3] {
     let offsets = covered_filter(covered);
     let hour_us = now_us / (3600 * US) * 3600 * US;
-    let recent_us = now_us - guards.lookback_s().min(86_400 * 7) * US;
+    let recent_us = now_us - lookback_s.min(86_400 * 7) * US;
     let bucket_us = 60 * US;
     let sums = "count() AS requests, sum(input_tokens + output_tokens) AS io_tokens, \
          sum(input_tokens + cached_input_tokens + cache_write_tokens) AS prompt_tokens, \
@@ -246,32 +276,7 @@ pub async fn rebuild_guards(
             month_us = now_us - 30 * 86_400 * US,
         ),
     ];
-    let mut rows_read = 0u64;
-    for q in queries {
-        let rows: Vec<GuardRow> = ch.query(&q).bind(topic).fetch_all().await?;
-        for r in rows {
-            rows_read += 1;
-            let (requests, referenced) = (r.requests as i64, r.referenced_requests as i64);
-            // Drift rows carry everything; the others only what their guard reads.
-            let s = crate::guards::Sample {
-                at_us: r.at_us,
-                session_id: r.session_id,
-                workflow: r.workflow_tag,
-                provider: r.provider,
-                model: r.model,
-                model_version: r.model_version,
-                requests: if referenced > 0 { 0 } else { requests },
-                io_tokens: if referenced > 0 { 0 } else { r.io_tokens },
-                prompt_tokens: r.prompt_tokens,
-                referenced_requests: referenced,
-                referenced_prompt_tokens: r.referenced_prompt_tokens,
-                reference_tokens: r.reference_tokens,
-                cost_nanos: if referenced > 0 { 0 } else { r.cost },
-            };
-            guards.observe(&s, now_us);
-        }
-    }
-    Ok(rows_read)
+    queries
 }
 
 /// Per workflow, the `percentile` of its session-hours' tokens over the last `days` full hours,
@@ -282,15 +287,31 @@ pub async fn loop_baseline(
     days: u32,
     now_us: i64,
 ) -> Result<crate::guards::Baseline, clickhouse::error::Error> {
+    let rows: Vec<(String, i64, u64)> = ch.query(&baseline_query(percentile, days, now_us)).fetch_all().await?;
+    Ok(rows.into_iter().map(|(w, p, n)| (w, (p, n))).collect())
+}
+
+fn baseline_query(percentile: u32, days: u32, now_us: i64) -> String {
     let this_hour = now_us / (3600 * US) * 3600;
     let since = this_hour - i64::from(days) * 86_400;
-    let q = format!(
+    format!(
         "SELECT workflow_tag, toInt64(quantileExact({level})(t)) AS p, count() AS n FROM (\
          SELECT hour, workflow_tag, session_id, sum(input_tokens + output_tokens) AS t FROM session_hours FINAL \
          WHERE hour >= toDateTime({since}) AND hour < toDateTime({this_hour}) GROUP BY hour, workflow_tag, session_id) \
          GROUP BY workflow_tag",
         level = f64::from(percentile.clamp(1, 100)) / 100.0,
-    );
-    let rows: Vec<(String, i64, u64)> = ch.query(&q).fetch_all().await?;
-    Ok(rows.into_iter().map(|(w, p, n)| (w, (p, n))).collect())
+    )
+}
+
+/// Every query the enforcer runs at start, with `topic` in place of the bound parameter: for
+/// checking them on another ClickHouse (the tests run them on current ClickHouse through chdb).
+pub fn startup_sql(policy: &Policy, topic: &str, now_us: i64) -> Vec<String> {
+    let covered = BTreeMap::from([(0, 100), (1, 7)]);
+    let p = plan(policy, now_us);
+    let mut out = vec![query(&covered, p.sliding_since_s, now_us / US, p.sliding_bucket_s)];
+    out.extend(guard_queries(&covered, 86_400, now_us));
+    let quoted = format!("'{}'", topic.replace('\'', ""));
+    let mut out: Vec<String> = out.into_iter().map(|q| q.replacen('?', &quoted, 1)).collect();
+    out.push(baseline_query(95, 7, now_us));
+    out
 }

@@ -11,6 +11,7 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
     (1, "usage_events", include_str!("../migrations/0001_usage_events.sql")),
     (2, "windows", include_str!("../migrations/0002_windows.sql")),
     (3, "chargeback", include_str!("../migrations/0003_chargeback.sql")),
+    (4, "history", include_str!("../migrations/0004_history.sql")),
 ];
 
 /// Statements that create the database and the version table, before any migration.

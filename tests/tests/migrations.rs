@@ -22,6 +22,10 @@ const CHARGEBACK_OBJECTS: &[&str] = &[
     "loop_session_hours",
     "tokenizer_drift",
     "untagged_spend",
+    "breach_history",
+    "alert_history",
+    "breaches",
+    "alerts",
 ];
 
 #[tokio::test]
@@ -68,7 +72,18 @@ fn migrations_run_on_current_clickhouse() {
     }
     // Read back what the migrations made, so a statement that did nothing cannot pass.
     text.push_str(&format!("SELECT name FROM system.tables WHERE database = '{db}' ORDER BY name\n-- ;;\n"));
-    text.push_str(&format!("SELECT count() FROM system.columns WHERE database = '{db}' AND table = 'usage_events'\n"));
+    text.push_str(&format!(
+        "SELECT count() FROM system.columns WHERE database = '{db}' AND table = 'usage_events'\n-- ;;\n"
+    ));
+    // The queries the enforcer runs against these tables at start.
+    text.push_str(&format!("USE {db}\n-- ;;\n"));
+    let policy =
+        tollgate_schemas::policy::Policy::load_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../compose/policy"))
+            .unwrap();
+    for q in tollgate_enforcer::rebuild::startup_sql(&policy, "tollgate.usage.v1", 1_794_268_800_000_000) {
+        text.push_str(&q);
+        text.push_str("\n-- ;;\n");
+    }
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("statements.sql");
     std::fs::write(&file, text).unwrap();
