@@ -95,7 +95,19 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let producer: FutureProducer = cc.create().context("creating the Kafka producer")?;
     let notifier =
         Notifier::new(&policy.alert_channels, notify::NotifyConfig::default()).context("setting up alert channels")?;
-    let result = enforce(&config, Arc::new(policy), &producer, &notifier, &shutdown).await;
+    // A changed policy (file change or SIGHUP) that loads is enforced from a fresh start: history
+    // read back, windows rebuilt for the new rules; one that does not load changes nothing.
+    let mut policies =
+        tollgate_runtime::reload::PolicyWatch::spawn(config.policy_dir.clone(), policy, shutdown.clone());
+    let result = loop {
+        let policy = Arc::clone(&policies.borrow_and_update());
+        notifier.set_channels(&policy.alert_channels);
+        match enforce(&config, policy, &producer, &notifier, &shutdown, &mut policies).await {
+            Ok(Stopped::Reload) => info!("policy changed: rebuilding the windows for the new rules"),
+            Ok(Stopped::Shutdown) => break Ok(()),
+            Err(e) => break Err(e),
+        }
+    };
     notifier.shutdown(Duration::from_secs(10)).await;
     shutdown.cancel();
     let _ = http.await;
@@ -103,14 +115,22 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     result
 }
 
-/// Reads back the enforcer's own history, rebuilds the windows and follows the usage topic.
+/// Why `enforce` returned.
+enum Stopped {
+    Shutdown,
+    Reload,
+}
+
+/// Reads back the enforcer's own history, rebuilds the windows and follows the usage topic until
+/// shutdown or a new policy.
 async fn enforce(
     config: &Config,
     policy: Arc<Policy>,
     producer: &FutureProducer,
     notifier: &Notifier,
     shutdown: &CancellationToken,
-) -> anyhow::Result<()> {
+    policies: &mut tokio::sync::watch::Receiver<Arc<Policy>>,
+) -> anyhow::Result<Stopped> {
     let counts = |kind| policy.rules.iter().filter(|r| r.kind == kind).count();
     metrics::rules("rate_limit", counts(tollgate_schemas::decision::RuleKind::RateLimit));
     metrics::rules("budget", counts(tollgate_schemas::decision::RuleKind::Budget));
@@ -135,7 +155,7 @@ async fn enforce(
     })
     .await
     else {
-        return Ok(());
+        return Ok(Stopped::Shutdown);
     };
     // Each attempt starts from the seeded engine: a failed one may have counted part of the rows.
     let Some((rebuilt, mut engine, mut guards)) = retry(shutdown, "rebuilding windows from clickhouse", || async {
@@ -151,7 +171,7 @@ async fn enforce(
     })
     .await
     else {
-        return Ok(());
+        return Ok(Stopped::Shutdown);
     };
     info!(
         decisions = decisions.len(),
@@ -178,10 +198,11 @@ async fn enforce(
     // The loop guards' baselines move slowly: re-read them every five minutes, off the loop.
     let (baseline_tx, mut baselines) = tokio::sync::mpsc::channel(4);
     let refresh = tokio::spawn(refresh_baselines(ch.clone(), guards.baselines_wanted(), baseline_tx, shutdown.clone()));
-    loop {
+    let stopped = loop {
         tokio::select! {
             biased;
-            () = shutdown.cancelled() => break,
+            () = shutdown.cancelled() => break Stopped::Shutdown,
+            Ok(()) = policies.changed() => break Stopped::Reload,
             Some((i, baseline)) = baselines.recv() => guards.set_baseline(i, baseline),
             _ = tick.tick(), if pending > 0 => {
                 let now = now_us();
@@ -229,12 +250,12 @@ async fn enforce(
                 }
             },
         }
-    }
+    };
     if pending > 0 {
         publisher.publish(&mut engine, &mut guards, notifier, now_us(), false).await;
     }
     refresh.abort();
-    Ok(())
+    Ok(stopped)
 }
 
 async fn refresh_baselines(

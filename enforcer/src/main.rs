@@ -8,7 +8,6 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use tollgate_enforcer::Config;
 use tollgate_meter::ClickHouseConfig;
-use tollgate_schemas::policy::Policy;
 
 /// Tollgate enforcer: rate limits, budgets and anomaly guards over the usage stream.
 ///
@@ -59,7 +58,7 @@ struct Args {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Validate a policy directory: print every error with file, line and field (exit 1), or a
+    /// Validate a policy directory: print every error with file, line and field (exit 2), or a
     /// summary of what it defines (exit 0).
     CheckConfig {
         #[arg(long, env = "TOLLGATE_POLICY_DIR")]
@@ -106,28 +105,15 @@ async fn main() -> ExitCode {
 
 #[allow(clippy::print_stdout)] // check-config's output is its purpose
 fn check_config(dir: &std::path::Path) -> ExitCode {
-    match Policy::load_dir(dir) {
-        Ok(p) => {
-            let count = |k| p.rules.iter().filter(|r| r.kind == k).count();
-            use tollgate_schemas::decision::RuleKind;
-            println!(
-                "{}: ok — {} providers, {} virtual models, {} API keys, {} rate limits, {} budgets, {} guards, {} alert channels, price card {}",
-                dir.display(),
-                p.providers.len(),
-                p.virtual_models.len(),
-                p.api_keys.as_ref().map_or(0, |k| k.len()),
-                count(RuleKind::RateLimit),
-                count(RuleKind::Budget),
-                p.guards.len(),
-                p.alert_channels.len(),
-                p.price_card.as_ref().map_or("(none)", |c| c.version.as_str()),
-            );
+    match tollgate_runtime::reload::check(dir) {
+        Ok(summary) => {
+            println!("{summary}");
             ExitCode::SUCCESS
         }
         Err(errors) => {
             eprintln!("{errors}");
             eprintln!("{}: {} error(s)", dir.display(), errors.0.len());
-            ExitCode::from(1)
+            ExitCode::from(tollgate_runtime::exit::CONFIG)
         }
     }
 }

@@ -252,7 +252,7 @@ fn guard_queries(covered: &BTreeMap<i32, i64>, lookback_s: i64, now_us: i64) -> 
          sumIf(input_tokens + cached_input_tokens + cache_write_tokens, isNotNull(reference_input_tokens)) AS referenced_prompt_tokens, \
          sum(ifNull(reference_input_tokens, 0)) AS reference_tokens, sum(cost_nanos) AS cost";
     let from = format!("FROM usage_events FINAL WHERE kafka_topic = ? AND status != 'rejected' AND ({offsets})");
-    let queries = [
+    [
         // Loop guards: this hour per session (only session and workflow matter).
         format!(
             "SELECT session_id, workflow_tag, '' AS provider, '' AS model, '' AS model_version, max(ended_at_us) AS at_us, \
@@ -275,8 +275,7 @@ fn guard_queries(covered: &BTreeMap<i32, i64>, lookback_s: i64, now_us: i64) -> 
             none_but_version = "'' AS session_id, '' AS workflow_tag, provider, model",
             month_us = now_us - 30 * 86_400 * US,
         ),
-    ];
-    queries
+    ]
 }
 
 /// Per workflow, the `percentile` of its session-hours' tokens over the last `days` full hours,

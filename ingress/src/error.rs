@@ -4,7 +4,10 @@ use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
+use tollgate_schemas::decision::RuleKind;
 use tollgate_schemas::usage::ApiFormat;
+
+use crate::breach::Blocked;
 
 /// Where an error came from, for the body's `type` and for logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +43,8 @@ pub enum IngressError {
     ProviderFailed { provider: String, message: String },
     #[error("provider {provider} did not answer within {ms} ms")]
     ProviderTimeout { provider: String, ms: u64 },
+    #[error("{}", .0.message())]
+    Blocked(Box<Blocked>),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -56,6 +61,7 @@ impl IngressError {
             IngressError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             IngressError::Forbidden(_) => StatusCode::FORBIDDEN,
             IngressError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            IngressError::Blocked(_) => StatusCode::TOO_MANY_REQUESTS,
             IngressError::ProviderStatus { status, .. } => {
                 StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY)
             }
@@ -74,7 +80,8 @@ impl IngressError {
             | IngressError::MissingEnvelope(_)
             | IngressError::UnknownModel(_)
             | IngressError::Unauthorized(_)
-            | IngressError::Forbidden(_) => Origin::Client,
+            | IngressError::Forbidden(_)
+            | IngressError::Blocked(_) => Origin::Client,
             IngressError::ProviderStatus { .. }
             | IngressError::ProviderFailed { .. }
             | IngressError::ProviderTimeout { .. }
@@ -98,6 +105,8 @@ impl IngressError {
             | IngressError::UnknownModel(_)
             | IngressError::Unauthorized(_)
             | IngressError::Forbidden(_)
+            // Not within this request; the 429 says when (`Retry-After`).
+            | IngressError::Blocked(_)
             | IngressError::Internal(_) => false,
         }
     }
@@ -108,6 +117,9 @@ impl IngressError {
             IngressError::Unauthorized(_) => "authentication_error",
             IngressError::Forbidden(_) => "permission_error",
             IngressError::Unavailable { .. } => "overloaded_error",
+            // OpenAI's own names: a spent budget is `insufficient_quota`, a rate `rate_limit_error`.
+            IngressError::Blocked(b) if b.rule_kind == RuleKind::Budget => "insufficient_quota",
+            IngressError::Blocked(_) => "rate_limit_error",
             IngressError::BodyTooLarge { .. } | IngressError::HeadersTooLarge { .. } => "request_too_large",
             _ => match self.origin() {
                 Origin::Client => "invalid_request_error",
@@ -139,6 +151,11 @@ impl IngressError {
             IngressError::Unauthorized(_) => Some("invalid_api_key"),
             IngressError::Forbidden(_) => Some("model_not_allowed"),
             IngressError::ProviderTimeout { .. } => Some("upstream_timeout"),
+            IngressError::Blocked(b) => Some(match b.rule_kind {
+                RuleKind::RateLimit => "rate_limit_exceeded",
+                RuleKind::Budget => "budget_exceeded",
+                RuleKind::Guard => "guard_triggered",
+            }),
             _ => None,
         }
     }
@@ -151,6 +168,38 @@ impl IntoResponse for IngressError {
 }
 
 impl IngressError {
+    /// The JSON error body in the client's format (OpenAI's `{"error": {...}}` or Anthropic's
+    /// `{"type": "error", "error": {...}}`), with the extra fields some errors carry.
+    pub fn body_for(&self, format: ApiFormat) -> serde_json::Value {
+        let mut body = match format {
+            ApiFormat::OpenAi => json!({"error": {
+                "message": self.to_string(),
+                "type": self.error_type(),
+                "param": null,
+                "code": self.code(),
+            }}),
+            ApiFormat::Anthropic => json!({"type": "error", "error": {
+                "type": self.anthropic_type(),
+                "message": self.to_string(),
+            }}),
+        };
+        if let IngressError::MissingEnvelope(missing) = self {
+            body["error"]["missing_headers"] = json!(missing);
+        }
+        if let IngressError::Blocked(b) = self {
+            let e = &mut body["error"];
+            e["rule"] = json!(b.rule_id);
+            e["rule_kind"] = json!(b.rule_kind.as_str());
+            e["scope"] = json!(b.scope);
+            e["measure"] = json!(b.measure.as_str());
+            e["limit"] = json!(b.limit);
+            e["observed"] = json!(b.observed);
+            e["action"] = json!(b.action);
+            e["retry_after_seconds"] = json!(b.retry_after_secs);
+        }
+        body
+    }
+
     /// The error in the wire format the client speaks (OpenAI's or Anthropic's error body).
     pub fn into_response_for(self, format: ApiFormat) -> Response {
         let status = self.status_code();
@@ -183,23 +232,10 @@ impl IngressError {
             };
             return (status, Json(body)).into_response();
         }
-        let mut body = match format {
-            ApiFormat::OpenAi => json!({"error": {
-                "message": self.to_string(),
-                "type": self.error_type(),
-                "param": null,
-                "code": self.code(),
-            }}),
-            ApiFormat::Anthropic => json!({"type": "error", "error": {
-                "type": self.anthropic_type(),
-                "message": self.to_string(),
-            }}),
-        };
-        if let IngressError::MissingEnvelope(missing) = &self {
-            body["error"]["missing_headers"] = json!(missing);
-        }
+        let body = self.body_for(format);
         let retry_after = match &self {
             IngressError::Unavailable { retry_after_secs, .. } => Some(*retry_after_secs),
+            IngressError::Blocked(b) => Some(b.retry_after_secs),
             _ => None,
         };
         let mut resp = (status, Json(body)).into_response();
@@ -242,6 +278,43 @@ mod tests {
             json!({"error": {"message": "slow down", "type": "rate_limit_error", "code": "rate_limit_exceeded"}});
         let (_, b) = body_of(provider_error(openai), ApiFormat::Anthropic).await;
         assert_eq!(b, json!({"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}}));
+    }
+
+    #[tokio::test]
+    async fn a_blocked_request_is_429_naming_rule_scope_limit_and_observed_in_either_format() {
+        let blocked = Blocked {
+            rule_id: "intern-sandbox-cap".into(),
+            rule_kind: RuleKind::Budget,
+            scope: "X-TFY-Project=intern-sandbox".into(),
+            measure: tollgate_schemas::decision::Measure::CostNanos,
+            limit: 500_000_000_000,
+            observed: 500_250_000_000,
+            action: "hard_block".into(),
+            retry_after_secs: 3600,
+            local: false,
+            waited_ms: None,
+            queue_full: false,
+        };
+        let resp = IngressError::Blocked(Box::new(blocked.clone())).into_response_for(ApiFormat::OpenAi);
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "3600");
+        let (status, b) = body_of(IngressError::Blocked(Box::new(blocked.clone())), ApiFormat::OpenAi).await;
+        assert_eq!(status, 429);
+        let e = &b["error"];
+        assert_eq!((e["type"].as_str(), e["code"].as_str()), (Some("insufficient_quota"), Some("budget_exceeded")));
+        assert_eq!(e["rule"], "intern-sandbox-cap");
+        assert_eq!(e["scope"], "X-TFY-Project=intern-sandbox");
+        assert_eq!((e["limit"].as_i64(), e["observed"].as_i64()), (Some(500_000_000_000), Some(500_250_000_000)));
+        assert_eq!((e["measure"].as_str(), e["action"].as_str()), (Some("cost_nanos"), Some("hard_block")));
+        assert_eq!(e["retry_after_seconds"], 3600);
+        assert_eq!(
+            e["message"],
+            "budget intern-sandbox-cap exceeded for X-TFY-Project=intern-sandbox: $500.25 of $500.00; retry in 3600 s"
+        );
+        let (_, b) = body_of(IngressError::Blocked(Box::new(blocked)), ApiFormat::Anthropic).await;
+        assert_eq!(b["type"], "error");
+        assert_eq!(b["error"]["type"], "rate_limit_error");
+        assert_eq!(b["error"]["rule"], "intern-sandbox-cap");
+        assert_eq!(b["error"]["observed"], 500_250_000_000_i64);
     }
 
     #[tokio::test]

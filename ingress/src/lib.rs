@@ -1,11 +1,15 @@
 //! Tollgate's ingress: the proxy on every LLM request's path.
 //!
-//! `run` serves the OpenAI-compatible API on a listener until `shutdown` fires, then stops
-//! accepting, lets in-flight requests finish within a grace period, and flushes usage events.
+//! `run` reads the breach decisions, serves the OpenAI-compatible API on a listener until
+//! `shutdown` fires, then stops accepting, lets in-flight requests finish within a grace period,
+//! and flushes usage events. The policy is reloaded while it runs (SIGHUP or a changed file):
+//! routing, keys, prices, rules and provider credentials swap together in one step.
 
 pub mod auth;
+pub mod breach;
 pub mod breaker;
 pub mod count;
+pub mod decisions;
 pub mod envelope;
 pub mod error;
 pub mod metrics;
@@ -22,6 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use arc_swap::ArcSwap;
 use axum::Router;
 use axum::extract::State;
 use axum::http::HeaderValue;
@@ -30,10 +35,11 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tollgate_schemas::policy::{Policy, ProviderKind};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 pub use publish::KafkaConfig;
 use publish::Publisher;
+pub use tollgate_runtime::reload::ReloadOptions;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -57,6 +63,18 @@ pub struct Config {
     /// How long in-flight requests may run after shutdown begins.
     pub shutdown_grace: Duration,
     pub metrics: Option<PrometheusHandle>,
+    /// The compacted topic of breach decisions (`tollgate.breaches.v1`).
+    pub breaches_topic: String,
+    /// Act on no breach decision: record on usage events what each would have done.
+    pub audit_only: bool,
+    /// How long start-up waits for the breaches topic to be read before serving.
+    pub decisions_start_timeout: Duration,
+    /// Refuse to start when the breaches topic cannot be read in time (default: start open).
+    pub decisions_required: bool,
+    /// Requests `queue_then_429` may hold at once; more are refused with 429 at once.
+    pub max_queued: usize,
+    /// How the policy directory is watched for changes (`None`: never reloaded).
+    pub reload: Option<ReloadOptions>,
 }
 
 impl Config {
@@ -74,15 +92,32 @@ impl Config {
             first_byte_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
             metrics: None,
+            breaches_topic: tollgate_schemas::topics::BREACHES.into(),
+            audit_only: false,
+            decisions_start_timeout: Duration::from_secs(15),
+            decisions_required: false,
+            max_queued: 10_000,
+            reload: Some(ReloadOptions::default()),
         }
+    }
+}
+
+/// Everything built from one policy, swapped whole when the policy is reloaded.
+pub struct Live {
+    pub policy: Arc<Policy>,
+    /// Provider name → credential header value, read from the environment when the policy loads.
+    credentials: HashMap<String, Option<HeaderValue>>,
+}
+
+impl Live {
+    pub fn new(policy: Arc<Policy>) -> anyhow::Result<Live> {
+        Ok(Live { credentials: credentials(&policy)?, policy })
     }
 }
 
 /// Everything a request needs, built once from the config and the policy.
 pub struct App {
-    pub policy: Policy,
-    /// Provider name → credential header value, read from the environment at start.
-    credentials: HashMap<String, Option<HeaderValue>>,
+    live: ArcSwap<Live>,
     http: reqwest::Client,
     publisher: Publisher,
     breakers: breaker::Breakers,
@@ -90,6 +125,16 @@ pub struct App {
     max_header_bytes: usize,
     first_byte_timeout: Duration,
     metrics: Option<PrometheusHandle>,
+    /// Breach decisions, kept current by the follower task.
+    pub decisions: Arc<decisions::DecisionCache>,
+    queue: breach::Queue,
+}
+
+impl App {
+    /// The current policy and what is built from it; a request holds one for its whole life.
+    pub fn live(&self) -> Arc<Live> {
+        self.live.load_full()
+    }
 }
 
 fn credentials(policy: &Policy) -> anyhow::Result<HashMap<String, Option<HeaderValue>>> {
@@ -140,17 +185,38 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let policy = Policy::load_dir(&config.policy_dir)
         .map_err(|e| anyhow::anyhow!("policy in {} is invalid:\n{e}", config.policy_dir.display()))?;
     metrics::describe();
+    if config.audit_only {
+        warn!(
+            "audit-only: breach decisions are recorded on usage events but no request is blocked, queued or rerouted"
+        );
+    }
     let http = reqwest::Client::builder()
         .connect_timeout(config.upstream_connect_timeout)
         .read_timeout(config.upstream_idle_timeout)
         .pool_idle_timeout(Duration::from_secs(90))
         .build()
         .context("building the HTTP client")?;
+    let live = Live::new(Arc::new(policy))?;
     let spool = publish::SpoolConfig::new(config.spool_dir.clone(), config.spool_max_bytes);
     let (publisher, task) = Publisher::start(&config.kafka, config.publish_queue, spool)?;
+    // The breach decisions are read before the first request is served (or the deadline passes).
+    let cache = decisions::DecisionCache::new(config.audit_only);
+    let follow = decisions::FollowConfig {
+        brokers: config.kafka.brokers.clone(),
+        topic: config.breaches_topic.clone(),
+        extra: config.kafka.extra.clone(),
+        start_timeout: config.decisions_start_timeout,
+        required: config.decisions_required,
+    };
+    let follower = match decisions::Follower::start(Arc::clone(&cache), &follow, &shutdown).await {
+        Ok(f) => f,
+        Err(e) => {
+            task.shutdown().await;
+            return Err(e);
+        }
+    };
     let app = Arc::new(App {
-        credentials: credentials(&policy)?,
-        policy,
+        live: ArcSwap::from_pointee(live),
         http,
         publisher,
         breakers: breaker::Breakers::default(),
@@ -158,19 +224,54 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         max_header_bytes: config.max_header_bytes,
         first_byte_timeout: config.first_byte_timeout,
         metrics: config.metrics.clone(),
+        decisions: cache,
+        queue: breach::Queue::new(config.max_queued),
     });
-    info!(addr = %listener.local_addr()?, virtual_models = app.policy.virtual_models.len(), "ingress listening");
+    let reloads = config.reload.clone().map(|opts| {
+        let policy = app.live().policy.as_ref().clone();
+        let rx = tollgate_runtime::reload::PolicyWatch::spawn_with(
+            config.policy_dir.clone(),
+            policy,
+            shutdown.clone(),
+            opts,
+        );
+        tokio::spawn(swap_on_reload(Arc::clone(&app), rx))
+    });
+    info!(addr = %listener.local_addr()?, virtual_models = app.live().policy.virtual_models.len(), "ingress listening");
     let server = axum::serve(listener, router(app)).with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let grace = async {
         shutdown.cancelled().await;
         tokio::time::sleep(config.shutdown_grace).await;
     };
-    // 1. stop accepting, 2. drain in-flight requests within the grace period, 3. flush events.
-    tokio::select! {
-        r = server => r.context("serving")?,
-        () = grace => warn!("shutdown grace period over; cutting remaining requests"),
+    // 1. stop accepting, 2. drain in-flight requests within the grace period (decisions still
+    // followed), 3. stop following decisions, 4. flush events.
+    let served = tokio::select! {
+        r = server => r.context("serving"),
+        () = grace => {
+            warn!("shutdown grace period over; cutting remaining requests");
+            Ok(())
+        }
+    };
+    if let Some(r) = reloads {
+        r.abort();
     }
+    follower.stop().await;
     task.shutdown().await;
+    served?;
     info!("ingress stopped");
     Ok(())
+}
+
+/// Swaps in what each reloaded policy builds, all at once (requests in flight keep theirs).
+async fn swap_on_reload(app: Arc<App>, mut policies: tokio::sync::watch::Receiver<Arc<Policy>>) {
+    while policies.changed().await.is_ok() {
+        let policy = Arc::clone(&policies.borrow_and_update());
+        match Live::new(policy) {
+            Ok(live) => {
+                app.live.store(Arc::new(live));
+                info!("ingress now serves the reloaded policy");
+            }
+            Err(e) => error!(error = format!("{e:#}"), "reloaded policy not applied; keeping the current one"),
+        }
+    }
 }

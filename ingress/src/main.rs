@@ -1,18 +1,25 @@
 //! `tollgate-ingress`: parses flags, starts tracing and metrics, binds, and runs the proxy.
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use tollgate_ingress::{Config, KafkaConfig};
 
-/// Tollgate ingress: an OpenAI-compatible LLM proxy that attributes, prices and meters every request.
+/// Tollgate ingress: an OpenAI-compatible LLM proxy that attributes, prices and meters every
+/// request, and applies the enforcer's breach decisions to it.
+///
+/// The policy directory is reloaded on SIGHUP and when one of its files changes; a directory
+/// with errors is not applied (the errors are logged, the running policy stays).
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(version, subcommand_negates_reqs = true)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Directory of policy YAML files (providers, virtual models, price card, limits).
-    #[arg(long, env = "TOLLGATE_POLICY_DIR")]
-    policy_dir: PathBuf,
+    #[arg(long, env = "TOLLGATE_POLICY_DIR", required = true)]
+    policy_dir: Option<PathBuf>,
     /// Address to serve the API, /healthz and /metrics on.
     #[arg(long, env = "TOLLGATE_INGRESS_LISTEN", default_value = "127.0.0.1:8080")]
     listen: String,
@@ -22,7 +29,8 @@ struct Args {
     /// Topic usage events are published to.
     #[arg(long, default_value = tollgate_schemas::topics::USAGE)]
     usage_topic: String,
-    /// Extra librdkafka producer settings, `key=value` (repeatable).
+    /// Extra librdkafka settings for the usage producer and the decision consumer, `key=value`
+    /// (repeatable; e.g. security.protocol, sasl.*).
     #[arg(long = "kafka-set", value_parser = parse_kv)]
     kafka_set: Vec<(String, String)>,
     /// Largest request body accepted, in bytes.
@@ -38,6 +46,59 @@ struct Args {
     /// Seconds in-flight requests may run after SIGTERM.
     #[arg(long, default_value_t = 30)]
     shutdown_grace_secs: u64,
+    /// Compacted topic of the enforcer's breach decisions; read in full before serving, then
+    /// followed live.
+    #[arg(long, default_value = tollgate_schemas::topics::BREACHES)]
+    breaches_topic: String,
+    /// Act on no breach decision: requests pass, and their usage events record what would have
+    /// happened (`audit:<action>`).
+    #[arg(long, env = "TOLLGATE_INGRESS_AUDIT_ONLY")]
+    audit_only: bool,
+    /// Seconds start-up waits for the breaches topic to be read; past it the ingress serves
+    /// without the unread decisions (fail open, logged, tollgate_ingress_decisions_ready 0)
+    /// unless --decisions-required.
+    #[arg(long, default_value_t = 15)]
+    decisions_start_timeout_secs: u64,
+    /// Exit instead of starting open when the breaches topic cannot be read in time.
+    #[arg(long)]
+    decisions_required: bool,
+    /// Requests queue_then_429 may hold at once; more get 429 at once.
+    #[arg(long, default_value_t = 10_000)]
+    max_queued: usize,
+    /// Milliseconds between two looks at the policy directory for changes.
+    #[arg(long, default_value_t = 1000)]
+    policy_poll_ms: u64,
+    /// Never reload the policy (neither on SIGHUP nor on file changes).
+    #[arg(long)]
+    no_policy_reload: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Check a policy directory and exit: every error as `file:line: field: message` (exit 2),
+    /// or a summary (exit 0).
+    CheckConfig {
+        /// Directory of policy YAML files.
+        #[arg(long, env = "TOLLGATE_POLICY_DIR")]
+        policy_dir: PathBuf,
+    },
+}
+
+fn check_config(dir: &std::path::Path) -> ExitCode {
+    match tollgate_runtime::reload::check(dir) {
+        Ok(summary) => {
+            let _ = writeln!(std::io::stdout().lock(), "{summary}");
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            let mut err = std::io::stderr().lock();
+            for e in &errors.0 {
+                let _ = writeln!(err, "{e}");
+            }
+            let _ = writeln!(err, "policy in {} has {} error(s)", dir.display(), errors.0.len());
+            ExitCode::from(tollgate_runtime::exit::CONFIG)
+        }
+    }
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -46,14 +107,21 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tollgate_runtime::init_tracing();
     let args = Args::parse();
+    if let Some(Command::CheckConfig { policy_dir }) = &args.command {
+        return check_config(policy_dir);
+    }
+    tollgate_runtime::init_tracing();
+    let Some(policy_dir) = args.policy_dir else {
+        tracing::error!("--policy-dir is required");
+        return ExitCode::from(tollgate_runtime::exit::CONFIG);
+    };
     let (metrics, listener) = match tollgate_runtime::metrics_and_listener(&args.listen).await {
         Ok(started) => started,
         Err(code) => return code,
     };
     let mut config = Config::new(
-        args.policy_dir,
+        policy_dir,
         KafkaConfig { brokers: args.kafka_brokers, usage_topic: args.usage_topic, extra: args.kafka_set },
     );
     config.max_body_bytes = args.max_body_bytes;
@@ -61,6 +129,15 @@ async fn main() -> ExitCode {
     config.spool_max_bytes = args.spool_max_bytes;
     config.shutdown_grace = std::time::Duration::from_secs(args.shutdown_grace_secs);
     config.metrics = Some(metrics);
+    config.breaches_topic = args.breaches_topic;
+    config.audit_only = args.audit_only;
+    config.decisions_start_timeout = std::time::Duration::from_secs(args.decisions_start_timeout_secs);
+    config.decisions_required = args.decisions_required;
+    config.max_queued = args.max_queued;
+    config.reload = (!args.no_policy_reload).then(|| tollgate_runtime::reload::ReloadOptions {
+        poll: Some(std::time::Duration::from_millis(args.policy_poll_ms.max(50))),
+        ..Default::default()
+    });
     let shutdown = tollgate_runtime::shutdown_on_signal();
     tollgate_runtime::exit_code("ingress", tollgate_ingress::run(config, listener, shutdown).await)
 }

@@ -46,6 +46,35 @@ pub fn describe() {
     );
     describe_gauge!("tollgate_ingress_spool_records", "Usage events in the spool that Kafka has not acknowledged");
     describe_gauge!("tollgate_ingress_spool_bytes", Unit::Bytes, "Bytes of the spool's segment files on disk");
+    describe_gauge!(
+        "tollgate_ingress_decisions_ready",
+        "1 once the breaches topic was read up to the watermarks taken at start; 0 while serving without it"
+    );
+    describe_gauge!("tollgate_ingress_decisions_cached", "Breach decisions held in the decision cache (keys)");
+    describe_counter!(
+        "tollgate_ingress_decisions_applied_total",
+        "Breach decision records applied to the cache, by state (breached, watch, clear, tombstone)"
+    );
+    describe_counter!(
+        "tollgate_ingress_decisions_ignored_total",
+        "Breach decision records not applied, by reason (stale_version, undecodable, key_mismatch, no_key)"
+    );
+    describe_histogram!(
+        "tollgate_ingress_decision_delay_seconds",
+        Unit::Seconds,
+        "From a decision's decided_at to its arrival in this ingress's cache (live records only)"
+    );
+    describe_counter!("tollgate_ingress_decision_consumer_errors_total", "Errors reading the breaches topic");
+    describe_counter!(
+        "tollgate_ingress_decision_lookups_total",
+        "Decision cache lookups (one per applicable rule and request)"
+    );
+    describe_counter!(
+        "tollgate_ingress_breach_actions_total",
+        "Requests shaped by a breach decision, by rule and action taken (hard_block, queue_then_429, \
+         queue_then_429:released, fallback_to_*, fallback_to_cheaper:already_cheapest, audit:*, cut_stream)"
+    );
+    describe_gauge!("tollgate_ingress_queued_requests", "Requests held by queue_then_429, waiting for headroom");
 }
 
 pub fn request(endpoint: &'static str, virtual_model: &str, status: u16, seconds: f64) {
@@ -113,4 +142,44 @@ pub fn spool_depth(records: u64, bytes: u64) {
 
 pub fn breaker_state(target: &str, state: u8) {
     gauge!("tollgate_ingress_breaker_state", "target" => target.to_owned()).set(f64::from(state));
+}
+
+pub fn decisions_ready(ready: bool) {
+    gauge!("tollgate_ingress_decisions_ready").set(if ready { 1.0 } else { 0.0 });
+}
+
+pub fn decisions_cached(keys: usize) {
+    gauge!("tollgate_ingress_decisions_cached").set(keys as f64);
+}
+
+pub fn decision_applied(state: &'static str) {
+    counter!("tollgate_ingress_decisions_applied_total", "state" => state).increment(1);
+}
+
+pub fn decision_ignored(reason: &'static str) {
+    counter!("tollgate_ingress_decisions_ignored_total", "reason" => reason).increment(1);
+}
+
+pub fn decision_delay(seconds: f64) {
+    histogram!("tollgate_ingress_decision_delay_seconds").record(seconds);
+}
+
+pub fn decision_consumer_error() {
+    counter!("tollgate_ingress_decision_consumer_errors_total").increment(1);
+}
+
+pub fn decision_lookups(n: u64) {
+    if n > 0 {
+        counter!("tollgate_ingress_decision_lookups_total").increment(n);
+    }
+}
+
+/// `rule` comes from policy (bounded); `action` from a fixed set plus the policy's fallback names.
+pub fn breach_action(rule: &str, action: &str) {
+    counter!("tollgate_ingress_breach_actions_total", "rule" => rule.to_owned(), "action" => action.to_owned())
+        .increment(1);
+}
+
+pub fn queued_requests(n: usize) {
+    gauge!("tollgate_ingress_queued_requests").set(n as f64);
 }

@@ -18,16 +18,19 @@ use bytes::Bytes;
 use eventsource_stream::{Event, EventStreamError, Eventsource};
 use futures::{Stream, StreamExt};
 use serde_json::{Value, json};
-use tollgate_schemas::policy::{ApiKey, ProviderConfig, ProviderKind, Target, VirtualModel};
-use tollgate_schemas::usage::{ApiFormat, Status};
+use tollgate_schemas::decision::RuleKind;
+use tollgate_schemas::policy::{ApiKey, Policy, ProviderConfig, ProviderKind, Target, VirtualModel};
+use tollgate_schemas::usage::{ApiFormat, AppliedDecision, Envelope, Status};
 use tracing::{debug, warn};
 
+use crate::breach::{self, Blocked, Reroute};
 use crate::breaker::Admit;
+use crate::decisions::StreamCut;
 use crate::error::IngressError;
 use crate::provider::{StreamAccounting, anthropic, openai};
 use crate::record::{Outcome, RequestRecord, now_us};
 use crate::route::Attempt;
-use crate::{App, auth, count, envelope, metrics, route};
+use crate::{App, Live, auth, count, envelope, metrics, route};
 
 /// Largest non-streaming provider response read into memory.
 const MAX_PROVIDER_BODY: usize = 32 << 20;
@@ -111,8 +114,8 @@ enum Resolved<'p> {
     Direct(Target),
 }
 
-fn resolve<'p>(app: &'p App, key: Option<&ApiKey>, model: &str) -> Result<Resolved<'p>, IngressError> {
-    if let Some(vm) = app.policy.virtual_models.get(model) {
+fn resolve<'p>(policy: &'p Policy, key: Option<&ApiKey>, model: &str) -> Result<Resolved<'p>, IngressError> {
+    if let Some(vm) = policy.virtual_models.get(model) {
         if key.is_some_and(|k| !k.may_use(model)) {
             return Err(IngressError::Forbidden(format!("this API key may not use the model `{model}`")));
         }
@@ -120,9 +123,9 @@ fn resolve<'p>(app: &'p App, key: Option<&ApiKey>, model: &str) -> Result<Resolv
     }
     if let Some((provider, concrete)) = model.split_once('/') {
         let target = Target { provider: provider.to_owned(), model: concrete.to_owned() };
-        let known = app.policy.providers.contains_key(provider)
-            && (app.policy.price(&target).is_some()
-                || app.policy.price_card.as_ref().is_some_and(|c| c.unpriced_ok.contains(&target.to_string())));
+        let known = policy.providers.contains_key(provider)
+            && (policy.price(&target).is_some()
+                || policy.price_card.as_ref().is_some_and(|c| c.unpriced_ok.contains(&target.to_string())));
         if known {
             return match key {
                 Some(k) if k.direct_models => Ok(Resolved::Direct(target)),
@@ -148,15 +151,20 @@ async fn serve(
     if header_bytes > app.max_header_bytes {
         return Err(IngressError::HeadersTooLarge { limit: app.max_header_bytes });
     }
-    let key = auth::authenticate(&app.policy, headers)?;
+    // One policy for the whole request, however many reloads happen meanwhile.
+    let live = app.live();
+    let policy = &*live.policy;
+    let key = auth::authenticate(policy, headers)?;
     let bytes = axum::body::to_bytes(body, app.max_body_bytes)
         .await
         .map_err(|_| IngressError::BodyTooLarge { limit: app.max_body_bytes })?;
     let req: Value = serde_json::from_slice(&bytes).map_err(|e| IngressError::MalformedJson(e.to_string()))?;
     let model = validate(endpoint, &req)?;
-    let envelope = envelope::extract(headers, &app.policy.envelope, key.map(|k| &k.metadata))?;
-    let resolved = resolve(app, key, model)?;
-    let (vm, plan) = match &resolved {
+    let envelope = envelope::extract(headers, &policy.envelope, key.map(|k| &k.metadata))?;
+    let resolved = resolve(policy, key, model)?;
+    // Declared before the plan, which may borrow it.
+    let rerouted_to: Target;
+    let (mut vm, mut plan) = match &resolved {
         Resolved::Virtual(vm) => (Some(*vm), route::plan(vm, &mut rand::rng())),
         Resolved::Direct(t) => (None, vec![Attempt { target: t, timeout_ms: None }]),
     };
@@ -164,6 +172,36 @@ async fn serve(
     let stream = endpoint != Endpoint::Embeddings && req.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let client_wants_usage = req.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false);
     let event_id = uuid::Uuid::now_v7().to_string();
+
+    // Breach decisions: refuse, hold, reroute, or pass (counting into Watch headrooms).
+    let first = plan.first().map(|a| a.target);
+    let view = breach::RequestView { envelope: &envelope, api_key: key, vm, target: first, stream };
+    let mut estimate = || first.map_or(0, |t| count::estimate_input(&t.model, &req).0);
+    let pass = match breach::gate(&app.decisions, policy, &view, &app.queue, &mut estimate).await {
+        Ok(pass) => pass,
+        Err(refusal) => {
+            let refused = Refused { endpoint, event_id, started, started_at_us, stream, vm_label: vm_label.as_str() };
+            refused.record(app, policy, &envelope, key, refusal.applied, &refusal.blocked);
+            return Err(IngressError::Blocked(Box::new(refusal.blocked)));
+        }
+    };
+    match pass.reroute {
+        Some(Reroute::Virtual(name)) => match policy.virtual_models.get(&name) {
+            Some(v) => {
+                vm = Some(v);
+                plan = route::plan(v, &mut rand::rng());
+            }
+            None => {
+                warn!(virtual_model = %name, "breach fallback names a virtual model the policy lacks; not rerouted")
+            }
+        },
+        Some(Reroute::Concrete(t)) => {
+            rerouted_to = t;
+            plan = vec![Attempt { target: &rerouted_to, timeout_ms: None }];
+        }
+        None => {}
+    }
+    let mut cuts = pass.cuts;
     let mut tried: Vec<String> = Vec::new();
     let mut last_err = None;
     let mut retry_after = Duration::MAX;
@@ -173,7 +211,7 @@ async fn serve(
     for (i, attempt) in plan.iter().enumerate() {
         let target = attempt.target;
         let target_name = target.to_string();
-        let Some(provider) = app.policy.providers.get(&target.provider) else { continue };
+        let Some(provider) = policy.providers.get(&target.provider) else { continue };
         if endpoint == Endpoint::Embeddings && provider.kind == ProviderKind::Anthropic {
             last_err = Some(IngressError::InvalidRequest(format!("{target_name} has no embeddings API")));
             continue;
@@ -208,13 +246,18 @@ async fn serve(
                 attempt: i32::try_from(tried.len() + 1).unwrap_or(i32::MAX),
                 fallback_path: tried.clone(),
                 streamed: stream,
-                reference_input_tokens,
+                reference_input_tokens: Some(reference_input_tokens),
                 input_chars,
-                price: app.policy.price(target).cloned(),
-                price_card_version: app.policy.price_card.as_ref().map(|c| c.version.clone()).unwrap_or_default(),
+                price: policy.price(target).cloned(),
+                price_card_version: policy.price_card.as_ref().map(|c| c.version.clone()).unwrap_or_default(),
+                decision: pass.applied.clone(),
+                ticket: pass.ticket.clone(),
             };
-            let outcome = match call(endpoint, app, provider, target, &req, stream, first_byte).await {
-                Ok(resp) if stream => Ok(stream_response(endpoint, resp, provider.kind, client_wants_usage, record)),
+            let outcome = match call(endpoint, app, &live, provider, target, &req, stream, first_byte).await {
+                Ok(resp) if stream => {
+                    let cuts = std::mem::take(&mut cuts);
+                    Ok(stream_response(endpoint, resp, provider.kind, client_wants_usage, record, cuts))
+                }
                 Ok(resp) => complete_response(endpoint, resp, provider.kind, record).await,
                 Err(e) => Err((e, record)),
             };
@@ -258,6 +301,63 @@ async fn serve(
     Err(last_err.unwrap_or_else(|| IngressError::Internal(format!("model {vm_label} has no usable target"))))
 }
 
+/// A request refused by a breach decision, for its usage event.
+struct Refused<'a> {
+    endpoint: Endpoint,
+    event_id: String,
+    started: Instant,
+    started_at_us: i64,
+    stream: bool,
+    vm_label: &'a str,
+}
+
+impl Refused<'_> {
+    /// One usage event: `rejected`, HTTP 429, nothing consumed, the decision that refused it. No
+    /// provider or model (it reached none) and no tiktoken count of its prompt, so a flood of
+    /// refused requests costs the gateway next to nothing.
+    fn record(
+        self,
+        app: &App,
+        policy: &Policy,
+        envelope: &Envelope,
+        key: Option<&ApiKey>,
+        applied: AppliedDecision,
+        b: &Blocked,
+    ) {
+        let record = RequestRecord {
+            publisher: app.publisher.clone(),
+            event_id: self.event_id,
+            started: self.started,
+            started_at_us: self.started_at_us,
+            envelope: envelope.clone(),
+            api_key_id: key.map(|k| k.id.clone()),
+            api_format: self.endpoint.format(),
+            virtual_model: self.vm_label.to_owned(),
+            provider: String::new(),
+            model: String::new(),
+            attempt: 0,
+            fallback_path: Vec::new(),
+            streamed: self.stream,
+            reference_input_tokens: None,
+            input_chars: 0,
+            price: None,
+            price_card_version: policy.price_card.as_ref().map(|c| c.version.clone()).unwrap_or_default(),
+            decision: Some(applied),
+            ticket: None,
+        };
+        record.finish(Outcome {
+            status: Status::Rejected,
+            http_status: 429,
+            error: Some(b.message()),
+            usage: None,
+            usage_complete: false,
+            output_text: String::new(),
+            model_version: None,
+            first_token_at_us: None,
+        });
+    }
+}
+
 /// Records a request that reached a provider and failed there.
 fn fail(record: RequestRecord, e: &IngressError) {
     let status = match e {
@@ -299,9 +399,11 @@ fn upstream(
 }
 
 /// Sends the request to one target; a non-2xx answer becomes `ProviderStatus`.
+#[allow(clippy::too_many_arguments)]
 async fn call(
     endpoint: Endpoint,
     app: &App,
+    live: &Live,
     provider: &ProviderConfig,
     target: &Target,
     req: &Value,
@@ -310,7 +412,7 @@ async fn call(
 ) -> Result<reqwest::Response, IngressError> {
     let (path, body) = upstream(endpoint, provider.kind, req, &target.model, stream)?;
     let base = provider.base_url.trim_end_matches('/');
-    let credential = app.credentials.get(&provider.name).and_then(Option::as_ref);
+    let credential = live.credentials.get(&provider.name).and_then(Option::as_ref);
     let mut builder = app.http.post(format!("{base}{path}")).json(&body);
     match provider.kind {
         ProviderKind::Openai => {
@@ -447,6 +549,7 @@ fn stream_response(
     kind: ProviderKind,
     client_wants_usage: bool,
     record: RequestRecord,
+    cuts: Vec<StreamCut>,
 ) -> Response {
     let conversion = match (endpoint, kind) {
         (Endpoint::Messages, ProviderKind::Anthropic) => Conversion::Anthropic,
@@ -470,6 +573,8 @@ fn stream_response(
         error: None,
         ended: false,
         timed_out: false,
+        cuts,
+        cut_by: None,
     };
     Response::builder()
         .status(StatusCode::OK)
@@ -494,6 +599,10 @@ struct MeteredStream {
     ended: bool,
     /// The provider went silent past the idle timeout (recorded as `timeout`, not `provider_error`).
     timed_out: bool,
+    /// Registrations under `cut_streams` rules: any of them firing ends the stream.
+    cuts: Vec<StreamCut>,
+    /// The decision that cut the stream, recorded on its usage event.
+    cut_by: Option<AppliedDecision>,
 }
 
 fn sse_data(data: &str) -> Bytes {
@@ -579,8 +688,54 @@ impl MeteredStream {
         self.ended = true;
     }
 
+    /// Ends the stream because its scope breached a `cut_streams` rule: an error event in the
+    /// client's format naming the rule, then the end. Usage so far is estimated and recorded
+    /// once, as `client_abort` with the decision `cut_stream`.
+    fn cut_stream(&mut self, i: usize) {
+        let Some(cut) = self.cuts.get(i) else { return };
+        let entry = cut.entry();
+        let blocked = Blocked {
+            rule_id: cut.rule_id.clone(),
+            rule_kind: entry.as_ref().map_or(RuleKind::Budget, |e| e.decision.rule_kind),
+            scope: cut.scope.clone(),
+            measure: entry.as_ref().map_or(tollgate_schemas::decision::Measure::CostNanos, |e| e.decision.measure),
+            limit: entry.as_ref().map_or(0, |e| e.decision.limit),
+            observed: entry.as_ref().map_or(0, |e| e.observed()),
+            action: "cut_stream".into(),
+            retry_after_secs: breach::retry_after_secs(
+                entry.as_ref().map_or(0, |e| e.decision.window_end_us),
+                now_us(),
+            ),
+            local: entry.as_ref().is_some_and(|e| e.locally_breached()),
+            waited_ms: None,
+            queue_full: false,
+        };
+        let applied = AppliedDecision {
+            rule_id: cut.rule_id.clone(),
+            scope: cut.scope.clone(),
+            action: "cut_stream".into(),
+            version: entry.as_ref().map_or(0, |e| e.decision.version),
+        };
+        metrics::breach_action(&applied.rule_id, "cut_stream");
+        let message = format!("{}; the gateway ended this stream", blocked.message());
+        let format = self.conversion.client_format();
+        let mut body = IngressError::Blocked(Box::new(blocked)).body_for(format);
+        body["error"]["message"] = Value::String(message.clone());
+        let frame = match format {
+            ApiFormat::OpenAi => sse_data(&body.to_string()),
+            ApiFormat::Anthropic => sse_event("error", &body.to_string()),
+        };
+        self.pending.push_back(frame);
+        self.error = Some(message);
+        self.cut_by = Some(applied);
+        self.ended = true;
+    }
+
     fn publish(&mut self, status: Status) {
-        let Some(record) = self.record.take() else { return };
+        let Some(mut record) = self.record.take() else { return };
+        if let Some(d) = self.cut_by.take() {
+            record.decision = Some(d);
+        }
         let complete = self.acct.finished && self.error.is_none();
         let status = if complete { Status::Ok } else { status };
         record.finish(Outcome {
@@ -605,9 +760,23 @@ impl Stream for MeteredStream {
                 return Poll::Ready(Some(Ok(b)));
             }
             if self.ended || self.acct.finished {
-                let status = if self.timed_out { Status::Timeout } else { Status::ProviderError };
+                let status = if self.cut_by.is_some() {
+                    // Ended early on the client's side of the gateway, by the gateway: counted
+                    // like a client abort (partial, estimated, billed). Not `rejected`, which
+                    // means nothing was consumed (the enforcer skips those); `decision.action`
+                    // = `cut_stream` tells the two kinds of abort apart.
+                    Status::ClientAbort
+                } else if self.timed_out {
+                    Status::Timeout
+                } else {
+                    Status::ProviderError
+                };
                 self.publish(status);
                 return Poll::Ready(None);
+            }
+            if let Some(i) = self.cuts.iter_mut().position(|c| c.poll_cut(cx)) {
+                self.cut_stream(i);
+                continue;
             }
             match self.upstream.poll_next_unpin(cx) {
                 Poll::Pending => return Poll::Pending,
@@ -642,11 +811,12 @@ impl Drop for MeteredStream {
 
 /// `GET /v1/models`: the virtual models the caller's key may use, in OpenAI's list format.
 pub async fn models(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
-    let key = match auth::authenticate(&app.policy, &headers) {
+    let live = app.live();
+    let key = match auth::authenticate(&live.policy, &headers) {
         Ok(k) => k,
         Err(e) => return e.into_response(),
     };
-    let data: Vec<Value> = app
+    let data: Vec<Value> = live
         .policy
         .virtual_models
         .keys()

@@ -1,11 +1,13 @@
 //! Turns what one request did into its usage event: tokens, estimates, price, and publishing.
 
+use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use tollgate_schemas::price::ModelPrice;
-use tollgate_schemas::usage::{ApiFormat, Envelope, Status, TokenSource, UsageEvent};
+use tollgate_schemas::usage::{ApiFormat, AppliedDecision, Envelope, Status, TokenSource, UsageEvent};
 
 use crate::count;
+use crate::decisions::Ticket;
 use crate::metrics;
 use crate::provider::Usage;
 use crate::publish::Publisher;
@@ -29,10 +31,15 @@ pub struct RequestRecord {
     pub attempt: i32,
     pub fallback_path: Vec<String>,
     pub streamed: bool,
-    pub reference_input_tokens: i64,
+    /// `None` for a request refused before any target was chosen.
+    pub reference_input_tokens: Option<i64>,
     pub input_chars: i64,
     pub price: Option<ModelPrice>,
     pub price_card_version: String,
+    /// The breach decision that shaped the request, if any.
+    pub decision: Option<AppliedDecision>,
+    /// What the request added to `Watch` counts, settled with its real usage here.
+    pub ticket: Option<Arc<Ticket>>,
 }
 
 /// How the request ended.
@@ -60,7 +67,8 @@ impl RequestRecord {
                 // Provider truth where we have it (Anthropic reports input at the start), tiktoken
                 // for the rest: the output already passed to the client.
                 let estimated_out = count::count_text(count::encoding_for(&self.model), &o.output_text);
-                let mut u = partial.unwrap_or(Usage { input: self.reference_input_tokens, ..Usage::default() });
+                let mut u =
+                    partial.unwrap_or(Usage { input: self.reference_input_tokens.unwrap_or(0), ..Usage::default() });
                 u.output = u.output.max(estimated_out);
                 (u, TokenSource::Estimated)
             }
@@ -68,6 +76,9 @@ impl RequestRecord {
             _ => (Usage::default(), TokenSource::Estimated),
         };
         let cost_nanos = self.price.as_ref().map_or(0, |p| p.cost_nanos(usage.billable()));
+        if let Some(t) = &self.ticket {
+            t.settle(usage.input.saturating_add(usage.output), cost_nanos);
+        }
         metrics::tokens(&self.virtual_model, &self.provider, "input", usage.input);
         metrics::tokens(&self.virtual_model, &self.provider, "output", usage.output);
         metrics::tokens(&self.virtual_model, &self.provider, "cached_read", usage.cached_read);
@@ -95,12 +106,12 @@ impl RequestRecord {
             cached_input_tokens: usage.cached_read,
             cache_write_tokens: usage.cache_write,
             reasoning_tokens: usage.reasoning,
-            reference_input_tokens: Some(self.reference_input_tokens),
+            reference_input_tokens: self.reference_input_tokens,
             input_chars: self.input_chars,
             token_source: source,
             cost_nanos,
             price_card_version: self.price_card_version,
-            decision: None,
+            decision: self.decision,
         };
         self.publisher.publish(event);
     }

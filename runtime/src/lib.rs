@@ -1,5 +1,7 @@
 //! What every Tollgate binary does the same way: logging, the metrics recorder, shutdown on
-//! SIGTERM/ctrl-c, binding, and the `/healthz` + `/metrics` endpoints.
+//! SIGTERM/ctrl-c, binding, the `/healthz` + `/metrics` endpoints, and policy hot reload.
+
+pub mod reload;
 
 use std::process::ExitCode;
 
