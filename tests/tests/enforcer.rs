@@ -328,3 +328,36 @@ async fn the_anomaly_guards_find_the_loop_the_stuffing_the_drift_and_the_frontie
     meter.stop().await;
     mock.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_changed_policy_is_enforced_at_once_and_a_broken_one_changes_nothing() {
+    let mock = start_mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    write_reference_rules(dir.path(), mock.addr);
+    let t = topics("enf_reload").await;
+    let meter = start_meter(meter_config(&t.usage, &t.db)).await;
+    let enforcer = start_enforcer(enforcer_config(dir.path(), &t.usage, &t.breaches, &t.alerts, &t.db)).await;
+    let log = DecisionLog::follow(&t.breaches);
+    let key = "intern-sandbox-cap/X-TFY-Project=intern-sandbox";
+    let intern = env("intern-sandbox", "i-1", "development", "homework");
+    let spend: Vec<_> = (0..4).map(|i| event(i, intern.clone(), 10, 10, 100 * USD)).collect();
+    produce_usage(&t.usage, &spend).await;
+    let d = log.wait_for(key, |d| d.observed == 400 * USD).await;
+    assert_eq!((d.state, d.limit), (DecisionState::Watch, 500 * USD));
+
+    // A broken edit: the enforcer keeps the policy it has.
+    let budgets = dir.path().join("budgets.yaml");
+    let good = std::fs::read_to_string(&budgets).unwrap();
+    std::fs::write(&budgets, good.replace("ceiling_usd: 500", "ceiling_usd: lots")).unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(log.latest(key).unwrap().version, d.version, "nothing new from a policy that does not load");
+
+    // The interns' cap cut to $300: the $400 already spent breaches it.
+    std::fs::write(&budgets, good.replace("ceiling_usd: 500", "ceiling_usd: 300")).unwrap();
+    let d = log.wait_for(key, |d| d.state == DecisionState::Breached).await;
+    assert_eq!((d.observed, d.limit), (400 * USD, 300 * USD), "rebuilt from ClickHouse and Kafka, not counted twice");
+    drop(log);
+    enforcer.stop().await;
+    meter.stop().await;
+    mock.stop().await;
+}
