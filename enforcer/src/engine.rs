@@ -54,8 +54,10 @@ pub fn total_tokens(ev: &UsageEvent) -> i64 {
     ev.input_tokens + ev.cached_input_tokens + ev.cache_write_tokens + ev.output_tokens
 }
 
-/// A breached scope's count and lift time are republished at most this often: ingresses act on
-/// the state, the figures only feed the 429 body.
+/// A breached scope's count and lift time, and a watched scope's headroom (unless it shrank by a
+/// tenth of the limit), are republished at most this often: ingresses act on the state and count
+/// their own admissions since the decision they hold, so a fresher figure only tightens what is
+/// already bounded, while each republish is one more record every ingress reads at start.
 pub const BREACHED_REFRESH_US: i64 = 1_000_000;
 
 /// What a rule's count says about a scope now.
@@ -333,7 +335,10 @@ fn decide(
         None => v.state != DecisionState::Clear,
         Some(p) => {
             p.state != v.state
-                || (v.state == DecisionState::Watch && p.observed != v.observed)
+                || (v.state == DecisionState::Watch
+                    && p.observed != v.observed
+                    && (now_us - p.decided_at_us >= BREACHED_REFRESH_US
+                        || (v.observed - p.observed).saturating_mul(10) >= v.limit))
                 || (v.state == DecisionState::Breached
                     && (p.window_end_us != v.window_end_us || p.observed != v.observed)
                     && now_us - p.decided_at_us >= BREACHED_REFRESH_US)
