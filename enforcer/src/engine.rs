@@ -68,6 +68,8 @@ pub struct Verdict {
     pub limit: i64,
     pub window_start_us: i64,
     pub window_end_us: i64,
+    /// The latest end time of the usage `observed` counts.
+    pub covered_until_us: i64,
 }
 
 /// The last decision published for a key.
@@ -85,6 +87,8 @@ struct ScopeState {
     rule_id: String,
     scope: String,
     counter: Counter,
+    /// The latest end time of the usage counted in.
+    last_at_us: i64,
 }
 
 #[derive(Debug, Default)]
@@ -165,8 +169,10 @@ impl Engine {
                 rule_id: rule.id.clone(),
                 scope,
                 counter: Counter::new(&rule.window),
+                last_at_us: 0,
             });
             state.counter.add(u.at_us, amount, now_us);
+            state.last_at_us = state.last_at_us.max(u.at_us);
             self.dirty.insert(key);
         }
     }
@@ -197,13 +203,13 @@ impl Engine {
                 }
                 continue;
             };
-            let (observed, bounds, lifts_at) = match states.get_mut(&key) {
+            let (observed, bounds, lifts_at, covered) = match states.get_mut(&key) {
                 Some(s) => {
                     let v = s.counter.value(now_us);
                     let lifts = if v >= rule.limit { s.counter.lifts_at(now_us, rule.limit) } else { now_us };
-                    (v, s.counter.bounds(now_us), lifts)
+                    (v, s.counter.bounds(now_us), lifts, s.last_at_us)
                 }
-                None => (0, Counter::new(&rule.window).bounds(now_us), now_us),
+                None => (0, Counter::new(&rule.window).bounds(now_us), now_us, 0),
             };
             let state = if observed >= rule.limit {
                 DecisionState::Breached
@@ -216,7 +222,14 @@ impl Engine {
                 DecisionState::Breached => lifts_at,
                 _ => bounds.1,
             };
-            let verdict = Verdict { state, observed, limit: rule.limit, window_start_us: bounds.0, window_end_us };
+            let verdict = Verdict {
+                state,
+                observed,
+                limit: rule.limit,
+                window_start_us: bounds.0,
+                window_end_us,
+                covered_until_us: covered,
+            };
             if let Some(d) = decide(published, last_version, rule, scope, verdict, now_us) {
                 out.decisions.push(d);
             }
@@ -362,6 +375,7 @@ fn decide(
         window_start_us: v.window_start_us,
         window_end_us: v.window_end_us,
         decided_at_us: now_us,
+        covered_until_us: v.covered_until_us,
         version: next_version(last_version, now_us),
     };
     published.insert(key, published_of(&d));
@@ -399,6 +413,7 @@ fn clear_for_removed(rule_id: &str, scope: &str, now_us: i64, version: i64) -> B
         window_start_us: now_us,
         window_end_us: now_us,
         decided_at_us: now_us,
+        covered_until_us: now_us,
         version,
     }
 }

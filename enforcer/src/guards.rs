@@ -280,6 +280,7 @@ impl Guards {
                         limit,
                         window_start_us: hour,
                         window_end_us: hour + HOUR_US,
+                        covered_until_us: now_us,
                     };
                     out.decisions.extend(engine.decide(rule, &scope, v, now_us));
                 }
@@ -335,7 +336,14 @@ impl Guards {
                 let scope = format!("workflow:{workflow}");
                 if let Some(rule) = &st.rule {
                     let state = if firing { DecisionState::Breached } else { DecisionState::Clear };
-                    let v = Verdict { state, observed: avg, limit, window_start_us: start, window_end_us: now_us };
+                    let v = Verdict {
+                        state,
+                        observed: avg,
+                        limit,
+                        window_start_us: start,
+                        window_end_us: now_us,
+                        covered_until_us: now_us,
+                    };
                     out.decisions.extend(engine.decide(rule, &scope, v, now_us));
                 }
                 let id = Alert::id_for(&st.cfg.id, &scope, period, 100);

@@ -450,6 +450,7 @@ mod tests {
             window_start_us: 0,
             window_end_us: now_us() + 90_500_000,
             decided_at_us: now_us(),
+            covered_until_us: 0,
             version,
         }
     }

@@ -20,10 +20,13 @@
 //! publishes `Watch` with the `headroom` left, every ingress counts what it admits into that key
 //! (requests: 1 at admission; tokens: the input estimate at admission, settled to the real total
 //! when the request ends; cost: at the end) and treats the scope as breached once its own count
-//! reaches the headroom, until a newer decision for the key arrives (which starts the count from
-//! zero again, because the enforcer's new `observed` includes what it has seen since). The
-//! overshoot past the limit between two decisions is thereby bounded by what is admitted but not
-//! yet counted: for a request limit nothing (admission is an atomic check-and-add), for a token
+//! reaches the headroom. A newer decision says up to which end time its `observed` counts usage
+//! (`covered_until_us`); the ingress then drops from its count what ended by then and keeps what
+//! is still in flight or ended later, so nothing this ingress admitted is forgotten between two
+//! decisions nor counted twice (a request is dropped from the count once its end time is
+//! covered; its event may have reached the enforcer a little earlier, which errs towards
+//! blocking). The overshoot past the limit is thereby bounded by what is admitted but not yet
+//! counted: for a request limit nothing (admission is an atomic check-and-add), for a token
 //! limit the output of requests already in flight (their input is counted at admission), for a
 //! cost limit the cost of requests already in flight — DESIGN's target of "no more than the
 //! requests already in flight" — instead of the request rate times the decision delay. With
@@ -34,7 +37,7 @@
 //! their key; a `Breached` decision with `cut_streams` (not in audit) — or the local count
 //! reaching the headroom — cancels them, and each stream ends with an SSE error event.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -55,22 +58,56 @@ use tracing::{debug, error, info, warn};
 
 use crate::metrics;
 
-/// One cached decision and what this ingress admitted into its key since it arrived.
+/// What this ingress admitted into one key that the enforcer's figure does not include yet: the
+/// requests still in flight (at their admission estimate) and those that ended after the usage
+/// the last decision covers. It outlives each decision of its key, so a request admitted under
+/// one decision and ending under the next is still counted.
+#[derive(Debug, Default)]
+pub struct LocalCount {
+    /// In units of the key's measure.
+    total: AtomicI64,
+    /// (end time in µs, amount) of requests that ended, in the order they ended.
+    ended: Mutex<VecDeque<(i64, i64)>>,
+}
+
+impl LocalCount {
+    /// Forgets what ended at or before `covered_until_us`: the enforcer has counted it.
+    fn cover(&self, covered_until_us: i64) {
+        let mut ended = self.ended.lock().unwrap_or_else(PoisonError::into_inner);
+        while let Some(&(at, amount)) = ended.front() {
+            if at > covered_until_us {
+                break;
+            }
+            self.total.fetch_sub(amount, Ordering::AcqRel);
+            ended.pop_front();
+        }
+    }
+
+    fn ended(&self, at_us: i64, amount: i64) {
+        self.ended.lock().unwrap_or_else(PoisonError::into_inner).push_back((at_us, amount));
+    }
+}
+
+/// One cached decision and what this ingress admitted into its key beyond it.
 #[derive(Debug)]
 pub struct Entry {
     pub decision: BreachDecision,
     /// In units of `decision.measure`; only counted while the decision is `Watch`.
-    local: AtomicI64,
+    local: Arc<LocalCount>,
 }
 
 impl Entry {
-    fn new(decision: BreachDecision) -> Self {
-        Self { decision, local: AtomicI64::new(0) }
+    /// The entry for a new decision, keeping what the key's previous entry counted beyond the
+    /// usage this decision covers.
+    fn new(decision: BreachDecision, previous: Option<&Entry>) -> Self {
+        let local = previous.map(|p| Arc::clone(&p.local)).unwrap_or_default();
+        local.cover(decision.covered_until_us);
+        Self { decision, local }
     }
 
-    /// What this ingress admitted into the key since the decision arrived.
+    /// What this ingress admitted into the key that the decision does not include.
     pub fn local(&self) -> i64 {
-        self.local.load(Ordering::Acquire)
+        self.local.total.load(Ordering::Acquire)
     }
 
     /// The best current figure: the enforcer's `observed` plus what this ingress added since.
@@ -93,6 +130,7 @@ impl Entry {
     fn try_admit(&self, amount: i64) -> bool {
         let headroom = self.decision.headroom;
         self.local
+            .total
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
                 (cur < headroom).then(|| cur.saturating_add(amount))
             })
@@ -185,9 +223,10 @@ impl DecisionCache {
                 None => (if map.remove(key).is_some() { Applied::Removed } else { Applied::Absent }, false),
                 Some(d) => match map.get(key) {
                     Some(held) if held.decision.version >= d.version => (Applied::Stale, false),
-                    _ => {
+                    held => {
                         let cut = d.state == DecisionState::Breached && d.cut_streams && !d.audit && !self.audit_only;
-                        map.insert(key.to_owned(), Arc::new(Entry::new(d)));
+                        let entry = Entry::new(d, held.map(|h| h.as_ref()));
+                        map.insert(key.to_owned(), Arc::new(entry));
                         (Applied::Stored, cut)
                     }
                 },
@@ -240,7 +279,7 @@ impl DecisionCache {
         if delta == 0 {
             return;
         }
-        let prev = h.entry.local.fetch_add(delta, Ordering::AcqRel);
+        let prev = h.entry.local.total.fetch_add(delta, Ordering::AcqRel);
         let now = prev.saturating_add(delta);
         let headroom = h.entry.decision.headroom;
         if prev < headroom && now >= headroom {
@@ -341,13 +380,16 @@ impl Ticket {
         if self.settled.swap(true, Ordering::AcqRel) {
             return;
         }
+        let ended_at = crate::record::now_us();
         for h in &self.holds {
-            let delta = match h.entry.decision.measure {
-                Measure::Requests => 0,
-                Measure::Tokens => tokens.saturating_sub(h.admitted),
-                Measure::CostNanos => cost_nanos,
+            let (delta, amount) = match h.entry.decision.measure {
+                Measure::Requests => (0, h.admitted),
+                Measure::Tokens => (tokens.saturating_sub(h.admitted), tokens),
+                Measure::CostNanos => (cost_nanos, cost_nanos),
             };
             self.cache.add_local(h, delta);
+            // From now on the amount is in a usage event: the decision that covers it drops it.
+            h.entry.local.ended(ended_at, amount);
         }
     }
 }
@@ -796,6 +838,7 @@ mod tests {
             window_start_us: 0,
             window_end_us: 0,
             decided_at_us: 0,
+            covered_until_us: 0,
             version,
         }
     }
@@ -857,9 +900,31 @@ mod tests {
             t.settle(1_000, 1_000);
         }
         assert_eq!(cache.get(KEY).unwrap().local(), 3, "settling changes nothing for a request count");
-        cache.apply(KEY, Some(decision(DecisionState::Watch, Measure::Requests, 3, 2)));
-        assert_eq!(cache.get(KEY).unwrap().local(), 0, "a newer decision starts the count afresh");
+        // A newer decision that has not seen these requests' events yet keeps them counted…
+        let mut stale = decision(DecisionState::Watch, Measure::Requests, 3, 2);
+        stale.covered_until_us = crate::record::now_us() - 60_000_000;
+        cache.apply(KEY, Some(stale));
+        assert_eq!(cache.get(KEY).unwrap().local(), 3, "not covered yet: still counted here");
+        assert!(cache.get(KEY).unwrap().breached());
+        // …one that covers them starts the count afresh.
+        let mut fresh = decision(DecisionState::Watch, Measure::Requests, 3, 3);
+        fresh.covered_until_us = crate::record::now_us();
+        cache.apply(KEY, Some(fresh));
+        assert_eq!(cache.get(KEY).unwrap().local(), 0, "covered by the enforcer: dropped here");
         assert!(!cache.get(KEY).unwrap().breached());
+    }
+
+    #[test]
+    fn a_request_in_flight_across_decisions_is_counted_under_the_newer_one() {
+        let cache = DecisionCache::new(false);
+        cache.apply(KEY, Some(decision(DecisionState::Watch, Measure::CostNanos, 1_000, 1)));
+        let in_flight = cache.admit(&watch_of(&cache, false), 0).unwrap();
+        let mut next = decision(DecisionState::Watch, Measure::CostNanos, 1_000, 2);
+        next.covered_until_us = crate::record::now_us();
+        cache.apply(KEY, Some(next));
+        in_flight.settle(0, 1_200);
+        assert_eq!(cache.get(KEY).unwrap().local(), 1_200, "settled into the key, not the replaced entry");
+        assert!(cache.get(KEY).unwrap().locally_breached());
     }
 
     #[test]

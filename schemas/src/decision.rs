@@ -87,6 +87,7 @@ pub struct BreachDecision {
     pub window_start_us: i64,
     pub window_end_us: i64,
     pub decided_at_us: i64,
+    pub covered_until_us: i64,
     pub version: i64,
 }
 
@@ -212,12 +213,12 @@ mod tests {
             rule_kind in prop_oneof![Just(RuleKind::RateLimit), Just(RuleKind::Budget), Just(RuleKind::Guard)],
             state in prop_oneof![Just(DecisionState::Breached), Just(DecisionState::Watch), Just(DecisionState::Clear)],
             action in "[a-z_]{1,24}", flags in any::<(bool, bool)>(), measure in measure(),
-            nums in proptest::array::uniform7(any::<i64>()),
+            nums in proptest::array::uniform8(any::<i64>()),
         ) -> BreachDecision {
             BreachDecision {
                 rule_id, rule_kind, scope, state, action, audit: flags.0, cut_streams: flags.1, measure,
                 limit: nums[0], observed: nums[1], headroom: nums[2], window_start_us: nums[3],
-                window_end_us: nums[4], decided_at_us: nums[5], version: nums[6],
+                window_end_us: nums[4], decided_at_us: nums[5], covered_until_us: nums[7], version: nums[6],
             }
         }
     }

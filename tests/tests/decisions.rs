@@ -100,6 +100,7 @@ fn decision(rule: &str, scope: &str, state: DecisionState, version: i64) -> Brea
         window_start_us: now_us() - 3_480_000_000,
         window_end_us: now_us() + 120_000_000,
         decided_at_us: now_us(),
+        covered_until_us: 0,
         version,
     }
 }
@@ -550,9 +551,11 @@ async fn watch_headroom_blocks_once_the_local_count_reaches_it() {
     assert_eq!(e["measure"], "requests");
     assert!(e["message"].as_str().unwrap().contains("counted by this gateway"), "{e}");
 
-    // A newer decision starts the count afresh: 2 more pass, the third does not.
+    // A newer decision whose `observed` covers the usage of those requests (they ended before
+    // its `covered_until_us`) starts the count afresh: 2 more pass, the third does not.
     w.version = 2;
     (w.observed, w.headroom) = (98, 2);
+    w.covered_until_us = now_us();
     s.publish(&w).await;
     s.until_status("w1", 200).await;
     assert_eq!(s.send(s.chat("w1", "vm-openai", "hi\n#mock completion_tokens=2")).await.status, 200);

@@ -77,6 +77,7 @@ async fn publish_block(topic: &str, rule: &str, session: &str) {
         window_start_us: now_us(),
         window_end_us: now_us() + 60_000_000,
         decided_at_us: now_us(),
+        covered_until_us: 0,
         version: 1,
     };
     let payload = BreachDecision::codec().unwrap().encode(&d).unwrap();
