@@ -2,15 +2,20 @@
 //!
 //! On start the meter reads, per partition, the highest Kafka offset ClickHouse already holds and
 //! consumes from the next one; the broker's committed offsets are written for monitoring only. A
-//! crash between an insert and a commit therefore neither loses nor repeats a row.
+//! crash between an insert and a commit therefore neither loses nor repeats a row. Standalone,
+//! one meter assigns itself every partition; in [`Mode::Group`] several meters split them through
+//! the consumer group, each partition starting at its ClickHouse checkpoint on every rebalance
+//! (see [`group`]).
 
+pub mod group;
+pub mod history;
 pub mod metrics;
 pub mod migrate;
 pub mod report;
 pub mod sink;
 pub mod window;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +33,7 @@ use tollgate_schemas::avro::AvroCodec;
 use tollgate_schemas::usage::UsageEvent;
 use tracing::{debug, error, info, warn};
 
+use group::{MeterContext, Rebalance};
 use sink::UsageRow;
 use window::Windows;
 
@@ -73,6 +79,8 @@ pub struct Config {
     /// Where events that cannot be decoded are sent.
     pub dead_letter_topic: String,
     pub group_id: String,
+    /// How this meter gets its partitions.
+    pub mode: Mode,
     pub clickhouse: ClickHouseConfig,
     /// A batch is written when it has this many rows…
     pub batch_max_rows: usize,
@@ -80,6 +88,20 @@ pub struct Config {
     pub batch_max_wait: Duration,
     pub kafka_extra: Vec<(String, String)>,
     pub metrics: Option<PrometheusHandle>,
+    /// The enforcer's (breaches, alerts) topics, kept in `breach_history` and `alert_history`;
+    /// `None`: not kept.
+    pub history: Option<(String, String)>,
+}
+
+/// How meters share the usage topic's partitions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// This meter assigns itself every partition: run exactly one per topic.
+    #[default]
+    Standalone,
+    /// The meters of one `group_id` split the partitions through the consumer group
+    /// (`subscribe`), and take over each other's partitions when one joins, leaves or dies.
+    Group,
 }
 
 impl Config {
@@ -89,11 +111,13 @@ impl Config {
             usage_topic: tollgate_schemas::topics::USAGE.into(),
             dead_letter_topic: tollgate_schemas::topics::USAGE_DEAD_LETTERS.into(),
             group_id: "tollgate-meter".into(),
+            mode: Mode::Standalone,
             clickhouse,
             batch_max_rows: 50_000,
             batch_max_wait: Duration::from_millis(500),
             kafka_extra: Vec::new(),
             metrics: None,
+            history: Some((tollgate_schemas::topics::BREACHES.into(), tollgate_schemas::topics::ALERTS.into())),
         }
     }
 }
@@ -108,8 +132,26 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let http = axum::serve(listener, tollgate_runtime::ops_router(config.metrics.clone()))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let http = tokio::spawn(async move { http.await });
+    let history = config.history.clone().map(|(breaches_topic, alerts_topic)| {
+        let hc = history::HistoryConfig {
+            brokers: config.brokers.clone(),
+            breaches_topic,
+            alerts_topic,
+            kafka_extra: config.kafka_extra.clone(),
+            batch_max_rows: 10_000,
+            batch_max_wait: config.batch_max_wait,
+        };
+        tokio::spawn(history::run(hc, config.clickhouse.client(), shutdown.clone()))
+    });
     let result = consume(&config, &shutdown).await;
     shutdown.cancel();
+    if let Some(h) = history {
+        match h.await {
+            Ok(Err(e)) => error!(error = %e, "decision and alert history stopped"),
+            Err(e) => error!(error = %e, "decision and alert history task failed"),
+            Ok(Ok(())) => {}
+        }
+    }
     let _ = http.await;
     result
 }
@@ -125,61 +167,85 @@ async fn consume(config: &Config, shutdown: &CancellationToken) -> anyhow::Resul
     for (k, v) in &config.kafka_extra {
         cc.set(k, v);
     }
-    let consumer: Arc<StreamConsumer> = Arc::new(cc.create().context("creating the Kafka consumer")?);
-    let ch = config.clickhouse.client();
     let topic = config.usage_topic.clone();
-
-    let partitions = loop {
-        match partitions_of(&consumer, &topic).await {
-            Ok(p) if !p.is_empty() => break p,
-            Ok(_) => warn!(%topic, "topic has no partitions yet; waiting"),
-            Err(e) => warn!(%topic, error = %e, "cannot read topic metadata; retrying"),
-        }
-        tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
-            () = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
+    let (context, mut rebalances) = MeterContext::new(&topic);
+    let consumer: Arc<StreamConsumer<MeterContext>> =
+        Arc::new(cc.create_with_context(context).context("creating the Kafka consumer")?);
+    let mut meter = Meter {
+        ch: config.clickhouse.client(),
+        consumer: Arc::clone(&consumer),
+        topic: topic.clone(),
+        batch: Vec::with_capacity(config.batch_max_rows.min(100_000)),
+        last: BTreeMap::new(),
+        deadline: None,
+        windows: Windows::default(),
+        owned: BTreeSet::new(),
     };
-    let stored = retry_clickhouse(shutdown, "reading checkpoints", || sink::checkpoints(&ch, &topic)).await;
-    let Some(stored) = stored else { return Ok(()) };
-    // One meter reads every partition, from where ClickHouse's windows end (not from the
-    // group's committed offsets, which are written for monitoring only). Raw rows past it are
-    // written again and collapse on event_id; the windows skip what they already cover.
-    let mut tpl = TopicPartitionList::new();
-    for p in &partitions {
-        let offset = stored.get(p).map_or(Offset::Beginning, |o| Offset::Offset(*o));
-        tpl.add_partition_offset(&topic, *p, offset)?;
+    match config.mode {
+        Mode::Standalone => {
+            let partitions = loop {
+                match partitions_of(&consumer, &topic).await {
+                    Ok(p) if !p.is_empty() => break p,
+                    Ok(_) => warn!(%topic, "topic has no partitions yet; waiting"),
+                    Err(e) => warn!(%topic, error = %e, "cannot read topic metadata; retrying"),
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => return Ok(()),
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            };
+            let stored =
+                retry_clickhouse(shutdown, "reading checkpoints", || sink::checkpoints(&meter.ch, &topic)).await;
+            let Some(stored) = stored else { return Ok(()) };
+            // One meter reads every partition, from where ClickHouse's windows end (not from the
+            // group's committed offsets, which are written for monitoring only). Raw rows past it
+            // are written again and collapse on event_id; the windows skip what they already cover.
+            consumer.assign(&at_checkpoints(&topic, &partitions, &stored)?).context("assigning partitions")?;
+            meter.owned.extend(&partitions);
+            info!(%topic, ?partitions, resume = ?stored, "meter consuming");
+        }
+        Mode::Group => {
+            // Partitions arrive through rebalances (see `group`), each at its checkpoint.
+            consumer.subscribe(&[&topic]).context("subscribing to the usage topic")?;
+            info!(%topic, group = %config.group_id, "meter joining its consumer group");
+        }
     }
-    consumer.assign(&tpl).context("assigning partitions")?;
-    info!(%topic, ?partitions, resume = ?stored, "meter consuming");
     let dead_letters = DeadLetters::new(config)?;
 
     let codec = UsageEvent::codec()?;
-    let mut batch: Vec<UsageRow> = Vec::with_capacity(config.batch_max_rows.min(100_000));
-    let mut last: BTreeMap<i32, i64> = BTreeMap::new();
-    let mut deadline: Option<Instant> = None;
-    let mut windows = Windows::default();
-    loop {
+    let stopped_cleanly = loop {
         let flush_now = tokio::select! {
             biased;
-            () = shutdown.cancelled() => break,
-            () = sleep_until(deadline), if deadline.is_some() => true,
+            () = shutdown.cancelled() => break true,
+            Some(event) = rebalances.recv() => {
+                if !meter.rebalance(event, shutdown).await {
+                    break false;
+                }
+                false
+            }
+            () = sleep_until(meter.deadline), if meter.deadline.is_some() => true,
             msg = consumer.recv() => match msg {
                 Ok(m) => {
                     metrics::consumed();
-                    windows.consumed(m.partition(), m.offset());
-                    match decode(&codec, m.payload()) {
-                        Ok(ev) => batch.push(UsageRow::new(ev, &topic, m.partition(), m.offset())),
-                        Err(e) => {
-                            metrics::decode_error();
-                            dead_letters.send(&m, &e).await;
+                    if meter.owned.contains(&m.partition()) {
+                        meter.windows.consumed(m.partition(), m.offset());
+                        match decode(&codec, m.payload()) {
+                            Ok(ev) => meter.batch.push(UsageRow::new(ev, &topic, m.partition(), m.offset())),
+                            Err(e) => {
+                                metrics::decode_error();
+                                dead_letters.send(&m, &e).await;
+                            }
                         }
+                        meter.last.insert(m.partition(), m.offset());
+                        if meter.deadline.is_none() {
+                            meter.deadline = Some(Instant::now() + config.batch_max_wait);
+                        }
+                    } else {
+                        // librdkafka drops what it fetched for a partition it no longer assigns;
+                        // should anything slip through, it is not this meter's to write.
+                        debug!(partition = m.partition(), offset = m.offset(), "message of a partition not owned skipped");
                     }
-                    last.insert(m.partition(), m.offset());
-                    if deadline.is_none() {
-                        deadline = Some(Instant::now() + config.batch_max_wait);
-                    }
-                    batch.len() >= config.batch_max_rows
+                    meter.batch.len() >= config.batch_max_rows
                 }
                 Err(e) => {
                     warn!(error = %e, "kafka consumer error");
@@ -188,18 +254,202 @@ async fn consume(config: &Config, shutdown: &CancellationToken) -> anyhow::Resul
                 }
             },
         };
-        if flush_now {
-            if !flush(&ch, &consumer, &topic, &mut batch, &mut last, &mut windows, shutdown).await {
-                return Ok(());
-            }
-            deadline = None;
+        if flush_now && !meter.flush(shutdown).await {
+            break false;
+        }
+    };
+    // Shutting down: write what was read; if ClickHouse is away, it is read again next start.
+    if stopped_cleanly && !meter.batch.is_empty() {
+        meter.flush(&CancellationToken::new()).await;
+    }
+    // Nothing reads the rebalance queue from here: the callback answers librdkafka itself while
+    // the consumer closes (revoke, leave the group), and what is queued is answered now.
+    consumer.context().loop_stopped();
+    while let Ok(event) = rebalances.try_recv() {
+        if let Err(e) = group::answer_default(&*consumer, &topic, &event) {
+            debug!(error = %e, ?event, "rebalance not applied while closing");
         }
     }
-    // Shutting down: write what was read; if ClickHouse is away, it is read again next start.
-    if !batch.is_empty() {
-        flush(&ch, &consumer, &topic, &mut batch, &mut last, &mut windows, &CancellationToken::new()).await;
-    }
+    drop(meter);
+    // Closing a group member waits on the broker: keep it off the async workers.
+    let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
     Ok(())
+}
+
+/// `partitions` of `topic`, each at its checkpoint in `stored` (from the start without one).
+fn at_checkpoints(topic: &str, partitions: &[i32], stored: &BTreeMap<i32, i64>) -> anyhow::Result<TopicPartitionList> {
+    let mut tpl = TopicPartitionList::new();
+    for p in partitions {
+        let offset = stored.get(p).map_or(Offset::Beginning, |o| Offset::Offset(*o));
+        tpl.add_partition_offset(topic, *p, offset)?;
+    }
+    Ok(tpl)
+}
+
+/// The consume loop's state: what was read since the last flush and the windows it feeds.
+struct Meter {
+    ch: Client,
+    consumer: Arc<StreamConsumer<MeterContext>>,
+    topic: String,
+    batch: Vec<UsageRow>,
+    /// Last offset read per partition since the last flush (decodable or not).
+    last: BTreeMap<i32, i64>,
+    /// When the batch is written at the latest.
+    deadline: Option<Instant>,
+    windows: Windows,
+    /// Partitions this meter reads now: all of them standalone, its assignment in a group.
+    owned: BTreeSet<i32>,
+}
+
+impl Meter {
+    /// Answers a rebalance (see `group`). Returns false when shutdown interrupted it.
+    async fn rebalance(&mut self, event: Rebalance, shutdown: &CancellationToken) -> bool {
+        match event {
+            Rebalance::Assign(partitions) => self.assign(partitions, shutdown).await,
+            Rebalance::Revoke { partitions, lost } => self.revoke(&partitions, lost, shutdown).await,
+            Rebalance::Error { partitions, error } => {
+                warn!(%error, ?partitions, "consumer group rebalance failed; dropping the partitions");
+                self.revoke(&partitions, true, shutdown).await
+            }
+        }
+    }
+
+    /// Starts `partitions` at their ClickHouse checkpoints, with nothing of them in memory.
+    async fn assign(&mut self, partitions: Vec<i32>, shutdown: &CancellationToken) -> bool {
+        metrics::rebalance("assign");
+        let (ch, topic) = (&self.ch, &self.topic);
+        let stored = retry_clickhouse(shutdown, "reading checkpoints", || sink::checkpoints(ch, topic)).await;
+        let Some(stored) = stored else {
+            // Shutting down: librdkafka still waits for the call, and the consumer closes next.
+            let _ = group::assign(&*self.consumer, &group::list(&self.topic, &partitions));
+            return false;
+        };
+        // Eager protocols name the whole new assignment, and a revoke always came first; should
+        // one not have, what memory holds of the old assignment is dropped all the same.
+        let before =
+            if group::cooperative(&*self.consumer) { BTreeSet::new() } else { std::mem::take(&mut self.owned) };
+        for p in before.iter().chain(&partitions) {
+            self.forget(*p);
+        }
+        let tpl = match at_checkpoints(&self.topic, &partitions, &stored) {
+            Ok(tpl) => tpl,
+            Err(e) => {
+                error!(error = %e, ?partitions, "cannot list the assigned partitions");
+                group::list(&self.topic, &[])
+            }
+        };
+        if let Err(e) = group::assign(&*self.consumer, &tpl) {
+            error!(error = %e, ?partitions, "assigning partitions failed");
+            return true;
+        }
+        self.owned.extend(tpl.elements().iter().map(|e| e.partition()));
+        let resume: BTreeMap<i32, Option<&i64>> = partitions.iter().map(|p| (*p, stored.get(p))).collect();
+        info!(?partitions, ?resume, owned = ?self.owned, "partitions assigned");
+        true
+    }
+
+    /// Gives up `partitions` (eager protocols: all), after writing what was read of them unless
+    /// the assignment is already lost. Nothing of them stays in memory.
+    async fn revoke(&mut self, partitions: &[i32], lost: bool, shutdown: &CancellationToken) -> bool {
+        metrics::rebalance(if lost { "lost" } else { "revoke" });
+        let gone: BTreeSet<i32> = if group::cooperative(&*self.consumer) {
+            partitions.iter().copied().collect()
+        } else {
+            self.owned.iter().chain(partitions).copied().collect()
+        };
+        let unwritten = self.batch.len();
+        // Not lost: the partitions are this meter's until it unassigns, so the batch is written
+        // and the next owner starts exactly where it ends.
+        let flushed = lost || self.flush(shutdown).await;
+        let dropped = self.batch.iter().filter(|r| gone.contains(&r.kafka_partition)).count();
+        for p in &gone {
+            self.forget(*p);
+        }
+        self.owned.retain(|p| !gone.contains(p));
+        if let Err(e) = group::unassign(&*self.consumer, &group::list(&self.topic, partitions)) {
+            warn!(error = %e, ?partitions, "unassigning partitions failed");
+        }
+        info!(partitions = ?gone, lost, unwritten, dropped, owned = ?self.owned, "partitions revoked");
+        flushed
+    }
+
+    /// Drops every unwritten row, offset and window of `partition`: the next owner replays it
+    /// from the checkpoint.
+    fn forget(&mut self, partition: i32) {
+        self.batch.retain(|r| r.kafka_partition != partition);
+        self.last.remove(&partition);
+        if self.batch.is_empty() && self.last.is_empty() {
+            self.deadline = None;
+        }
+        self.windows.forget(partition);
+    }
+
+    /// Writes the batch's raw rows, then its windows, then the checkpoint, each retried while
+    /// ClickHouse is away; then records the position in the consumer group. A crash between any
+    /// two steps is repaired by the replay from the checkpoint. Returns false when shutdown
+    /// interrupted the retries.
+    async fn flush(&mut self, shutdown: &CancellationToken) -> bool {
+        let Meter { ch, consumer, topic, batch, last, windows, deadline, .. } = self;
+        let ch: &Client = ch;
+        let started = Instant::now();
+        if !batch.is_empty() {
+            let rows: &[UsageRow] = batch;
+            if retry_clickhouse(shutdown, "inserting usage rows", || sink::insert(ch, rows)).await.is_none() {
+                return false;
+            }
+            let missing = windows.missing(rows);
+            if !missing.is_empty() {
+                let Some((w, s)) =
+                    retry_clickhouse(shutdown, "reading windows", || sink::load_windows(ch, &missing)).await
+                else {
+                    return false;
+                };
+                windows.load(w, s);
+            }
+            windows.apply(rows);
+            let (w, s) = windows.dirty();
+            if retry_clickhouse(shutdown, "writing windows", || sink::insert_rows(ch, "usage_windows", &w))
+                .await
+                .is_none()
+                || retry_clickhouse(shutdown, "writing session hours", || sink::insert_rows(ch, "session_hours", &s))
+                    .await
+                    .is_none()
+            {
+                return false;
+            }
+            windows.written();
+            metrics::inserted(rows.len(), started.elapsed().as_secs_f64());
+            debug!(rows = rows.len(), windows = w.len(), sessions = s.len(), "batch written");
+        }
+        batch.clear();
+        let marks: Vec<sink::CheckpointRow> = last
+            .iter()
+            .map(|(p, o)| sink::CheckpointRow {
+                topic: topic.clone(),
+                kafka_partition: *p,
+                next_offset: u64::try_from(o + 1).unwrap_or(0),
+            })
+            .collect();
+        if retry_clickhouse(shutdown, "writing checkpoints", || sink::insert_rows(ch, "meter_checkpoints", &marks))
+            .await
+            .is_none()
+        {
+            return false;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (p, o) in last.iter() {
+            if tpl.add_partition_offset(topic.as_str(), *p, Offset::Offset(o + 1)).is_err() {
+                continue;
+            }
+        }
+        if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+            debug!(error = %e, "offset commit failed (informational only)");
+        }
+        last.clear();
+        *deadline = None;
+        windows.evict(MAX_OPEN_WINDOWS);
+        true
+    }
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
@@ -266,75 +516,6 @@ fn decode(codec: &AvroCodec, payload: Option<&[u8]>) -> Result<UsageEvent, Strin
 /// Most windows kept in memory before clean ones are dropped (they are re-read on demand).
 const MAX_OPEN_WINDOWS: usize = 500_000;
 
-/// Writes the batch's raw rows, then its windows, then the checkpoint, each retried while
-/// ClickHouse is away; then records the position in the consumer group. A crash between any
-/// two steps is repaired by the replay from the checkpoint. Returns false when shutdown
-/// interrupted the retries.
-async fn flush(
-    ch: &Client,
-    consumer: &StreamConsumer,
-    topic: &str,
-    batch: &mut Vec<UsageRow>,
-    last: &mut BTreeMap<i32, i64>,
-    windows: &mut Windows,
-    shutdown: &CancellationToken,
-) -> bool {
-    let started = Instant::now();
-    if !batch.is_empty() {
-        let rows: &[UsageRow] = batch;
-        if retry_clickhouse(shutdown, "inserting usage rows", || sink::insert(ch, rows)).await.is_none() {
-            return false;
-        }
-        let missing = windows.missing(rows);
-        if !missing.is_empty() {
-            let Some((w, s)) = retry_clickhouse(shutdown, "reading windows", || sink::load_windows(ch, &missing)).await
-            else {
-                return false;
-            };
-            windows.load(w, s);
-        }
-        windows.apply(rows);
-        let (w, s) = windows.dirty();
-        if retry_clickhouse(shutdown, "writing windows", || sink::insert_rows(ch, "usage_windows", &w)).await.is_none()
-            || retry_clickhouse(shutdown, "writing session hours", || sink::insert_rows(ch, "session_hours", &s))
-                .await
-                .is_none()
-        {
-            return false;
-        }
-        windows.written();
-        metrics::inserted(rows.len(), started.elapsed().as_secs_f64());
-        debug!(rows = rows.len(), windows = w.len(), sessions = s.len(), "batch written");
-    }
-    batch.clear();
-    let marks: Vec<sink::CheckpointRow> = last
-        .iter()
-        .map(|(p, o)| sink::CheckpointRow {
-            topic: topic.to_owned(),
-            kafka_partition: *p,
-            next_offset: u64::try_from(o + 1).unwrap_or(0),
-        })
-        .collect();
-    if retry_clickhouse(shutdown, "writing checkpoints", || sink::insert_rows(ch, "meter_checkpoints", &marks))
-        .await
-        .is_none()
-    {
-        return false;
-    }
-    let mut tpl = TopicPartitionList::new();
-    for (p, o) in last.iter() {
-        if tpl.add_partition_offset(topic, *p, Offset::Offset(o + 1)).is_err() {
-            continue;
-        }
-    }
-    if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
-        debug!(error = %e, "offset commit failed (informational only)");
-    }
-    last.clear();
-    windows.evict(MAX_OPEN_WINDOWS);
-    true
-}
-
 /// Retries a ClickHouse call with capped exponential backoff until it succeeds or shutdown.
 async fn retry_clickhouse<T, F, Fut>(shutdown: &CancellationToken, what: &str, mut f: F) -> Option<T>
 where
@@ -358,7 +539,10 @@ where
     }
 }
 
-async fn partitions_of(consumer: &Arc<StreamConsumer>, topic: &str) -> anyhow::Result<Vec<i32>> {
+async fn partitions_of<C: rdkafka::consumer::ConsumerContext + 'static>(
+    consumer: &Arc<StreamConsumer<C>>,
+    topic: &str,
+) -> anyhow::Result<Vec<i32>> {
     let c = Arc::clone(consumer);
     let t = topic.to_owned();
     // fetch_metadata blocks its thread: keep it off the async workers.

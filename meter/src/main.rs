@@ -66,8 +66,30 @@ struct RunArgs {
     /// Topic that takes usage events the meter cannot decode.
     #[arg(long, default_value = tollgate_schemas::topics::USAGE_DEAD_LETTERS)]
     dead_letter_topic: String,
+    /// The enforcer's breach decisions, kept in `breach_history`.
+    #[arg(long, default_value = tollgate_schemas::topics::BREACHES)]
+    breaches_topic: String,
+    /// The enforcer's alerts, kept in `alert_history`.
+    #[arg(long, default_value = tollgate_schemas::topics::ALERTS)]
+    alerts_topic: String,
+    /// Do not keep the decision and alert history.
+    #[arg(long)]
+    no_history: bool,
+    /// Consumer group: with `--group` the meters that share the partitions; otherwise the group
+    /// the standalone meter commits its offsets under (for monitoring only).
     #[arg(long, default_value = "tollgate-meter")]
     group_id: String,
+    /// Share the topic's partitions with the other meters of `--group-id` through the Kafka
+    /// consumer group: start as many as you like and stop or lose any of them; on every
+    /// rebalance each partition resumes at its ClickHouse checkpoint, so nothing is lost or
+    /// counted twice. Without it the meter reads every partition itself and must be the only one
+    /// on the topic. A crashed member's partitions move after the group's session timeout
+    /// (librdkafka's default 45 s; e.g. `--kafka-option session.timeout.ms=10000`).
+    #[arg(long)]
+    group: bool,
+    /// A librdkafka setting for the meter's Kafka clients, `KEY=VALUE`; repeatable.
+    #[arg(long = "kafka-option", value_name = "KEY=VALUE", value_parser = key_value)]
+    kafka_options: Vec<(String, String)>,
     /// Address for /healthz and /metrics.
     #[arg(long, env = "TOLLGATE_METER_LISTEN", default_value = "127.0.0.1:9101")]
     listen: String,
@@ -116,12 +138,24 @@ async fn run(args: RunArgs) -> ExitCode {
     let mut config = Config::new(args.kafka_brokers, args.ch.config());
     config.usage_topic = args.usage_topic;
     config.group_id = args.group_id;
+    if args.group {
+        config.mode = tollgate_meter::Mode::Group;
+    }
+    config.kafka_extra = args.kafka_options;
     config.dead_letter_topic = args.dead_letter_topic;
+    config.history = (!args.no_history).then_some((args.breaches_topic, args.alerts_topic));
     config.batch_max_rows = args.batch_max_rows;
     config.batch_max_wait = std::time::Duration::from_millis(args.batch_max_wait_ms);
     config.metrics = Some(metrics);
     let shutdown = tollgate_runtime::shutdown_on_signal();
     tollgate_runtime::exit_code("meter", tollgate_meter::run(config, listener, shutdown).await)
+}
+
+fn key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
+        _ => Err(format!("expected KEY=VALUE, got `{s}`")),
+    }
 }
 
 /// Writes the price card's model tiers for the frontier-share report. Needs migration 0003, so

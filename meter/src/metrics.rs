@@ -9,8 +9,20 @@ pub fn describe() {
     describe_counter!("tollgate_meter_insert_errors_total", "Failed ClickHouse inserts (retried)");
     describe_counter!("tollgate_meter_dead_lettered_total", "Undecodable usage events sent to the dead-letter topic");
     describe_counter!(
+        "tollgate_meter_history_rows_total",
+        "Breach decisions and alerts written to their history tables"
+    );
+    describe_counter!(
+        "tollgate_meter_history_skipped_total",
+        "Decision or alert records that could not be decoded (skipped, logged)"
+    );
+    describe_counter!(
         "tollgate_meter_dead_letter_failures_total",
         "Undecodable usage events the dead-letter topic did not take"
+    );
+    describe_counter!(
+        "tollgate_meter_rebalances_total",
+        "Consumer-group rebalances answered, by event (assign, revoke, lost)"
     );
     describe_histogram!("tollgate_meter_batch_rows", "Rows per ClickHouse insert");
     describe_histogram!("tollgate_meter_insert_seconds", Unit::Seconds, "Time per ClickHouse insert");
@@ -40,4 +52,17 @@ pub fn dead_lettered() {
 
 pub fn dead_letter_failed() {
     counter!("tollgate_meter_dead_letter_failures_total").increment(1);
+}
+
+/// `event`: `assign`, `revoke` or `lost` (a revoke after the group handed the partitions on).
+pub fn rebalance(event: &'static str) {
+    counter!("tollgate_meter_rebalances_total", "event" => event).increment(1);
+}
+
+pub fn history_written(rows: usize) {
+    counter!("tollgate_meter_history_rows_total").increment(rows as u64);
+}
+
+pub fn history_skipped() {
+    counter!("tollgate_meter_history_skipped_total").increment(1);
 }

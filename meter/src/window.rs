@@ -284,6 +284,15 @@ impl Windows {
         }
     }
 
+    /// Drops everything held of `partition`: its windows, session hours and last offset. For a
+    /// partition this meter stops or starts owning, since another meter may advance it in
+    /// between. Call outside `apply`..`written`.
+    pub fn forget(&mut self, partition: i32) {
+        self.windows.retain(|k, _| k.partition != partition);
+        self.sessions.retain(|k, _| k.partition != partition);
+        self.consumed.remove(&partition);
+    }
+
     /// What must be read from ClickHouse before `apply(rows)`.
     pub fn missing(&self, rows: &[UsageRow]) -> Missing {
         let mut m = Missing::default();
@@ -577,6 +586,83 @@ mod tests {
         }
     }
 
+    /// One meter's view of a partition in the simulations: its memory and next offset.
+    struct Owner {
+        mem: Windows,
+        next: usize,
+    }
+
+    impl Owner {
+        /// Reads `n` events from `next` and flushes them as `flush` does: read what memory
+        /// lacks from "ClickHouse" (`written`, seen through FINAL), apply, write.
+        fn batch(&mut self, events: &[UsageRow], n: usize, written: &mut Vec<WindowRow>, checkpoint: &mut usize) {
+            let end = (self.next + n).min(events.len());
+            let slice = &events[self.next..end];
+            let missing = self.mem.missing(slice);
+            let wanted: Vec<WindowRow> = final_rows(written)
+                .into_iter()
+                .filter(|w| {
+                    missing
+                        .windows
+                        .iter()
+                        .any(|(g, s, p)| g.as_str() == w.granularity && *s == w.window_start && *p == w.kafka_partition)
+                })
+                .collect();
+            self.mem.load(wanted, vec![]);
+            self.mem.apply(slice);
+            written.extend(self.mem.dirty().0);
+            self.mem.written();
+            *checkpoint = (*checkpoint).max(end);
+            self.next = end;
+        }
+    }
+
+    proptest! {
+        /// A rebalance hands a partition to meter B while meter A, dropped from the group
+        /// mid-flush or not yet told, goes on writing it for a while: B starts at the
+        /// checkpoint, their writes interleave in any order, and the windows stay exact.
+        #[test]
+        fn a_stale_owner_writing_late_changes_nothing(
+            cuts in proptest::collection::vec(1usize..30, 1..6),
+            before in 1usize..6,
+            zombie in 0usize..5,
+            order in proptest::collection::vec(any::<bool>(), 0..12),
+        ) {
+            let events: Vec<UsageRow> = (0..150)
+                .map(|i| row(0, i as i64, 1_796_443_200 + (i as u32) * 29, ["a", "b"][i % 2], 10 + i as i64))
+                .collect();
+            let mut cut = cuts.iter().cycle();
+            let mut written: Vec<WindowRow> = Vec::new();
+            let mut checkpoint = 0;
+            let mut a = Owner { mem: Windows::default(), next: 0 };
+            for _ in 0..before {
+                a.batch(&events, *cut.next().unwrap(), &mut written, &mut checkpoint);
+            }
+            let mut b = Owner { mem: Windows::default(), next: checkpoint };
+            let mut a_left = zombie;
+            let mut turns = order.iter();
+            while b.next < events.len() {
+                let a_turn = turns.next().copied().unwrap_or(false);
+                if a_turn && a_left > 0 && a.next < events.len() {
+                    a.batch(&events, *cut.next().unwrap(), &mut written, &mut checkpoint);
+                    a_left -= 1;
+                } else {
+                    b.batch(&events, *cut.next().unwrap(), &mut written, &mut checkpoint);
+                }
+            }
+            let mut expect: BTreeMap<(String, u32), (i64, i64, i64)> = BTreeMap::new();
+            for e in &events {
+                for g in Granularity::ALL {
+                    let x = expect.entry((g.as_str().to_owned(), g.start(e.ended_at))).or_insert((0, 0, 0));
+                    x.0 += 1;
+                    x.1 += e.input_tokens;
+                    x.2 += e.cost_nanos;
+                }
+            }
+            prop_assert_eq!(sums(&final_rows(&written)), expect);
+        }
+    }
+
     #[test]
     fn a_jump_in_offsets_drops_the_partitions_stale_windows() {
         let mut w = Windows::default();
@@ -597,6 +683,23 @@ mod tests {
         assert!(w.len() < held, "offsets 3..8 were another meter's: partition 1 is read again");
         assert!(w.missing(&[row(0, 3, 1_796_443_200, "a", 10)]).is_empty(), "partition 0 kept");
         assert!(!w.missing(&[row(1, 9, 1_796_443_200, "a", 10)]).is_empty());
+    }
+
+    #[test]
+    fn forgetting_a_partition_keeps_the_others() {
+        let mut w = Windows::default();
+        let rows = [row(0, 0, 1_796_443_200, "a", 10), row(1, 0, 1_796_443_200, "a", 10)];
+        for r in &rows {
+            w.consumed(r.kafka_partition, r.kafka_offset);
+        }
+        w.apply(&rows);
+        w.written();
+        w.forget(1);
+        assert!(w.missing(&rows[..1]).is_empty(), "partition 0 kept");
+        assert!(!w.missing(&rows[1..]).is_empty(), "partition 1 is read again from ClickHouse");
+        w.consumed(1, 7);
+        w.apply(&[row(1, 7, 1_796_443_200, "a", 10)]);
+        assert_eq!(w.len(), 10, "no jump is seen after a forget: partition 1 starts afresh");
     }
 
     #[test]

@@ -41,7 +41,9 @@ async fn the_reference_rules_decide_as_written() {
     let dir = tempfile::tempdir().unwrap();
     write_reference_rules(dir.path(), mock.addr);
     let t = topics("enf_ref").await;
-    let meter = start_meter(meter_config(&t.usage, &t.db)).await;
+    let mut mc = meter_config(&t.usage, &t.db);
+    mc.history = Some((t.breaches.clone(), t.alerts.clone()));
+    let meter = start_meter(mc).await;
     let enforcer = start_enforcer(enforcer_config(dir.path(), &t.usage, &t.breaches, &t.alerts, &t.db)).await;
     let log = DecisionLog::follow(&t.breaches);
 
@@ -127,6 +129,25 @@ async fn the_reference_rules_decide_as_written() {
 
     // Nothing about the staging session, and versions only move forward per key.
     let all = log.all();
+    // The meter keeps every decision and alert in ClickHouse, once each.
+    let db = &t.db;
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            ch_count(&format!("SELECT count() FROM {db}.breach_history FINAL")).await == all.len() as u64
+        })
+        .await,
+        "breach_history holds the {} decisions published",
+        all.len()
+    );
+    assert_eq!(
+        ch(&format!("SELECT groupArray(threshold_pct) FROM (SELECT threshold_pct FROM {db}.alerts ORDER BY threshold_pct) FORMAT TabSeparated")).await.trim(),
+        "[80,100]"
+    );
+    let breached = ch(&format!(
+        "SELECT rule_id, observed, action FROM {db}.breaches WHERE state = 'breached' AND rule_id = 'intern-sandbox-cap' FORMAT TabSeparated"
+    ))
+    .await;
+    assert_eq!(breached.trim(), "intern-sandbox-cap\t500000000000\thard_block");
     assert!(all.iter().all(|d| d.scope != "session:stage-1"));
     let mut by_key = std::collections::BTreeMap::<String, i64>::new();
     for d in &all {

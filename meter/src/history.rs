@@ -1,0 +1,265 @@
+//! The enforcer's breach decisions and alerts into ClickHouse (`breach_history`,
+//! `alert_history`). Each row carries its Kafka position; on start every partition resumes after
+//! the highest offset its table holds, and a replayed record collapses on its key, so the history
+//! is exact whatever crashes.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clickhouse::{Client, Row};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use serde::Serialize;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tollgate_schemas::avro::AvroCodec;
+use tollgate_schemas::decision::{Alert, BreachDecision};
+use tracing::{info, warn};
+
+use crate::metrics;
+
+#[derive(Debug, Clone)]
+pub struct HistoryConfig {
+    pub brokers: String,
+    pub breaches_topic: String,
+    pub alerts_topic: String,
+    pub kafka_extra: Vec<(String, String)>,
+    pub batch_max_rows: usize,
+    pub batch_max_wait: Duration,
+}
+
+#[derive(Debug, Clone, Row, Serialize)]
+pub struct BreachRow {
+    rule_id: String,
+    rule_kind: &'static str,
+    scope: String,
+    state: &'static str,
+    action: String,
+    audit: u8,
+    cut_streams: u8,
+    measure: &'static str,
+    limit_value: i64,
+    observed: i64,
+    headroom: i64,
+    window_start_us: i64,
+    window_end_us: i64,
+    decided_at: u32,
+    decided_at_us: i64,
+    version: i64,
+    kafka_topic: String,
+    kafka_partition: i32,
+    kafka_offset: i64,
+}
+
+impl BreachRow {
+    fn new(d: BreachDecision, topic: &str, partition: i32, offset: i64) -> Self {
+        BreachRow {
+            rule_kind: d.rule_kind.as_str(),
+            state: d.state.as_str(),
+            audit: u8::from(d.audit),
+            cut_streams: u8::from(d.cut_streams),
+            measure: d.measure.as_str(),
+            limit_value: d.limit,
+            observed: d.observed,
+            headroom: d.headroom,
+            window_start_us: d.window_start_us,
+            window_end_us: d.window_end_us,
+            decided_at: seconds(d.decided_at_us),
+            decided_at_us: d.decided_at_us,
+            version: d.version,
+            rule_id: d.rule_id,
+            scope: d.scope,
+            action: d.action,
+            kafka_topic: topic.to_owned(),
+            kafka_partition: partition,
+            kafka_offset: offset,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Row, Serialize)]
+pub struct AlertRow {
+    alert_id: String,
+    rule_id: String,
+    kind: &'static str,
+    severity: &'static str,
+    scope: String,
+    threshold_pct: i32,
+    measure: &'static str,
+    limit_value: i64,
+    observed: i64,
+    window_start_us: i64,
+    window_end_us: i64,
+    raised_at: u32,
+    raised_at_us: i64,
+    summary: String,
+    notify: Vec<String>,
+    kafka_topic: String,
+    kafka_partition: i32,
+    kafka_offset: i64,
+}
+
+impl AlertRow {
+    fn new(a: Alert, topic: &str, partition: i32, offset: i64) -> Self {
+        AlertRow {
+            kind: a.kind.as_str(),
+            severity: a.severity.as_str(),
+            threshold_pct: a.threshold_pct,
+            measure: a.measure.as_str(),
+            limit_value: a.limit,
+            observed: a.observed,
+            window_start_us: a.window_start_us,
+            window_end_us: a.window_end_us,
+            raised_at: seconds(a.raised_at_us),
+            raised_at_us: a.raised_at_us,
+            alert_id: a.alert_id,
+            rule_id: a.rule_id,
+            scope: a.scope,
+            summary: a.summary,
+            notify: a.notify,
+            kafka_topic: topic.to_owned(),
+            kafka_partition: partition,
+            kafka_offset: offset,
+        }
+    }
+}
+
+fn seconds(us: i64) -> u32 {
+    u32::try_from(us.div_euclid(1_000_000)).unwrap_or(0)
+}
+
+/// Where each (topic, partition) resumes: one past the highest offset the tables hold.
+async fn resume_points(ch: &Client) -> Result<BTreeMap<(String, i32), i64>, clickhouse::error::Error> {
+    let rows: Vec<(String, i32, i64)> = ch
+        .query(
+            "SELECT kafka_topic, kafka_partition, max(kafka_offset) FROM breach_history GROUP BY kafka_topic, kafka_partition \
+             UNION ALL SELECT kafka_topic, kafka_partition, max(kafka_offset) FROM alert_history GROUP BY kafka_topic, kafka_partition",
+        )
+        .fetch_all()
+        .await?;
+    Ok(rows.into_iter().map(|(t, p, o)| ((t, p), o + 1)).collect())
+}
+
+/// Follows both topics into their tables until `shutdown`; the last batch is written first.
+pub async fn run(config: HistoryConfig, ch: Client, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let Some(resume) = crate::retry_clickhouse(&shutdown, "reading history positions", || resume_points(&ch)).await
+    else {
+        return Ok(());
+    };
+    let mut cc = ClientConfig::new();
+    cc.set("bootstrap.servers", &config.brokers)
+        .set("group.id", "tollgate-meter-history")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false");
+    for (k, v) in &config.kafka_extra {
+        cc.set(k, v);
+    }
+    let consumer: std::sync::Arc<StreamConsumer> =
+        std::sync::Arc::new(cc.create().context("creating the history consumer")?);
+    let mut tpl = TopicPartitionList::new();
+    for topic in [&config.breaches_topic, &config.alerts_topic] {
+        let parts = loop {
+            match crate::partitions_of(&consumer, topic).await {
+                Ok(p) if !p.is_empty() => break p,
+                Ok(_) => warn!(%topic, "history topic has no partitions yet; waiting"),
+                Err(e) => warn!(%topic, error = %e, "cannot read history topic metadata; retrying"),
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                () = tokio::time::sleep(Duration::from_secs(2)) => {}
+            }
+        };
+        for p in parts {
+            let at = resume.get(&(topic.clone(), p)).map_or(Offset::Beginning, |o| Offset::Offset(*o));
+            tpl.add_partition_offset(topic, p, at)?;
+        }
+    }
+    consumer.assign(&tpl).context("assigning the history partitions")?;
+    info!(breaches = %config.breaches_topic, alerts = %config.alerts_topic, "meter following decisions and alerts");
+
+    let decision_codec = BreachDecision::codec()?;
+    let alert_codec = Alert::codec()?;
+    let mut breaches: Vec<BreachRow> = Vec::new();
+    let mut alerts: Vec<AlertRow> = Vec::new();
+    let mut deadline: Option<Instant> = None;
+    loop {
+        let flush_now = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            () = crate::sleep_until(deadline), if deadline.is_some() => true,
+            msg = consumer.recv() => match msg {
+                Ok(m) => {
+                    let Some(payload) = m.payload() else { continue }; // a tombstone: nothing to record
+                    if m.topic() == config.breaches_topic {
+                        match decode(&decision_codec, payload) {
+                            Ok(d) => breaches.push(BreachRow::new(d, m.topic(), m.partition(), m.offset())),
+                            Err(e) => skipped(&m, &e),
+                        }
+                    } else {
+                        match decode(&alert_codec, payload) {
+                            Ok(a) => alerts.push(AlertRow::new(a, m.topic(), m.partition(), m.offset())),
+                            Err(e) => skipped(&m, &e),
+                        }
+                    }
+                    deadline.get_or_insert_with(|| Instant::now() + config.batch_max_wait);
+                    breaches.len() + alerts.len() >= config.batch_max_rows
+                }
+                Err(e) => {
+                    warn!(error = %e, "kafka consumer error (history)");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    false
+                }
+            },
+        };
+        if flush_now {
+            if !write(&ch, &mut breaches, &mut alerts, &shutdown).await {
+                return Ok(());
+            }
+            deadline = None;
+        }
+    }
+    write(&ch, &mut breaches, &mut alerts, &CancellationToken::new()).await;
+    Ok(())
+}
+
+fn decode<T: serde::de::DeserializeOwned>(codec: &AvroCodec, payload: &[u8]) -> Result<T, String> {
+    codec.decode(payload).map_err(|e| e.to_string())
+}
+
+fn skipped(m: &rdkafka::message::BorrowedMessage<'_>, error: &str) {
+    metrics::history_skipped();
+    warn!(
+        topic = m.topic(),
+        partition = m.partition(),
+        offset = m.offset(),
+        error,
+        "history record skipped: cannot decode"
+    );
+}
+
+/// Inserts both batches, retrying while ClickHouse is away; false if shutdown interrupted.
+async fn write(
+    ch: &Client,
+    breaches: &mut Vec<BreachRow>,
+    alerts: &mut Vec<AlertRow>,
+    stop: &CancellationToken,
+) -> bool {
+    if crate::retry_clickhouse(stop, "writing breach history", || {
+        crate::sink::insert_rows(ch, "breach_history", breaches)
+    })
+    .await
+    .is_none()
+        || crate::retry_clickhouse(stop, "writing alert history", || {
+            crate::sink::insert_rows(ch, "alert_history", alerts)
+        })
+        .await
+        .is_none()
+    {
+        return false;
+    }
+    metrics::history_written(breaches.len() + alerts.len());
+    breaches.clear();
+    alerts.clear();
+    true
+}
