@@ -1118,6 +1118,7 @@ mod webhook_sink {
                 name: "webhook:finops".to_owned(),
                 url: Some(format!("http://{addr}/webhooks/finops?fail=2")),
                 url_env: None,
+                routing_key: None,
                 routing_key_env: None,
             };
             let config = NotifyConfig {

@@ -639,7 +639,7 @@ async fn cut_streams_ends_running_streams_with_an_error_event_and_records_them_o
         cut_at.elapsed()
     );
     assert!(!text.contains("[DONE]"), "the stream did not finish normally: {text}");
-    let last = text.lines().filter_map(|l| l.strip_prefix("data: ")).last().unwrap();
+    let last = text.lines().rev().find_map(|l| l.strip_prefix("data: ")).unwrap();
     let err: Value = serde_json::from_str(last).unwrap();
     assert_eq!(err["error"]["rule"], "cut-budget", "{last}");
     assert_eq!(err["error"]["action"], "cut_stream");
