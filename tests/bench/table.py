@@ -65,11 +65,12 @@ def main():
     out = []
     w = out.append
     w(f"Tollgate benchmark — {meta['date']} — commit {meta['commit']}")
-    w(f"Machine: {meta['machine']}")
-    w(f"Pinning: {meta['pinning']}")
-    w(f"Load on the machine: {meta['load']}")
-    w(f"Each load: {meta['durations']}")
-    w(f"Tools: {meta['tools']}")
+    w("")
+    w(f"- Machine: {meta['machine']}")
+    w(f"- Pinning: {meta['pinning']}")
+    w(f"- Load on the machine: {meta['load']}")
+    w(f"- Each load: {meta['durations']}")
+    w(f"- Tools: {meta['tools']}")
     w("")
     w("| mode | load | target | measure | p50 | p90 | p99 | max | achieved req/s | errors | vs direct (Δp50 / Δp99) · vs floor |")
     w("|---|---|---|---|--:|--:|--:|--:|--:|--:|---|")
@@ -89,6 +90,11 @@ def main():
                     cells = [mode, load_label(load), TARGET_NAMES.get(target, target), MEASURE_NAMES[measure]]
                     if r.get("skipped"):
                         w("| " + " | ".join(cells) + f" | not run: {r['skipped']} | | | | | | |")
+                        continue
+                    if r.get("p50_us") is None:
+                        why = "no request due in the measured window finished: every connection was still busy"
+                        rps = f"{r.get('achieved_rps', 0):,.0f}"
+                        w("| " + " | ".join(cells) + f" | – | – | – | – | {rps} | {r.get('errors', 0):,} | {why} |")
                         continue
                     cells += [fmt_us(r.get(k)) for k in ("p50_us", "p90_us", "p99_us", "max_us")]
                     cells.append(f"{r.get('achieved_rps', 0):,.0f}")
