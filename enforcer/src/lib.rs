@@ -150,25 +150,35 @@ async fn enforce(
     };
 
     let ch = config.clickhouse.client();
-    let Some(covered) = retry(shutdown, "reading the meter's checkpoints", || {
-        tollgate_meter::sink::checkpoints(&ch, &config.usage_topic)
-    })
+    let Some(covered) = tollgate_runtime::retry_with_backoff(
+        shutdown,
+        "clickhouse",
+        "reading the meter's checkpoints",
+        |_: &clickhouse::error::Error| {},
+        || tollgate_meter::sink::checkpoints(&ch, &config.usage_topic),
+    )
     .await
     else {
         return Ok(Stopped::Shutdown);
     };
     // Each attempt starts from the seeded engine: a failed one may have counted part of the rows.
-    let Some((rebuilt, mut engine, mut guards)) = retry(shutdown, "rebuilding windows from clickhouse", || async {
-        let now = now_us();
-        let mut e = seeded();
-        let r = rebuild::rebuild(&ch, &config.usage_topic, &covered, &mut e, now).await?;
-        let mut g = Guards::new(&policy);
-        rebuild::rebuild_guards(&ch, &config.usage_topic, &covered, &mut g, now).await?;
-        for (i, pct, days) in g.baselines_wanted() {
-            g.set_baseline(i, rebuild::loop_baseline(&ch, pct, days, now).await?);
-        }
-        Ok((r, e, g))
-    })
+    let Some((rebuilt, mut engine, mut guards)) = tollgate_runtime::retry_with_backoff(
+        shutdown,
+        "clickhouse",
+        "rebuilding windows from clickhouse",
+        |_: &clickhouse::error::Error| {},
+        || async {
+            let now = now_us();
+            let mut e = seeded();
+            let r = rebuild::rebuild(&ch, &config.usage_topic, &covered, &mut e, now).await?;
+            let mut g = Guards::new(&policy);
+            rebuild::rebuild_guards(&ch, &config.usage_topic, &covered, &mut g, now).await?;
+            for (i, pct, days) in g.baselines_wanted() {
+                g.set_baseline(i, rebuild::loop_baseline(&ch, pct, days, now).await?);
+            }
+            Ok((r, e, g))
+        },
+    )
     .await
     else {
         return Ok(Stopped::Shutdown);
@@ -442,25 +452,5 @@ impl RecentIds {
             return false;
         }
         self.current.insert(id.to_owned())
-    }
-}
-
-/// Retries a ClickHouse call with capped exponential backoff until it succeeds or shutdown.
-async fn retry<T, F, Fut>(shutdown: &CancellationToken, what: &str, mut f: F) -> Option<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, clickhouse::error::Error>>,
-{
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        match f().await {
-            Ok(v) => return Some(v),
-            Err(e) => warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "clickhouse unavailable: {what}"),
-        }
-        tokio::select! {
-            () = shutdown.cancelled() => return None,
-            () = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(10));
     }
 }

@@ -517,26 +517,12 @@ fn decode(codec: &AvroCodec, payload: Option<&[u8]>) -> Result<UsageEvent, Strin
 const MAX_OPEN_WINDOWS: usize = 500_000;
 
 /// Retries a ClickHouse call with capped exponential backoff until it succeeds or shutdown.
-async fn retry_clickhouse<T, F, Fut>(shutdown: &CancellationToken, what: &str, mut f: F) -> Option<T>
+async fn retry_clickhouse<T, F, Fut>(shutdown: &CancellationToken, what: &str, f: F) -> Option<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, clickhouse::error::Error>>,
 {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        match f().await {
-            Ok(v) => return Some(v),
-            Err(e) => {
-                metrics::insert_error();
-                warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "clickhouse unavailable: {what}");
-            }
-        }
-        tokio::select! {
-            () = shutdown.cancelled() => return None,
-            () = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(10));
-    }
+    tollgate_runtime::retry_with_backoff(shutdown, "clickhouse", what, |_| metrics::insert_error(), f).await
 }
 
 async fn partitions_of<C: rdkafka::consumer::ConsumerContext + 'static>(

@@ -118,6 +118,11 @@ pub async fn insert(client: &Client, rows: &[UsageRow]) -> Result<(), clickhouse
     insert_rows(client, "usage_events", rows).await
 }
 
+/// How long one chunk of an INSERT may take to reach the socket.
+const INSERT_SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long the server may take to answer an INSERT once all rows are sent.
+const INSERT_END_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// Inserts rows of any `Row` type into `table` as one INSERT.
 pub async fn insert_rows<T>(client: &Client, table: &str, rows: &[T]) -> Result<(), clickhouse::error::Error>
 where
@@ -126,7 +131,10 @@ where
     if rows.is_empty() {
         return Ok(());
     }
-    let mut insert = client.insert::<T>(table).await?;
+    // A server that stops answering mid-INSERT must become an error the caller retries, not a
+    // wait without end; re-sending a batch is safe (ReplacingMergeTree, read with FINAL).
+    let mut insert =
+        client.insert::<T>(table).await?.with_timeouts(Some(INSERT_SEND_TIMEOUT), Some(INSERT_END_TIMEOUT));
     for r in rows {
         insert.write(r).await?;
     }

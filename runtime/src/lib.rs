@@ -96,3 +96,35 @@ pub fn ops_router(metrics: Option<PrometheusHandle>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(move || render_metrics(metrics.clone())))
 }
+
+/// Calls `f` until it succeeds or `shutdown` (then `None`), waiting 100 ms between tries and
+/// doubling up to 10 s; each failure is logged as `{service} unavailable: {what}` and passed to
+/// `on_error` (for a counter).
+pub async fn retry_with_backoff<T, E, F, Fut>(
+    shutdown: &CancellationToken,
+    service: &str,
+    what: &str,
+    mut on_error: impl FnMut(&E),
+    mut f: F,
+) -> Option<T>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let mut backoff = std::time::Duration::from_millis(100);
+    loop {
+        match f().await {
+            Ok(v) => return Some(v),
+            Err(e) => {
+                on_error(&e);
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "{service} unavailable: {what}");
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return None,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(std::time::Duration::from_secs(10));
+    }
+}
