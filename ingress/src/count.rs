@@ -1,5 +1,9 @@
 //! Token estimates with tiktoken: the reference count beside the provider's report.
 
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::{LazyLock, Mutex, PoisonError};
+
 use serde_json::Value;
 use tiktoken_rs::{CoreBPE, cl100k_base_singleton, o200k_base_singleton};
 
@@ -24,6 +28,48 @@ pub fn count_text(bpe: &CoreBPE, text: &str) -> i64 {
     i64::try_from(bpe.encode_ordinary(text).len()).unwrap_or(i64::MAX)
 }
 
+/// Texts remembered per generation; two generations are kept (at most 2 × this many counts,
+/// 16 bytes each plus the map's overhead).
+const SEEN_PER_GENERATION: usize = 16_384;
+
+/// Token counts of prompt texts seen recently, by a keyed hash of encoding and text. Agent loops
+/// and chat clients send the same system prompt, tool definitions and earlier turns with every
+/// request; each is tokenized once, and later requests pay a hash of the text instead (tiktoken
+/// takes ~12 µs for a 30-token message and grows with the text; hashing is ~1 GB/s). Two
+/// generations (the older dropped when the newer fills) bound it without LRU bookkeeping.
+struct Seen {
+    hasher: std::hash::RandomState,
+    current: HashMap<u64, i64>,
+    previous: HashMap<u64, i64>,
+}
+
+static SEEN: LazyLock<Mutex<Seen>> = LazyLock::new(|| {
+    Mutex::new(Seen { hasher: std::hash::RandomState::new(), current: HashMap::new(), previous: HashMap::new() })
+});
+
+/// [`count_text`] through the cache of texts seen recently.
+pub fn count_prompt_text(bpe: &'static CoreBPE, text: &str) -> i64 {
+    let key = {
+        let seen = SEEN.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut h = seen.hasher.build_hasher();
+        std::ptr::from_ref(bpe).hash(&mut h);
+        text.hash(&mut h);
+        let key = h.finish();
+        if let Some(n) = seen.current.get(&key).or_else(|| seen.previous.get(&key)) {
+            return *n;
+        }
+        key
+    };
+    // Counted outside the lock: another request may count the same text meanwhile, harmlessly.
+    let n = count_text(bpe, text);
+    let mut seen = SEEN.lock().unwrap_or_else(PoisonError::into_inner);
+    if seen.current.len() >= SEEN_PER_GENERATION {
+        seen.previous = std::mem::take(&mut seen.current);
+    }
+    seen.current.insert(key, n);
+    n
+}
+
 /// Reference input tokens and input length in characters of an OpenAI- or Anthropic-style
 /// request body (`messages`, plus Anthropic's top-level `system`).
 pub fn estimate_input(model: &str, body: &Value) -> (i64, i64) {
@@ -31,7 +77,7 @@ pub fn estimate_input(model: &str, body: &Value) -> (i64, i64) {
     let mut tokens = 0;
     let mut chars = 0;
     let mut add = |text: &str| {
-        tokens += count_text(bpe, text);
+        tokens += count_prompt_text(bpe, text);
         chars += i64::try_from(text.chars().count()).unwrap_or(i64::MAX);
     };
     if let Some(system) = body.get("system") {
@@ -92,6 +138,26 @@ mod tests {
         let (t, c) = estimate_input("claude-haiku-4-5", &anthropic);
         assert_eq!(c, 39);
         assert!(t > 9 && t < 20, "{t}");
+    }
+
+    #[test]
+    fn remembered_counts_equal_fresh_ones() {
+        let texts = ["You classify intents.", "Where is my order?", "", "ünïcödé 🚀 text", "You classify intents."];
+        for bpe in [o200k_base_singleton(), cl100k_base_singleton()] {
+            for _ in 0..2 {
+                for t in texts {
+                    assert_eq!(count_prompt_text(bpe, t), count_text(bpe, t), "{t:?}");
+                }
+            }
+        }
+        // Past a generation's size the oldest texts are counted afresh, still correctly.
+        for i in 0..SEEN_PER_GENERATION + 10 {
+            count_prompt_text(cl100k_base_singleton(), &format!("filler {i}"));
+        }
+        assert_eq!(
+            count_prompt_text(cl100k_base_singleton(), "filler 3"),
+            count_text(cl100k_base_singleton(), "filler 3")
+        );
     }
 
     #[test]

@@ -7,6 +7,12 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tollgate_ingress::{Config, KafkaConfig};
 
+/// mimalloc instead of glibc's malloc: the request path allocates and frees many small buffers
+/// across threads, where glibc's arenas showed ~10% of the ingress's CPU under load
+/// (tests/bench/profile).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Tollgate ingress: an OpenAI-compatible LLM proxy that attributes, prices and meters every
 /// request, and applies the enforcer's breach decisions to it.
 ///

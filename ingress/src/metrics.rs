@@ -1,6 +1,50 @@
 //! The ingress's Prometheus metrics, each declared once with its description.
 
-use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, PoisonError, RwLock};
+
+use metrics::{
+    Counter, Histogram, Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
+
+/// Metric handles by one label value, made on first use. `counter!` with labels hashes the
+/// name and every label and allocates the label strings on every call; the request path
+/// instead finds its handles here under a read lock (label values come from the policy, so
+/// the map stays small).
+struct Handles<V>(RwLock<HashMap<String, Arc<V>>>);
+
+impl<V> Handles<V> {
+    fn new() -> Self {
+        Self(RwLock::new(HashMap::new()))
+    }
+
+    fn get(&self, key: &str, make: impl FnOnce() -> V) -> Arc<V> {
+        if let Some(v) = self.0.read().unwrap_or_else(PoisonError::into_inner).get(key) {
+            return Arc::clone(v);
+        }
+        let mut map = self.0.write().unwrap_or_else(PoisonError::into_inner);
+        Arc::clone(map.entry(key.to_owned()).or_insert_with(|| Arc::new(make())))
+    }
+}
+
+const ENDPOINTS: [&str; 3] = ["chat_completions", "messages", "embeddings"];
+const STATUS_CLASSES: [&str; 3] = ["2xx", "4xx", "5xx"];
+
+/// `tollgate_ingress_requests_total` by virtual model: one counter per endpoint and status class.
+static REQUESTS: LazyLock<Handles<[Counter; 9]>> = LazyLock::new(Handles::new);
+static DURATIONS: LazyLock<[Histogram; 3]> =
+    LazyLock::new(|| ENDPOINTS.map(|e| histogram!("tollgate_ingress_request_duration_seconds", "endpoint" => e)));
+
+/// Token and cost counters of one virtual model and provider.
+pub struct UsageCounters {
+    input: Counter,
+    output: Counter,
+    cached_read: Counter,
+    cost_nanos: Counter,
+}
+
+/// By virtual model, then provider.
+static USAGE: LazyLock<Handles<Handles<UsageCounters>>> = LazyLock::new(Handles::new);
 
 pub fn describe() {
     describe_counter!(
@@ -77,26 +121,47 @@ pub fn describe() {
     describe_gauge!("tollgate_ingress_queued_requests", "Requests held by queue_then_429, waiting for headroom");
 }
 
+/// `endpoint` is one of [`ENDPOINTS`].
 pub fn request(endpoint: &'static str, virtual_model: &str, status: u16, seconds: f64) {
+    let e = ENDPOINTS.iter().position(|x| *x == endpoint).unwrap_or(0);
     let class = match status {
-        200..=299 => "2xx",
-        400..=499 => "4xx",
-        _ => "5xx",
+        200..=299 => 0,
+        400..=499 => 1,
+        _ => 2,
     };
-    counter!("tollgate_ingress_requests_total", "endpoint" => endpoint, "virtual_model" => virtual_model.to_owned(), "status" => class).increment(1);
-    histogram!("tollgate_ingress_request_duration_seconds", "endpoint" => endpoint).record(seconds);
+    let counters = REQUESTS.get(virtual_model, || {
+        std::array::from_fn(|i| {
+            counter!("tollgate_ingress_requests_total", "endpoint" => ENDPOINTS[i / 3],
+                "virtual_model" => virtual_model.to_owned(), "status" => STATUS_CLASSES[i % 3])
+        })
+    });
+    counters[e * 3 + class].increment(1);
+    DURATIONS[e].record(seconds);
 }
 
-pub fn tokens(virtual_model: &str, provider: &str, kind: &'static str, n: i64) {
-    if n > 0 {
-        counter!("tollgate_ingress_tokens_total", "virtual_model" => virtual_model.to_owned(), "provider" => provider.to_owned(), "kind" => kind)
-            .increment(n.unsigned_abs());
+/// A request's tokens (`tollgate_ingress_tokens_total` by kind) and cost.
+pub fn usage(virtual_model: &str, provider: &str, input: i64, output: i64, cached_read: i64, cost_nanos: i64) {
+    let by_provider = USAGE.get(virtual_model, Handles::new);
+    let c = by_provider.get(provider, || {
+        let tokens = |kind: &'static str| {
+            counter!("tollgate_ingress_tokens_total", "virtual_model" => virtual_model.to_owned(),
+                "provider" => provider.to_owned(), "kind" => kind)
+        };
+        UsageCounters {
+            input: tokens("input"),
+            output: tokens("output"),
+            cached_read: tokens("cached_read"),
+            cost_nanos: counter!("tollgate_ingress_cost_nanos_total", "virtual_model" => virtual_model.to_owned(),
+                "provider" => provider.to_owned()),
+        }
+    });
+    for (counter, n) in
+        [(&c.input, input), (&c.output, output), (&c.cached_read, cached_read), (&c.cost_nanos, cost_nanos)]
+    {
+        if n > 0 {
+            counter.increment(n.unsigned_abs());
+        }
     }
-}
-
-pub fn cost(virtual_model: &str, provider: &str, nanos: i64) {
-    counter!("tollgate_ingress_cost_nanos_total", "virtual_model" => virtual_model.to_owned(), "provider" => provider.to_owned())
-        .increment(nanos.unsigned_abs());
 }
 
 pub fn fallback(virtual_model: &str) {
@@ -104,11 +169,12 @@ pub fn fallback(virtual_model: &str) {
 }
 
 pub fn publish_queue_depth(depth: usize) {
-    gauge!("tollgate_ingress_publish_queue_depth").set(depth as f64);
+    static DEPTH: LazyLock<metrics::Gauge> = LazyLock::new(|| gauge!("tollgate_ingress_publish_queue_depth"));
+    DEPTH.set(depth as f64);
 }
 
-pub fn event_published() {
-    counter!("tollgate_ingress_events_published_total").increment(1);
+pub fn events_published(n: u64) {
+    counter!("tollgate_ingress_events_published_total").increment(n);
 }
 
 pub fn event_dropped(reason: &'static str) {
@@ -119,8 +185,8 @@ pub fn events_dropped(reason: &'static str, n: u64) {
     counter!("tollgate_ingress_events_dropped_total", "reason" => reason).increment(n);
 }
 
-pub fn event_spooled() {
-    counter!("tollgate_ingress_events_spooled_total").increment(1);
+pub fn events_spooled(n: u64) {
+    counter!("tollgate_ingress_events_spooled_total").increment(n);
 }
 
 pub fn event_resent() {
@@ -169,8 +235,9 @@ pub fn decision_consumer_error() {
 }
 
 pub fn decision_lookups(n: u64) {
+    static LOOKUPS: LazyLock<Counter> = LazyLock::new(|| counter!("tollgate_ingress_decision_lookups_total"));
     if n > 0 {
-        counter!("tollgate_ingress_decision_lookups_total").increment(n);
+        LOOKUPS.increment(n);
     }
 }
 

@@ -79,10 +79,7 @@ impl RequestRecord {
         if let Some(t) = &self.ticket {
             t.settle(usage.input.saturating_add(usage.output), cost_nanos);
         }
-        metrics::tokens(&self.virtual_model, &self.provider, "input", usage.input);
-        metrics::tokens(&self.virtual_model, &self.provider, "output", usage.output);
-        metrics::tokens(&self.virtual_model, &self.provider, "cached_read", usage.cached_read);
-        metrics::cost(&self.virtual_model, &self.provider, cost_nanos);
+        metrics::usage(&self.virtual_model, &self.provider, usage.input, usage.output, usage.cached_read, cost_nanos);
         let event = UsageEvent {
             event_id: self.event_id,
             started_at_us: self.started_at_us,

@@ -2,7 +2,7 @@
 //!
 //! It runs on the ingress's HTTP stack, set up the way the ingress sets it up: an axum server
 //! (`axum::serve`, no extra layers) in front of a `reqwest` client with the ingress's
-//! timeouts and pool settings; accepted connections get TCP_NODELAY unless `--nodelay false`. Each request's body is read whole (as the ingress reads it),
+//! timeouts, pool settings and allocator (mimalloc); accepted connections get TCP_NODELAY unless `--nodelay false`. Each request's body is read whole (as the ingress reads it),
 //! sent to `--upstream` + the request's path and query with the request's end-to-end headers,
 //! and the answer's status, headers and body stream back as they arrive. No envelope, key,
 //! routing, token count, decision or usage event: whatever the ingress costs above this
@@ -22,6 +22,10 @@ use clap::Parser;
 use tokio::net::TcpListener;
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
+
+/// The ingress's allocator, so the floor differs from it only by governance.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// A bare pass-through HTTP proxy on the ingress's stack (axum + reqwest), for benchmarks.
 #[derive(Debug, Parser)]
