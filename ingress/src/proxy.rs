@@ -14,7 +14,7 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use eventsource_stream::{Event, EventStreamError, Eventsource};
 use futures::{Stream, StreamExt};
 use serde_json::{Value, json};
@@ -34,6 +34,8 @@ use crate::{App, Live, auth, count, envelope, metrics, route};
 
 /// Largest non-streaming provider response read into memory.
 const MAX_PROVIDER_BODY: usize = 32 << 20;
+/// A streamed body frame is sent once it holds this much, even if more events are ready.
+const COALESCE_BYTES: usize = 64 << 10;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
@@ -755,11 +757,23 @@ impl Stream for MeteredStream {
     type Item = Result<Bytes, std::io::Error>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        // Events the provider has already sent go out together: one body frame (one write to
+        // the client) per wake-up rather than one per event, without waiting for anything.
+        let mut out: Option<BytesMut> = None;
         loop {
-            if let Some(b) = self.pending.pop_front() {
-                return Poll::Ready(Some(Ok(b)));
+            while let Some(b) = self.pending.pop_front() {
+                match &mut out {
+                    Some(o) => o.extend_from_slice(&b),
+                    None => out = Some(BytesMut::from(b)),
+                }
+            }
+            if out.as_ref().is_some_and(|o| o.len() >= COALESCE_BYTES) {
+                return Poll::Ready(out.map(|o| Ok(o.freeze())));
             }
             if self.ended || self.acct.finished {
+                if let Some(o) = out {
+                    return Poll::Ready(Some(Ok(o.freeze())));
+                }
                 let status = if self.cut_by.is_some() {
                     // Ended early on the client's side of the gateway, by the gateway: counted
                     // like a client abort (partial, estimated, billed). Not `rejected`, which
@@ -779,7 +793,7 @@ impl Stream for MeteredStream {
                 continue;
             }
             match self.upstream.poll_next_unpin(cx) {
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => return out.map_or(Poll::Pending, |o| Poll::Ready(Some(Ok(o.freeze())))),
                 Poll::Ready(Some(Ok(ev))) => self.on_event(ev),
                 Poll::Ready(Some(Err(e))) => {
                     let msg = match &e {
