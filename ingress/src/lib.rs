@@ -107,11 +107,32 @@ pub struct Live {
     pub policy: Arc<Policy>,
     /// Provider name → credential header value, read from the environment when the policy loads.
     credentials: HashMap<String, Option<HeaderValue>>,
+    /// Provider name → its API's URLs by path, parsed once rather than on every request.
+    urls: HashMap<String, HashMap<&'static str, reqwest::Url>>,
 }
+
+/// The provider API paths the ingress calls.
+pub(crate) const PROVIDER_PATHS: [&str; 3] = ["/chat/completions", "/messages", "/embeddings"];
 
 impl Live {
     pub fn new(policy: Arc<Policy>) -> anyhow::Result<Live> {
-        Ok(Live { credentials: credentials(&policy)?, policy })
+        let mut urls = HashMap::new();
+        for (name, p) in &policy.providers {
+            let base = p.base_url.trim_end_matches('/');
+            let mut by_path = HashMap::new();
+            for path in PROVIDER_PATHS {
+                let url = reqwest::Url::parse(&format!("{base}{path}"))
+                    .with_context(|| format!("provider {name}: base_url {} is not a URL", p.base_url))?;
+                by_path.insert(path, url);
+            }
+            urls.insert(name.clone(), by_path);
+        }
+        Ok(Live { credentials: credentials(&policy)?, urls, policy })
+    }
+
+    /// The URL of `path` at `provider`.
+    pub(crate) fn url(&self, provider: &str, path: &str) -> Option<&reqwest::Url> {
+        self.urls.get(provider)?.get(path)
     }
 }
 

@@ -413,9 +413,12 @@ async fn call(
     first_byte: Duration,
 ) -> Result<reqwest::Response, IngressError> {
     let (path, body) = upstream(endpoint, provider.kind, req, &target.model, stream)?;
-    let base = provider.base_url.trim_end_matches('/');
+    let url = live
+        .url(&provider.name, path)
+        .cloned()
+        .ok_or_else(|| IngressError::Internal(format!("provider {} has no URL for {path}", provider.name)))?;
     let credential = live.credentials.get(&provider.name).and_then(Option::as_ref);
-    let mut builder = app.http.post(format!("{base}{path}")).json(&body);
+    let mut builder = app.http.post(url).json(&body);
     match provider.kind {
         ProviderKind::Openai => {
             if let Some(c) = credential {

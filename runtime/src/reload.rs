@@ -60,7 +60,21 @@ impl PolicyWatch {
         describe();
         gauge!("tollgate_policy_valid").set(1.0);
         let (tx, rx) = watch::channel(Arc::new(initial));
-        tokio::spawn(watch_dir(dir, tx, shutdown, opts));
+        // Listening for SIGHUP and the directory's fingerprint are taken before this returns: a
+        // SIGHUP or a change right after start is not lost to the task not having run yet.
+        let hup = if opts.sighup {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    warn!(error = %e, "cannot listen for SIGHUP; policy reloads on file changes only");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let seen = fingerprint_now(&dir);
+        tokio::spawn(watch_dir(dir, tx, shutdown, opts, hup, seen));
         rx
     }
 }
@@ -115,21 +129,19 @@ pub async fn load(dir: &Path) -> Result<Policy, PolicyErrors> {
     }
 }
 
-async fn watch_dir(dir: PathBuf, tx: watch::Sender<Arc<Policy>>, shutdown: CancellationToken, opts: ReloadOptions) {
-    let mut hup = if opts.sighup {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                warn!(error = %e, "cannot listen for SIGHUP; policy reloads on file changes only");
-                None
-            }
-        }
-    } else {
-        None
-    };
-    let mut seen = fingerprint(&dir).await;
-    // The directory may have changed since `initial` was loaded from it.
-    reload(&dir, &tx, false).await;
+async fn watch_dir(
+    dir: PathBuf,
+    tx: watch::Sender<Arc<Policy>>,
+    shutdown: CancellationToken,
+    opts: ReloadOptions,
+    mut hup: Option<tokio::signal::unix::Signal>,
+    mut seen: u64,
+) {
+    // Watching for changes: the directory may have changed since `initial` was loaded from it.
+    // (With SIGHUP alone, changes wait for the signal, those included.)
+    if opts.poll.is_some() {
+        reload(&dir, &tx, false).await;
+    }
     let mut tick = opts.poll.map(|every| {
         let mut t = tokio::time::interval(every);
         t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -209,29 +221,30 @@ async fn reload(dir: &Path, tx: &watch::Sender<Arc<Policy>>, count_unchanged: bo
 /// bytes of the policy files (a same-size rewrite within the clock's resolution still shows).
 async fn fingerprint(dir: &Path) -> u64 {
     let d = dir.to_path_buf();
-    tokio::task::spawn_blocking(move || {
-        let mut h = DefaultHasher::new();
-        match std::fs::read_dir(&d) {
-            Ok(rd) => {
-                let mut files: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
-                files.sort();
-                for f in files {
-                    f.hash(&mut h);
-                    if let Ok(md) = std::fs::metadata(&f) {
-                        md.len().hash(&mut h);
-                        md.modified().ok().hash(&mut h);
-                    }
-                    if matches!(f.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")) {
-                        std::fs::read(&f).ok().hash(&mut h);
-                    }
+    tokio::task::spawn_blocking(move || fingerprint_now(&d)).await.unwrap_or(0)
+}
+
+/// [`fingerprint`], on the calling thread.
+fn fingerprint_now(dir: &Path) -> u64 {
+    let mut h = DefaultHasher::new();
+    match std::fs::read_dir(dir) {
+        Ok(rd) => {
+            let mut files: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
+            files.sort();
+            for f in files {
+                f.hash(&mut h);
+                if let Ok(md) = std::fs::metadata(&f) {
+                    md.len().hash(&mut h);
+                    md.modified().ok().hash(&mut h);
+                }
+                if matches!(f.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")) {
+                    std::fs::read(&f).ok().hash(&mut h);
                 }
             }
-            Err(e) => e.kind().hash(&mut h),
         }
-        h.finish()
-    })
-    .await
-    .unwrap_or(0)
+        Err(e) => e.kind().hash(&mut h),
+    }
+    h.finish()
 }
 
 #[cfg(test)]
