@@ -36,7 +36,9 @@ struct Args {
     #[arg(long, default_value = tollgate_schemas::topics::USAGE)]
     usage_topic: String,
     /// Extra librdkafka settings for the usage producer and the decision consumer, `key=value`
-    /// (repeatable; e.g. security.protocol, sasl.*).
+    /// (repeatable; e.g. security.protocol, sasl.*). The producer's defaults are acks=all,
+    /// idempotence, linger.ms=10 and compression.type=none (set lz4 where bytes cost more
+    /// than CPU).
     #[arg(long = "kafka-set", value_parser = parse_kv)]
     kafka_set: Vec<(String, String)>,
     /// Largest request body accepted, in bytes.

@@ -630,6 +630,17 @@ impl MeteredStream {
     fn on_event(&mut self, ev: Event) {
         let had_text = !self.acct.text.is_empty();
         let done_marker = ev.data.trim() == "[DONE]";
+        if let (Conversion::OpenAi { client_wants_usage }, false) = (&self.conversion, done_marker) {
+            if let Some(forward) = openai::passthrough_event(&ev.data, &mut self.acct, *client_wants_usage) {
+                if forward {
+                    self.pending.push_back(sse_data(&ev.data));
+                }
+                if !had_text && !self.acct.text.is_empty() {
+                    self.first_token_at_us = Some(now_us());
+                }
+                return;
+            }
+        }
         let parsed = if done_marker {
             None
         } else {

@@ -1,5 +1,8 @@
 //! OpenAI Chat Completions (and every OpenAI-compatible server): requests, usage, stream passthrough.
 
+use std::borrow::Cow;
+
+use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{StreamAccounting, Usage, int};
@@ -7,14 +10,18 @@ use crate::count::for_each_text;
 
 /// Usage of a Chat Completions response or of the final stream chunk.
 pub fn usage(body: &Value) -> Option<Usage> {
-    let u = body.get("usage").filter(|u| u.is_object())?;
-    Some(Usage {
+    body.get("usage").filter(|u| u.is_object()).map(usage_fields)
+}
+
+/// The counts of a `usage` object.
+fn usage_fields(u: &Value) -> Usage {
+    Usage {
         input: int(u, &["prompt_tokens"]).unwrap_or(0),
         output: int(u, &["completion_tokens"]).unwrap_or(0),
         cached_read: int(u, &["prompt_tokens_details", "cached_tokens"]).unwrap_or(0),
         cache_write: 0,
         reasoning: int(u, &["completion_tokens_details", "reasoning_tokens"]).unwrap_or(0),
-    })
+    }
 }
 
 /// The body to send upstream: the client's, with the concrete model, and with usage requested
@@ -64,6 +71,65 @@ pub fn passthrough_chunk(chunk: &Value, acct: &mut StreamAccounting, client_want
     }
     let usage_only = choices.is_none_or(|c| c.is_empty()) && chunk.get("usage").is_some_and(Value::is_object);
     client_wants_usage || !usage_only
+}
+
+/// What [`passthrough_event`] reads of a stream chunk, borrowed from the event's text; every
+/// other field is skipped without being built. Chunks are parsed once per event, which made the
+/// generic `Value` parse the largest share of a stream's CPU after the socket writes.
+#[derive(Deserialize)]
+struct ChunkView<'a> {
+    #[serde(default, borrow)]
+    model: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    choices: Option<Vec<ChoiceView<'a>>>,
+    #[serde(default)]
+    usage: Option<Value>,
+    /// Whether the chunk has an `error` member at all.
+    #[serde(default, deserialize_with = "present")]
+    error: bool,
+}
+
+#[derive(Deserialize)]
+struct ChoiceView<'a> {
+    #[serde(default, borrow)]
+    delta: Option<DeltaView<'a>>,
+}
+
+#[derive(Deserialize)]
+struct DeltaView<'a> {
+    #[serde(default, borrow)]
+    content: Option<Cow<'a, str>>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    serde::de::IgnoredAny::deserialize(d).map(|_| true)
+}
+
+/// [`passthrough_chunk`] straight from an event's text, for chunks shaped as OpenAI sends them.
+/// `None` when the event is anything else (not an object, an error, unexpected types): the
+/// caller then parses it as a `Value` and takes the general path, so behaviour does not change.
+pub fn passthrough_event(data: &str, acct: &mut StreamAccounting, client_wants_usage: bool) -> Option<bool> {
+    if !data.trim_start().starts_with('{') {
+        return None;
+    }
+    let chunk: ChunkView = serde_json::from_str(data).ok()?;
+    if chunk.error {
+        return None;
+    }
+    if acct.model_version.is_none() {
+        acct.model_version = chunk.model.map(Cow::into_owned);
+    }
+    let usage = chunk.usage.as_ref().filter(|u| u.is_object());
+    if let Some(u) = usage {
+        acct.usage = Some(usage_fields(u));
+    }
+    for c in chunk.choices.iter().flatten() {
+        if let Some(t) = c.delta.as_ref().and_then(|d| d.content.as_deref()) {
+            acct.push_text(t);
+        }
+    }
+    let usage_only = chunk.choices.as_ref().is_none_or(Vec::is_empty) && usage.is_some();
+    Some(client_wants_usage || !usage_only)
 }
 
 /// Translates an Anthropic Messages request into a Chat Completions request.
@@ -219,6 +285,45 @@ impl ToAnthropicStream {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// The borrowed fast path learns what the `Value` path learns from the same chunks, and
+    /// declines what it does not handle.
+    #[test]
+    fn the_event_fast_path_agrees_with_the_value_path() {
+        let chunks = [
+            r#"{"id":"c1","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini-2024-07-18","choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}"#,
+            r#"{"id":"c1","model":"gpt-4o-mini-2024-07-18","choices":[{"index":0,"delta":{"content":"Hél\"lo \u00e9"}}]}"#,
+            r#"{"id":"c1","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#,
+            r#"{"id":"c1","choices":[{"delta":{"content":null}},{"delta":{"content":" two"}}]}"#,
+            r#"{"id":"c1","choices":[],"usage":{"prompt_tokens":9,"completion_tokens":3,"prompt_tokens_details":{"cached_tokens":2}}}"#,
+            r#"{"id":"c1","usage":null}"#,
+        ];
+        for wants_usage in [false, true] {
+            let (mut fast, mut slow) = (StreamAccounting::default(), StreamAccounting::default());
+            for c in chunks {
+                let f = passthrough_event(c, &mut fast, wants_usage);
+                let s = passthrough_chunk(&serde_json::from_str(c).unwrap(), &mut slow, wants_usage);
+                assert_eq!(f, Some(s), "{c}");
+            }
+            assert_eq!(fast.text, slow.text);
+            assert_eq!(fast.text, "Hél\"lo é two");
+            assert_eq!(fast.model_version, slow.model_version);
+            assert_eq!(fast.usage, slow.usage);
+            assert_eq!(fast.usage.map(|u| u.cached_read), Some(2));
+        }
+        let mut acct = StreamAccounting::default();
+        for declined in [
+            r#"{"error":{"message":"overloaded"}}"#,
+            r#"{"error":null}"#,
+            r#"[1,2]"#,
+            r#"{"choices":[{"delta":{"content":[{"type":"text","text":"x"}]}}]}"#,
+            r#"{"choices":"nope"}"#,
+            "not json",
+        ] {
+            assert_eq!(passthrough_event(declined, &mut acct, false), None, "{declined}");
+        }
+        assert!(acct.text.is_empty() && acct.usage.is_none());
+    }
 
     #[test]
     fn reads_usage_details() {
