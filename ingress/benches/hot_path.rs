@@ -15,7 +15,7 @@ use serde_json::Value;
 use tollgate_ingress::breach::{self, Queue, RequestView};
 use tollgate_ingress::decisions::DecisionCache;
 use tollgate_ingress::{auth, count, envelope};
-use tollgate_schemas::decision::{BreachDecision, DecisionState, Measure, RuleKind, decision_key};
+use tollgate_schemas::decision::{BreachDecision, DecisionState, decision_key};
 use tollgate_schemas::policy::Policy;
 use tollgate_schemas::usage::{Envelope, Status, TokenSource, UsageEvent};
 
@@ -53,22 +53,11 @@ fn cache_with(n: usize, policy: &Policy) -> Arc<DecisionCache> {
     let rules: Vec<&str> = policy.rules.iter().map(|r| r.id.as_str()).collect();
     for i in 0..n {
         let d = BreachDecision {
-            rule_id: rules[i % rules.len()].to_owned(),
-            rule_kind: RuleKind::RateLimit,
-            scope: format!("session:other-{i}"),
-            state: DecisionState::Clear,
-            action: "hard_block".into(),
-            audit: false,
-            cut_streams: false,
-            measure: Measure::Tokens,
             limit: 1_000_000,
-            observed: 0,
             headroom: 1_000_000,
-            window_start_us: 0,
             window_end_us: i64::MAX / 2,
             decided_at_us: 1,
-            covered_until_us: 0,
-            version: 1,
+            ..BreachDecision::example(rules[i % rules.len()], format!("session:other-{i}"), DecisionState::Clear, 1)
         };
         cache.apply(&d.key(), Some(d));
     }

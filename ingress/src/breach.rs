@@ -436,22 +436,11 @@ mod tests {
 
     fn decision(rule: &str, scope: &str, state: DecisionState, version: i64) -> BreachDecision {
         BreachDecision {
-            rule_id: rule.into(),
-            rule_kind: RuleKind::RateLimit,
-            scope: scope.into(),
-            state,
-            action: "hard_block".into(),
-            audit: false,
-            cut_streams: false,
-            measure: Measure::Tokens,
             limit: 200_000,
             observed: 200_100,
-            headroom: 0,
-            window_start_us: 0,
             window_end_us: now_us() + 90_500_000,
             decided_at_us: now_us(),
-            covered_until_us: 0,
-            version,
+            ..BreachDecision::example(rule, scope, state, version)
         }
     }
 

@@ -820,26 +820,14 @@ impl Task {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
-    use tollgate_schemas::decision::RuleKind;
 
     fn decision(state: DecisionState, measure: Measure, headroom: i64, version: i64) -> BreachDecision {
         BreachDecision {
-            rule_id: "r".into(),
-            rule_kind: RuleKind::RateLimit,
-            scope: "session:s1".into(),
-            state,
-            action: "hard_block".into(),
-            audit: false,
-            cut_streams: false,
             measure,
             limit: 100,
             observed: 100 - headroom,
             headroom,
-            window_start_us: 0,
-            window_end_us: 0,
-            decided_at_us: 0,
-            covered_until_us: 0,
-            version,
+            ..BreachDecision::example("r", "session:s1", state, version)
         }
     }
 

@@ -91,6 +91,32 @@ pub struct BreachDecision {
     pub version: i64,
 }
 
+#[cfg(any(test, feature = "fixtures"))]
+impl BreachDecision {
+    /// A `hard_block` token rate limit's decision for tests, with limit 1,000 and everything
+    /// else zero. Override what a test cares about with struct update syntax.
+    pub fn example(rule_id: impl Into<String>, scope: impl Into<String>, state: DecisionState, version: i64) -> Self {
+        BreachDecision {
+            rule_id: rule_id.into(),
+            rule_kind: RuleKind::RateLimit,
+            scope: scope.into(),
+            state,
+            action: "hard_block".into(),
+            audit: false,
+            cut_streams: false,
+            measure: Measure::Tokens,
+            limit: 1000,
+            observed: 0,
+            headroom: 0,
+            window_start_us: 0,
+            window_end_us: 0,
+            decided_at_us: 0,
+            covered_until_us: 0,
+            version,
+        }
+    }
+}
+
 impl BreachDecision {
     pub fn codec() -> Result<AvroCodec, CodecError> {
         AvroCodec::from_avsc(BREACH_DECISION_AVSC)

@@ -86,22 +86,12 @@ fn now_us() -> i64 {
 /// A decision for `rule/scope`: 120 s left in its window.
 fn decision(rule: &str, scope: &str, state: DecisionState, version: i64) -> BreachDecision {
     BreachDecision {
-        rule_id: rule.into(),
-        rule_kind: RuleKind::RateLimit,
-        scope: scope.into(),
-        state,
-        action: "hard_block".into(),
-        audit: false,
-        cut_streams: false,
-        measure: Measure::Tokens,
-        limit: 1000,
         observed: if state == DecisionState::Breached { 1234 } else { 10 },
         headroom: if state == DecisionState::Breached { 0 } else { 990 },
         window_start_us: now_us() - 3_480_000_000,
         window_end_us: now_us() + 120_000_000,
         decided_at_us: now_us(),
-        covered_until_us: 0,
-        version,
+        ..BreachDecision::example(rule, scope, state, version)
     }
 }
 

@@ -13,7 +13,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use serde_json::json;
 use tollgate_ingress::ReloadOptions;
-use tollgate_schemas::decision::{BreachDecision, DecisionState, Measure, RuleKind};
+use tollgate_schemas::decision::{BreachDecision, DecisionState};
 use tollgate_schemas::usage::UsageEvent;
 
 const RULES_BEFORE: &str = "\
@@ -63,22 +63,11 @@ async fn publish_block(topic: &str, rule: &str, session: &str) {
     let producer: FutureProducer =
         ClientConfig::new().set("bootstrap.servers", common::kafka_brokers()).create().unwrap();
     let d = BreachDecision {
-        rule_id: rule.into(),
-        rule_kind: RuleKind::RateLimit,
-        scope: format!("session:{session}"),
-        state: DecisionState::Breached,
-        action: "hard_block".into(),
-        audit: false,
-        cut_streams: false,
-        measure: Measure::Tokens,
-        limit: 1000,
         observed: 1001,
-        headroom: 0,
         window_start_us: now_us(),
         window_end_us: now_us() + 60_000_000,
         decided_at_us: now_us(),
-        covered_until_us: 0,
-        version: 1,
+        ..BreachDecision::example(rule, format!("session:{session}"), DecisionState::Breached, 1)
     };
     let payload = BreachDecision::codec().unwrap().encode(&d).unwrap();
     producer

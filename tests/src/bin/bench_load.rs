@@ -29,7 +29,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
-use tollgate_schemas::decision::{BreachDecision, DecisionState, Measure, RuleKind, decision_key};
+use tollgate_schemas::decision::{BreachDecision, DecisionState, decision_key};
 
 #[derive(Debug, Parser)]
 #[command(name = "tollgate-bench-load", version, about = "Benchmark helpers: SSE load, stream hold, Kafka set-up")]
@@ -460,22 +460,12 @@ async fn prepare_kafka(args: KafkaArgs) -> anyhow::Result<()> {
     for i in 0..args.decisions {
         let rule_id = &args.rules[i % args.rules.len()];
         let d = BreachDecision {
-            rule_id: rule_id.clone(),
-            rule_kind: RuleKind::RateLimit,
-            scope: format!("session:bench-seed-{i}"),
-            state: DecisionState::Clear,
-            action: "hard_block".into(),
-            audit: false,
-            cut_streams: false,
-            measure: Measure::Tokens,
             limit: 1_000_000,
-            observed: 0,
             headroom: 1_000_000,
             window_start_us: now_us - 3_600_000_000,
             window_end_us: now_us + 3_600_000_000,
             decided_at_us: now_us,
-            covered_until_us: 0,
-            version: now_us,
+            ..BreachDecision::example(rule_id.clone(), format!("session:bench-seed-{i}"), DecisionState::Clear, now_us)
         };
         let key = decision_key(&d.rule_id, &d.scope);
         let payload = codec.encode(&d)?;
