@@ -341,16 +341,10 @@ async fn usage_consumer(config: &Config, covered: &BTreeMap<i32, i64>) -> anyhow
     }
     let consumer: StreamConsumer = cc.create().context("creating the usage consumer")?;
     let topic = config.usage_topic.clone();
-    let partitions = {
-        let md = consumer
-            .fetch_metadata(Some(&topic), Duration::from_secs(10))
-            .with_context(|| format!("reading metadata of {topic}"))?;
-        md.topics()
-            .iter()
-            .filter(|t| t.name() == topic && t.error().is_none())
-            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-            .collect::<Vec<_>>()
-    };
+    let md = consumer
+        .fetch_metadata(Some(&topic), Duration::from_secs(10))
+        .with_context(|| format!("reading metadata of {topic}"))?;
+    let partitions = tollgate_runtime::partitions_in(&md, &topic);
     let mut tpl = TopicPartitionList::new();
     for p in &partitions {
         let offset = covered.get(p).map_or(Offset::Beginning, |o| Offset::Offset(*o));

@@ -27,12 +27,7 @@ pub fn read_to_end(
     let started = Instant::now();
     let left = || deadline.saturating_sub(started.elapsed()).max(Duration::from_millis(1));
     let md = consumer.fetch_metadata(Some(topic), left()).with_context(|| format!("reading metadata of {topic}"))?;
-    let partitions: Vec<i32> = md
-        .topics()
-        .iter()
-        .filter(|t| t.name() == topic && t.error().is_none())
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
+    let partitions = tollgate_runtime::partitions_in(&md, topic);
     if partitions.is_empty() {
         bail!("topic {topic} does not exist or has no partitions");
     }

@@ -614,11 +614,7 @@ impl Task {
         let topic = self.topic.clone();
         let found = tokio::task::spawn_blocking(move || {
             let md = consumer.fetch_metadata(Some(&topic), BROKER_TIMEOUT)?;
-            let Some(t) = md.topics().iter().find(|t| t.name() == topic) else { return Ok(Vec::new()) };
-            if t.error().is_some() {
-                return Ok(Vec::new());
-            }
-            Ok(t.partitions().iter().map(|p| p.id()).collect())
+            Ok(tollgate_runtime::partitions_in(&md, &topic))
         })
         .await;
         match found {

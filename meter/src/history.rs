@@ -159,16 +159,8 @@ pub async fn run(config: HistoryConfig, ch: Client, shutdown: CancellationToken)
         std::sync::Arc::new(cc.create().context("creating the history consumer")?);
     let mut tpl = TopicPartitionList::new();
     for topic in [&config.breaches_topic, &config.alerts_topic] {
-        let parts = loop {
-            match crate::partitions_of(&consumer, topic).await {
-                Ok(p) if !p.is_empty() => break p,
-                Ok(_) => warn!(%topic, "history topic has no partitions yet; waiting"),
-                Err(e) => warn!(%topic, error = %e, "cannot read history topic metadata; retrying"),
-            }
-            tokio::select! {
-                () = shutdown.cancelled() => return Ok(()),
-                () = tokio::time::sleep(Duration::from_secs(2)) => {}
-            }
+        let Some(parts) = crate::wait_for_partitions(&consumer, topic, &shutdown, Duration::from_secs(2)).await else {
+            return Ok(());
         };
         for p in parts {
             let at = resume.get(&(topic.clone(), p)).map_or(Offset::Beginning, |o| Offset::Offset(*o));

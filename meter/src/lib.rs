@@ -183,16 +183,9 @@ async fn consume(config: &Config, shutdown: &CancellationToken) -> anyhow::Resul
     };
     match config.mode {
         Mode::Standalone => {
-            let partitions = loop {
-                match partitions_of(&consumer, &topic).await {
-                    Ok(p) if !p.is_empty() => break p,
-                    Ok(_) => warn!(%topic, "topic has no partitions yet; waiting"),
-                    Err(e) => warn!(%topic, error = %e, "cannot read topic metadata; retrying"),
-                }
-                tokio::select! {
-                    () = shutdown.cancelled() => return Ok(()),
-                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
+            let Some(partitions) = wait_for_partitions(&consumer, &topic, shutdown, Duration::from_secs(1)).await
+            else {
+                return Ok(());
             };
             let stored =
                 retry_clickhouse(shutdown, "reading checkpoints", || sink::checkpoints(&meter.ch, &topic)).await;
@@ -525,6 +518,26 @@ where
     tollgate_runtime::retry_with_backoff(shutdown, "clickhouse", what, |_| metrics::insert_error(), f).await
 }
 
+/// The topic's partitions, asking again every `every` until it has some; `None` on shutdown.
+async fn wait_for_partitions<C: rdkafka::consumer::ConsumerContext + 'static>(
+    consumer: &Arc<StreamConsumer<C>>,
+    topic: &str,
+    shutdown: &CancellationToken,
+    every: Duration,
+) -> Option<Vec<i32>> {
+    loop {
+        match partitions_of(consumer, topic).await {
+            Ok(p) if !p.is_empty() => return Some(p),
+            Ok(_) => warn!(%topic, "topic has no partitions yet; waiting"),
+            Err(e) => warn!(%topic, error = %e, "cannot read topic metadata; retrying"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return None,
+            () = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
 async fn partitions_of<C: rdkafka::consumer::ConsumerContext + 'static>(
     consumer: &Arc<StreamConsumer<C>>,
     topic: &str,
@@ -534,13 +547,7 @@ async fn partitions_of<C: rdkafka::consumer::ConsumerContext + 'static>(
     // fetch_metadata blocks its thread: keep it off the async workers.
     tokio::task::spawn_blocking(move || {
         let md = c.fetch_metadata(Some(&t), Duration::from_secs(10))?;
-        let parts = md
-            .topics()
-            .iter()
-            .filter(|mt| mt.name() == t && mt.error().is_none())
-            .flat_map(|mt| mt.partitions().iter().map(|p| p.id()))
-            .collect();
-        Ok(parts)
+        Ok(tollgate_runtime::partitions_in(&md, &t))
     })
     .await?
 }

@@ -128,3 +128,12 @@ where
         backoff = (backoff * 2).min(std::time::Duration::from_secs(10));
     }
 }
+
+/// The partitions `md` lists for `topic`; empty when the topic is missing or has an error.
+pub fn partitions_in(md: &rdkafka::metadata::Metadata, topic: &str) -> Vec<i32> {
+    md.topics()
+        .iter()
+        .filter(|t| t.name() == topic && t.error().is_none())
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect()
+}

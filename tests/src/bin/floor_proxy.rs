@@ -21,7 +21,6 @@ use axum::serve::ListenerExt as _;
 use clap::Parser;
 use tokio::net::TcpListener;
 use tracing::{error, info, warn};
-use tracing_subscriber::EnvFilter;
 
 /// The ingress's allocator, so the floor differs from it only by governance.
 #[global_allocator]
@@ -112,10 +111,7 @@ async fn forward(State(floor): State<Arc<Floor>>, req: Request) -> Response {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
-        .init();
+    tollgate_runtime::init_tracing();
     // The ingress's client (ingress/src/lib.rs `run`): same timeouts, same pool.
     let http = match reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(5))

@@ -8,7 +8,6 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tollgate_tests::mock::{self, MockOptions};
 use tracing::{error, info, warn};
-use tracing_subscriber::EnvFilter;
 
 /// Scriptable mock of the OpenAI and Anthropic APIs, steered by `#mock` lines in the prompt.
 #[derive(Debug, Parser)]
@@ -25,10 +24,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
-        .init();
+    tollgate_runtime::init_tracing();
 
     let listener = match TcpListener::bind(&args.listen).await {
         Ok(listener) => listener,
