@@ -178,7 +178,11 @@ async fn serve(
     // Breach decisions: refuse, hold, reroute, or pass (counting into Watch headrooms).
     let first = plan.first().map(|a| a.target);
     let view = breach::RequestView { envelope: &envelope, api_key: key, vm, target: first, stream };
-    let mut estimate = || first.map_or(0, |t| count::estimate_input(&t.model, &req).0);
+    // The first target's estimate, made at most once: for the gate (when a Watch needs it) and
+    // for that target's usage event.
+    let mut first_estimate: Option<(i64, i64)> = None;
+    let mut estimate =
+        || first.map_or(0, |t| first_estimate.get_or_insert_with(|| count::estimate_input(&t.model, &req)).0);
     let pass = match breach::gate(&app.decisions, policy, &view, &app.queue, &mut estimate).await {
         Ok(pass) => pass,
         Err(refusal) => {
@@ -229,7 +233,10 @@ async fn serve(
         if !tried.is_empty() {
             metrics::fallback(vm_label);
         }
-        let (reference_input_tokens, input_chars) = count::estimate_input(&target.model, &req);
+        let (reference_input_tokens, input_chars) = match first_estimate {
+            Some(e) if first.is_some_and(|f| f.model == target.model) => e,
+            _ => count::estimate_input(&target.model, &req),
+        };
         let first_byte = attempt.timeout_ms.map_or(app.first_byte_timeout, Duration::from_millis);
         let more_targets = i + 1 < plan.len();
         let tries = 1 + retries.map_or(0, |r| r.attempts);
