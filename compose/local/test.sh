@@ -24,4 +24,4 @@ cd "$REPO"
 log "cargo target dir: $CARGO_TARGET_DIR (infra started here: $started_infra)"
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
-cargo test --workspace --locked
+cargo test --workspace --locked --no-fail-fast

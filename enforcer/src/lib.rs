@@ -22,12 +22,12 @@ use std::time::Duration;
 use anyhow::Context as _;
 use metrics_exporter_prometheus::PrometheusHandle;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tollgate_meter::ClickHouseConfig;
+use tollgate_runtime::kafka::{Awaited, Outgoing, Producer};
 use tollgate_schemas::avro::AvroCodec;
 use tollgate_schemas::decision::{Alert, BreachDecision};
 use tollgate_schemas::policy::Policy;
@@ -92,7 +92,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     for (k, v) in &config.kafka_extra {
         cc.set(k, v);
     }
-    let producer: FutureProducer = cc.create().context("creating the Kafka producer")?;
+    let producer = Producer::new(&cc, Awaited).context("creating the Kafka producer")?;
     let notifier =
         Notifier::new(&policy.alert_channels, notify::NotifyConfig::default()).context("setting up alert channels")?;
     // A changed policy (file change or SIGHUP) that loads is enforced from a fresh start: history
@@ -126,7 +126,7 @@ enum Stopped {
 async fn enforce(
     config: &Config,
     policy: Arc<Policy>,
-    producer: &FutureProducer,
+    producer: &Producer<Awaited>,
     notifier: &Notifier,
     shutdown: &CancellationToken,
     policies: &mut tokio::sync::watch::Receiver<Arc<Policy>>,
@@ -334,8 +334,8 @@ async fn usage_consumer(config: &Config, covered: &BTreeMap<i32, i64>) -> anyhow
     cc.set("bootstrap.servers", &config.brokers)
         .set("group.id", "tollgate-enforcer")
         .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        .set("fetch.wait.max.ms", "10");
+        .set("enable.partition.eof", "false");
+    tollgate_runtime::kafka::follow(&mut cc, tollgate_runtime::kafka::Follow::Usage);
     for (k, v) in &config.kafka_extra {
         cc.set(k, v);
     }
@@ -358,7 +358,7 @@ async fn usage_consumer(config: &Config, covered: &BTreeMap<i32, i64>) -> anyhow
 /// Sends what the engine decides to the breaches and alerts topics; a send that fails is
 /// forgotten by the engine, so the next evaluation sends it again.
 struct Publisher<'a> {
-    producer: &'a FutureProducer,
+    producer: &'a Producer<Awaited>,
     breaches_topic: String,
     alerts_topic: String,
     decision_codec: AvroCodec,
@@ -366,7 +366,7 @@ struct Publisher<'a> {
 }
 
 impl<'a> Publisher<'a> {
-    fn new(producer: &'a FutureProducer, config: &Config) -> anyhow::Result<Self> {
+    fn new(producer: &'a Producer<Awaited>, config: &Config) -> anyhow::Result<Self> {
         Ok(Self {
             producer,
             breaches_topic: config.breaches_topic.clone(),
@@ -387,13 +387,23 @@ impl<'a> Publisher<'a> {
         let decisions = out.decisions.iter().map(|d| async move {
             let payload = self.decision_codec.encode(d).map_err(|e| e.to_string())?;
             let key = d.key();
-            let record = FutureRecord::to(&self.breaches_topic).key(&key).payload(&payload);
-            self.producer.send(record, timeout).await.map(|_| ()).map_err(|(e, _)| e.to_string())
+            let record = Outgoing {
+                topic: &self.breaches_topic,
+                key: Some(key.as_bytes()),
+                payload: Some(&payload),
+                headers: None,
+            };
+            self.producer.send_awaited(record, timeout).await.map(|_| ()).map_err(|e| e.to_string())
         });
         let alerts = out.alerts.iter().map(|a| async move {
             let payload = self.alert_codec.encode(a).map_err(|e| e.to_string())?;
-            let record = FutureRecord::to(&self.alerts_topic).key(&a.alert_id).payload(&payload);
-            self.producer.send(record, timeout).await.map(|_| ()).map_err(|(e, _)| e.to_string())
+            let record = Outgoing {
+                topic: &self.alerts_topic,
+                key: Some(a.alert_id.as_bytes()),
+                payload: Some(&payload),
+                headers: None,
+            };
+            self.producer.send_awaited(record, timeout).await.map(|_| ()).map_err(|e| e.to_string())
         });
         let (sent, raised) = futures::join!(futures::future::join_all(decisions), futures::future::join_all(alerts));
         for (d, r) in out.decisions.iter().zip(sent) {

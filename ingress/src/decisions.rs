@@ -8,8 +8,9 @@
 //! yet: compaction only removes records a later one overrides. The ingress serves no request
 //! until the topic is read up to the high watermarks taken at start, or until a deadline passes
 //! (then it either refuses to start or — the default — starts open, see [`Follower::start`]).
-//! It then follows the topic with a short fetch wait (`fetch.wait.max.ms=10`), so a decision
-//! reaches the cache within tens of milliseconds of being produced.
+//! It then follows the topic with the decision path's fetch wait (`tollgate_runtime::kafka`):
+//! on Kafka a decision reaches the cache as soon as it is produced, on a broker that only polls
+//! its storage (Tansu) within one wait.
 //!
 //! **Lookup.** A request's rules give their scope values (`Rule::scope_of`); each `rule_id/scope`
 //! is one hash-map lookup in a key buffer reused for the whole request.
@@ -500,12 +501,9 @@ impl Follower {
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "true")
             .set("auto.offset.reset", "earliest")
-            // The decision-to-cache budget is 250 ms p99: the broker answers a fetch within 10 ms
-            // when there is nothing new.
-            .set("fetch.wait.max.ms", "10")
-            .set("fetch.min.bytes", "1")
             .set("fetch.error.backoff.ms", "100")
             .set("reconnect.backoff.max.ms", "2000");
+        tollgate_runtime::kafka::follow(&mut cc, tollgate_runtime::kafka::Follow::Decisions);
         for (k, v) in &cfg.extra {
             cc.set(k, v);
         }

@@ -39,7 +39,7 @@ use std::time::Duration;
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message as _;
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, PurgeConfig, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer as _, ProducerContext, PurgeConfig};
 use rdkafka::{ClientConfig, ClientContext};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -220,10 +220,10 @@ impl ProducerContext for Deliveries {
     }
 }
 
-type Kafka = ThreadedProducer<Deliveries>;
+type Kafka = tollgate_runtime::kafka::Producer<Deliveries>;
 
 fn new_producer(cc: &ClientConfig, tx: &mpsc::UnboundedSender<Delivery>) -> rdkafka::error::KafkaResult<Kafka> {
-    cc.create_with_context(Deliveries { tx: tx.clone() })
+    tollgate_runtime::kafka::Producer::new(cc, Deliveries { tx: tx.clone() })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

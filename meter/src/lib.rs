@@ -24,11 +24,11 @@ use clickhouse::Client;
 use metrics_exporter_prometheus::PrometheusHandle;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tollgate_runtime::kafka::{Awaited, Outgoing, Producer};
 use tollgate_schemas::avro::AvroCodec;
 use tollgate_schemas::usage::UsageEvent;
 use tracing::{debug, error, info, warn};
@@ -164,6 +164,7 @@ async fn consume(config: &Config, shutdown: &CancellationToken) -> anyhow::Resul
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false");
+    tollgate_runtime::kafka::follow(&mut cc, tollgate_runtime::kafka::Follow::Metering);
     for (k, v) in &config.kafka_extra {
         cc.set(k, v);
     }
@@ -454,7 +455,7 @@ async fn sleep_until(deadline: Option<Instant>) {
 
 /// Where events that cannot be decoded go, with why, so they never block their partition.
 struct DeadLetters {
-    producer: FutureProducer,
+    producer: Producer<Awaited>,
     topic: String,
 }
 
@@ -466,7 +467,7 @@ impl DeadLetters {
             cc.set(k, v);
         }
         Ok(Self {
-            producer: cc.create().context("creating the dead-letter producer")?,
+            producer: Producer::new(&cc, Awaited).context("creating the dead-letter producer")?,
             topic: config.dead_letter_topic.clone(),
         })
     }
@@ -479,11 +480,13 @@ impl DeadLetters {
             .insert(Header { key: "tollgate-source-topic", value: Some(m.topic()) })
             .insert(Header { key: "tollgate-source-partition", value: Some(&partition) })
             .insert(Header { key: "tollgate-source-offset", value: Some(&offset) });
-        let mut record = FutureRecord::to(&self.topic).headers(headers).payload(m.payload().unwrap_or_default());
-        if let Some(k) = m.key() {
-            record = record.key(k);
-        }
-        match self.producer.send(record, Duration::from_secs(30)).await {
+        let record = Outgoing {
+            topic: &self.topic,
+            key: m.key(),
+            payload: Some(m.payload().unwrap_or_default()),
+            headers: Some(headers),
+        };
+        match self.producer.send_awaited(record, Duration::from_secs(30)).await {
             Ok(_) => {
                 metrics::dead_lettered();
                 warn!(
@@ -493,7 +496,7 @@ impl DeadLetters {
                     "usage event sent to the dead-letter topic"
                 );
             }
-            Err((e, _)) => {
+            Err(e) => {
                 metrics::dead_letter_failed();
                 error!(partition = m.partition(), offset = m.offset(), error, kafka = %e, "usage event undecodable and not dead-lettered");
             }

@@ -1,6 +1,7 @@
 //! What every Tollgate binary does the same way: logging, the metrics recorder, shutdown on
 //! SIGTERM/ctrl-c, binding, the `/healthz` + `/metrics` endpoints, and policy hot reload.
 
+pub mod kafka;
 pub mod reload;
 
 use std::process::ExitCode;

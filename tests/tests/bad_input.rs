@@ -178,7 +178,7 @@ impl Stack {
     async fn expect_rows(&self, sessions: &[&str]) -> Vec<Row> {
         let n = sessions.len() as u64;
         let sql = format!("SELECT count() FROM {}.usage_events FINAL", self.db);
-        let arrived = common::eventually(Duration::from_secs(60), || async { common::ch_count(&sql).await >= n }).await;
+        let arrived = common::until_at_least(n, Duration::from_secs(60), || common::ch_count(&sql)).await.is_ok();
         assert!(
             arrived,
             "only {} of {n} rows reached ClickHouse: {:#?}",

@@ -254,13 +254,12 @@ struct UsageReader {
 
 impl UsageReader {
     fn new(topic: &str) -> Self {
-        let consumer: StreamConsumer = ClientConfig::new()
-            .set("bootstrap.servers", common::kafka_brokers())
+        let mut cc = ClientConfig::new();
+        cc.set("bootstrap.servers", common::kafka_brokers())
             .set("group.id", common::unique("decisions_reader"))
-            .set("enable.auto.commit", "false")
-            .set("fetch.wait.max.ms", "50")
-            .create()
-            .unwrap();
+            .set("enable.auto.commit", "false");
+        tollgate_runtime::kafka::follow(&mut cc, tollgate_runtime::kafka::Follow::Usage);
+        let consumer: StreamConsumer = cc.create().unwrap();
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(topic, 0, Offset::Beginning).unwrap();
         consumer.assign(&tpl).unwrap();

@@ -204,7 +204,7 @@ async fn a_restart_mid_window_neither_forgets_nor_double_counts() {
     enforcer.wait().unwrap();
     let more: Vec<_> = (120..170).map(|i| event(i, session.clone(), 800, 200, 0)).collect();
     produce_usage(&t.usage, &more).await;
-    assert!(eventually(Duration::from_secs(60), || async { checkpointed(&t.db).await == 170 }).await);
+    assert_eq!(until_at_least(170, Duration::from_secs(60), || checkpointed(&t.db)).await, Ok(170));
     meter.stop().await;
     let rest: Vec<_> = (170..210).map(|i| event(i, session.clone(), 800, 200, 0)).collect();
     produce_usage(&t.usage, &rest).await;
@@ -279,7 +279,7 @@ async fn the_anomaly_guards_find_the_loop_the_stuffing_the_drift_and_the_frontie
         });
     }
     produce_usage(&t.usage, &history).await;
-    assert!(eventually(Duration::from_secs(60), || async { checkpointed(&t.db).await == 60 }).await);
+    assert_eq!(until_at_least(60, Duration::from_secs(60), || checkpointed(&t.db)).await, Ok(60));
 
     let enforcer = start_enforcer(enforcer_config(dir.path(), &t.usage, &t.breaches, &t.alerts, &t.db)).await;
     let log = DecisionLog::follow(&t.breaches);

@@ -93,7 +93,7 @@ async fn anthropic_clients_are_metered_to_the_token_and_nano_dollar() {
     }
 
     let sql = format!("SELECT count() FROM {db}.usage_events FINAL");
-    assert!(common::eventually(Duration::from_secs(60), || async { common::ch_count(&sql).await >= 4 }).await);
+    common::wait_for_count(&sql, 4, Duration::from_secs(60)).await;
     let tsv = common::ch(&format!(
         "SELECT session_id, api_format, streamed, input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, \
          cost_nanos, token_source, status FROM {db}.usage_events FINAL ORDER BY session_id FORMAT TabSeparated"

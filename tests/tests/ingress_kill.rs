@@ -187,8 +187,7 @@ async fn events_spooled_before_a_kill_9_reach_clickhouse_after_restart() {
         Ingress::start(policy.path(), &common::kafka_brokers(), &topic, spool.path(), logs.path().join("run2.log"))
             .await;
     let rows_sql = format!("SELECT count() FROM {db}.usage_events FINAL");
-    let arrived =
-        common::eventually(Duration::from_secs(60), || async { common::ch_count(&rows_sql).await >= N }).await;
+    let arrived = common::until_at_least(N, Duration::from_secs(60), || common::ch_count(&rows_sql)).await.is_ok();
     assert!(arrived, "{} of {N} rows after the restart:\n{}", common::ch_count(&rows_sql).await, run2.log_text());
     let (sessions, _) = sessions_in(&db).await;
     assert_eq!(sessions, (0..N).collect::<BTreeSet<_>>(), "one row per request");

@@ -54,7 +54,7 @@ async fn undecodable_events_are_dead_lettered_and_the_rest_counted() {
     }
     let meter = common::start_meter(common::meter_config(&topic, &db)).await;
     let sql = format!("SELECT count() FROM {db}.usage_events FINAL");
-    assert!(common::eventually(Duration::from_secs(60), || async { common::ch_count(&sql).await >= good }).await);
+    common::wait_for_count(&sql, good, Duration::from_secs(60)).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     meter.stop().await;
     assert_eq!(common::ch_count(&sql).await, good, "every decodable event, once");

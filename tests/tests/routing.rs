@@ -103,7 +103,7 @@ async fn stack(name: &str) -> Stack {
 impl Stack {
     async fn rows(&self, n: u64) -> bool {
         let sql = format!("SELECT count() FROM {}.usage_events FINAL", self.db);
-        common::eventually(Duration::from_secs(90), || async { common::ch_count(&sql).await >= n }).await
+        common::until_at_least(n, Duration::from_secs(60), || common::ch_count(&sql)).await.is_ok()
     }
 
     async fn stop(self) {

@@ -355,8 +355,7 @@ async fn official_sdks_stream_and_complete_through_the_ingress() {
     expected.extend(CUT_STREAMS.iter().map(|c| (c.session.to_owned(), c.expect_row())));
     let n = expected.len() as u64;
     let count_sql = format!("SELECT count() FROM {db}.usage_events FINAL");
-    let arrived =
-        common::eventually(Duration::from_secs(60), || async { common::ch_count(&count_sql).await >= n }).await;
+    let arrived = common::until_at_least(n, Duration::from_secs(60), || common::ch_count(&count_sql)).await.is_ok();
     assert!(arrived, "only {} of {n} rows reached ClickHouse", common::ch_count(&count_sql).await);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let rows = stored_rows(&db).await;

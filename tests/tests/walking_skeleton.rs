@@ -163,8 +163,7 @@ async fn n_requests_become_exactly_n_rows_with_the_providers_numbers() {
     }
 
     let rows_sql = format!("SELECT count() FROM {db}.usage_events FINAL");
-    let arrived =
-        common::eventually(Duration::from_secs(60), || async { common::ch_count(&rows_sql).await >= N }).await;
+    let arrived = common::until_at_least(N, Duration::from_secs(60), || common::ch_count(&rows_sql)).await.is_ok();
     assert!(arrived, "only {} of {N} rows reached ClickHouse", common::ch_count(&rows_sql).await);
 
     let tsv = common::ch(&format!(

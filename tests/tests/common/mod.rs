@@ -92,6 +92,50 @@ where
     f().await
 }
 
+/// Polls `progress` until it reaches `target`; fails (returns the last figure) only when the
+/// figure has not moved for `stall`. For tests that push volume through a service on a shared,
+/// possibly busy machine: they wait as long as the work advances, however slowly, and no longer.
+pub async fn until_at_least<F, Fut>(target: u64, stall: Duration, mut progress: F) -> Result<u64, u64>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = u64>,
+{
+    let mut last = progress().await;
+    let mut moved = Instant::now();
+    loop {
+        if last >= target {
+            return Ok(last);
+        }
+        if moved.elapsed() >= stall {
+            return Err(last);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = progress().await;
+        if now != last {
+            moved = Instant::now();
+            last = now;
+        }
+    }
+}
+
+/// Waits until `sql` (a count) reaches `n`, as long as the count keeps moving (see
+/// `until_at_least`); panics with the figure reached when it stopped for `stall`.
+pub async fn wait_for_count(sql: &str, n: u64, stall: Duration) -> u64 {
+    until_at_least(n, stall, || ch_count(sql))
+        .await
+        .unwrap_or_else(|got| panic!("{sql}: {got} of {n}, and no progress for {stall:?}"))
+}
+
+/// Work the in-process services of this test binary have done so far (events the enforcers
+/// evaluated and the meters read, rows written): a figure that moves while anything advances.
+pub fn services_progress() -> u64 {
+    let text = metrics().render();
+    ["tollgate_enforcer_events_total", "tollgate_meter_events_consumed_total", "tollgate_meter_rows_inserted_total"]
+        .iter()
+        .map(|name| metric(&text, name))
+        .sum()
+}
+
 pub struct Service {
     pub addr: SocketAddr,
     pub shutdown: CancellationToken,
@@ -461,12 +505,10 @@ impl DecisionLog {
     pub fn follow(topic: &str) -> DecisionLog {
         use rdkafka::consumer::{Consumer, StreamConsumer};
         use rdkafka::{Message, Offset, TopicPartitionList};
-        let consumer: StreamConsumer = ClientConfig::new()
-            .set("bootstrap.servers", kafka_brokers())
-            .set("group.id", unique("decision-log"))
-            .set("fetch.wait.max.ms", "10")
-            .create()
-            .unwrap();
+        let mut cc = ClientConfig::new();
+        cc.set("bootstrap.servers", kafka_brokers()).set("group.id", unique("decision-log"));
+        tollgate_runtime::kafka::follow(&mut cc, tollgate_runtime::kafka::Follow::Decisions);
+        let consumer: StreamConsumer = cc.create().unwrap();
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(topic, 0, Offset::Beginning).unwrap();
         consumer.assign(&tpl).unwrap();
@@ -504,14 +546,22 @@ impl DecisionLog {
         key: &str,
         f: impl Fn(&tollgate_schemas::decision::BreachDecision) -> bool,
     ) -> tollgate_schemas::decision::BreachDecision {
-        let deadline = Instant::now() + Duration::from_secs(60);
+        // As long as the services advance (events evaluated, decisions published), however slowly
+        // a busy machine lets them; a minute without any progress fails.
+        let stall = Duration::from_secs(60);
+        let progress = || services_progress() + self.decisions.lock().unwrap().len() as u64;
+        let (mut last, mut moved) = (progress(), Instant::now());
         loop {
             if let Some(d) = self.latest(key).filter(|d| f(d)) {
                 return d;
             }
+            let now = progress();
+            if now != last {
+                (last, moved) = (now, Instant::now());
+            }
             assert!(
-                Instant::now() < deadline,
-                "no matching decision for {key} in 60 s; newest: {:?}",
+                moved.elapsed() < stall,
+                "no matching decision for {key}, and no progress for {stall:?}; newest: {:?}",
                 self.latest(key)
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
