@@ -119,7 +119,7 @@ def main():
         if r["kind"] == "memory":
             w(f"| memory | {r['label']} | ingress | VmRSS | {r['value']} | | | | | {r.get('errors', '')} | {r.get('note', '')} |")
     for r in rows:
-        if r["kind"] in ("meter", "enforcer"):
+        if r["kind"] in ("idle", "meter", "enforcer"):
             w(f"| {r['kind']} | {r.get('label', '')} | {r.get('target', '')} | {r.get('measure', '')} | {r['value']} | | | | | {r.get('errors', '')} | {r.get('note', '')} |")
     sys.stdout.write("\n".join(out) + "\n")
 
