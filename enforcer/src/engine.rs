@@ -35,7 +35,8 @@ impl Usage {
             envelope: ev.envelope.clone(),
             api_key_id: ev.api_key_id.clone(),
             requests: 1,
-            tokens: total_tokens(ev),
+            // What a token limit counts: everything the model read or wrote, cache included once.
+            tokens: ev.total_tokens(),
             cost_nanos: ev.cost_nanos,
         })
     }
@@ -47,11 +48,6 @@ impl Usage {
             Measure::CostNanos => self.cost_nanos,
         }
     }
-}
-
-/// What a token limit counts: everything the model read or wrote.
-pub fn total_tokens(ev: &UsageEvent) -> i64 {
-    ev.input_tokens + ev.cached_input_tokens + ev.cache_write_tokens + ev.output_tokens
 }
 
 /// A breached scope's count and lift time, and a watched scope's headroom (unless it shrank by a
@@ -118,8 +114,7 @@ pub struct Engine {
 impl Engine {
     pub fn new(policy: Arc<Policy>, watch_pct: u32) -> Engine {
         let rules: Vec<Rule> = policy.rules.iter().filter(|r| r.kind != RuleKind::Guard).cloned().collect();
-        let subjects =
-            policy.api_keys.iter().flat_map(|keys| keys.values()).map(|k| (k.id.clone(), k.subject.clone())).collect();
+        let subjects = policy.api_keys.values().map(|k| (k.id.clone(), k.subject.clone())).collect();
         let guard_ids = policy.guards.iter().map(|g| g.id().to_owned()).collect();
         Engine {
             policy,

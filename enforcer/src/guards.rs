@@ -55,13 +55,9 @@ impl Sample {
             model: ev.model.clone(),
             model_version: ev.model_version.clone().unwrap_or_default(),
             requests: 1,
-            io_tokens: ev.input_tokens + ev.output_tokens,
-            prompt_tokens: ev.input_tokens + ev.cached_input_tokens + ev.cache_write_tokens,
-            referenced_prompt_tokens: if ev.reference_input_tokens.is_some() {
-                ev.input_tokens + ev.cached_input_tokens + ev.cache_write_tokens
-            } else {
-                0
-            },
+            io_tokens: ev.total_tokens(),
+            prompt_tokens: ev.prompt_tokens(),
+            referenced_prompt_tokens: if ev.reference_input_tokens.is_some() { ev.prompt_tokens() } else { 0 },
             reference_tokens: ev.reference_input_tokens.unwrap_or(0),
             referenced_requests: i64::from(ev.reference_input_tokens.is_some()),
             cost_nanos: ev.cost_nanos,

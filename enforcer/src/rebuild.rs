@@ -12,6 +12,7 @@ use serde::Deserialize;
 use tollgate_schemas::policy::Policy;
 use tollgate_schemas::rules::Window;
 use tollgate_schemas::usage::Envelope;
+use tollgate_schemas::usage::sql::{PROMPT_TOKENS, TOTAL_TOKENS};
 
 use crate::engine::{Engine, Usage};
 use crate::window::{Counter, bucket_seconds};
@@ -148,7 +149,7 @@ fn query(covered: &BTreeMap<i32, i64>, from_s: i64, to_s: i64, bucket_s: i64) ->
     format!(
         "SELECT project, team, user_id, session_id, workflow_tag, environment, cost_center, api_key_id, \
          intDiv(ended_at_us, {bucket_us}) * {bucket_s} AS bucket, count() AS requests, \
-         sum(input_tokens + cached_input_tokens + cache_write_tokens + output_tokens) AS tokens, \
+         sum({TOTAL_TOKENS}) AS tokens, \
          sum(cost_nanos) AS cost \
          FROM usage_events FINAL \
          WHERE kafka_topic = ? AND ended_at_us >= {from_us} AND ended_at_us < {to_us} \
@@ -246,17 +247,18 @@ fn guard_queries(covered: &BTreeMap<i32, i64>, lookback_s: i64, now_us: i64) -> 
     let hour_us = now_us / (3600 * US) * 3600 * US;
     let recent_us = now_us - lookback_s.min(86_400 * 7) * US;
     let bucket_us = 60 * US;
-    let sums = "count() AS requests, sum(input_tokens + output_tokens) AS io_tokens, \
-         sum(input_tokens + cached_input_tokens + cache_write_tokens) AS prompt_tokens, \
+    let sums = format!(
+        "count() AS requests, sum({TOTAL_TOKENS}) AS io_tokens, sum({PROMPT_TOKENS}) AS prompt_tokens, \
          countIf(isNotNull(reference_input_tokens)) AS referenced_requests, \
-         sumIf(input_tokens + cached_input_tokens + cache_write_tokens, isNotNull(reference_input_tokens)) AS referenced_prompt_tokens, \
-         sum(ifNull(reference_input_tokens, 0)) AS reference_tokens, sum(cost_nanos) AS cost";
+         sumIf({PROMPT_TOKENS}, isNotNull(reference_input_tokens)) AS referenced_prompt_tokens, \
+         sum(ifNull(reference_input_tokens, 0)) AS reference_tokens, sum(cost_nanos) AS cost"
+    );
     let from = format!("FROM usage_events FINAL WHERE kafka_topic = ? AND status != 'rejected' AND ({offsets})");
     [
         // Loop guards: this hour per session (only session and workflow matter).
         format!(
             "SELECT session_id, workflow_tag, '' AS provider, '' AS model, '' AS model_version, max(ended_at_us) AS at_us, \
-             toUInt64(0) AS requests, sum(input_tokens + output_tokens) AS io_tokens, toInt64(0) AS prompt_tokens, \
+             toUInt64(0) AS requests, sum({TOTAL_TOKENS}) AS io_tokens, toInt64(0) AS prompt_tokens, \
              toUInt64(0) AS referenced_requests, toInt64(0) AS referenced_prompt_tokens, toInt64(0) AS reference_tokens, \
              toInt64(0) AS cost {from} AND ended_at_us >= {hour_us} GROUP BY session_id, workflow_tag"
         ),
@@ -264,7 +266,7 @@ fn guard_queries(covered: &BTreeMap<i32, i64>, lookback_s: i64, now_us: i64) -> 
         format!(
             "SELECT '' AS session_id, workflow_tag, provider, model, '' AS model_version, \
              intDiv(ended_at_us, {bucket_us}) * {bucket_us} + {bucket_us} - 1 AS at_us, count() AS requests, \
-             toInt64(0) AS io_tokens, sum(input_tokens + cached_input_tokens + cache_write_tokens) AS prompt_tokens, \
+             toInt64(0) AS io_tokens, sum({PROMPT_TOKENS}) AS prompt_tokens, \
              toUInt64(0) AS referenced_requests, toInt64(0) AS referenced_prompt_tokens, toInt64(0) AS reference_tokens, \
              sum(cost_nanos) AS cost {from} AND ended_at_us >= {recent_us} GROUP BY workflow_tag, provider, model, at_us"
         ),
@@ -295,7 +297,7 @@ fn baseline_query(percentile: u32, days: u32, now_us: i64) -> String {
     let since = this_hour - i64::from(days) * 86_400;
     format!(
         "SELECT workflow_tag, toInt64(quantileExact({level})(t)) AS p, count() AS n FROM (\
-         SELECT hour, workflow_tag, session_id, sum(input_tokens + output_tokens) AS t FROM session_hours FINAL \
+         SELECT hour, workflow_tag, session_id, sum({TOTAL_TOKENS}) AS t FROM session_hours FINAL \
          WHERE hour >= toDateTime({since}) AND hour < toDateTime({this_hour}) GROUP BY hour, workflow_tag, session_id) \
          GROUP BY workflow_tag",
         level = f64::from(percentile.clamp(1, 100)) / 100.0,

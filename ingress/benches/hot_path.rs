@@ -105,7 +105,7 @@ fn bench(c: &mut Criterion) {
 
     let key = auth::authenticate(&policy, &headers).unwrap();
     c.bench_function("envelope/extract 7 required headers", |b| {
-        b.iter(|| envelope::extract(black_box(&headers), &policy.envelope, key.map(|k| &k.metadata)).unwrap())
+        b.iter(|| envelope::extract(black_box(&headers), &policy.envelope, key).unwrap())
     });
 
     c.bench_function("body/parse json (demo request)", |b| {
@@ -127,7 +127,7 @@ fn bench(c: &mut Criterion) {
         b.iter(|| texts.iter().map(|t| count::count_text(o200k, black_box(t))).sum::<i64>())
     });
 
-    let env = envelope::extract(&headers, &policy.envelope, key.map(|k| &k.metadata)).unwrap();
+    let env = envelope::extract(&headers, &policy.envelope, key).unwrap();
     let vm = policy.virtual_models.get("intent-fast");
     let target = vm.and_then(|v| v.rules.first()).map(|r| &r.target);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();

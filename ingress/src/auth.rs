@@ -15,16 +15,19 @@ fn presented(headers: &HeaderMap) -> Option<&str> {
     bearer.or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok())).map(str::trim).filter(|k| !k.is_empty())
 }
 
-/// The caller's key. `Ok(None)` when the policy defines no keys (an open gateway).
+/// The caller's key. `Ok(None)` for a request without a key when the policy says
+/// `allow_anonymous: true`; a key that is presented is always checked.
 pub fn authenticate<'p>(policy: &'p Policy, headers: &HeaderMap) -> Result<Option<&'p ApiKey>, IngressError> {
-    let Some(keys) = &policy.api_keys else { return Ok(None) };
     let Some(key) = presented(headers) else {
+        if policy.allow_anonymous {
+            return Ok(None);
+        }
         return Err(IngressError::Unauthorized(
             "no API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`".into(),
         ));
     };
     let digest = hex::encode(Sha256::digest(key.as_bytes()));
-    keys.get(&digest).map(Some).ok_or_else(|| IngressError::Unauthorized("invalid API key".into()))
+    policy.api_keys.get(&digest).map(Some).ok_or_else(|| IngressError::Unauthorized("invalid API key".into()))
 }
 
 #[cfg(test)]
@@ -58,9 +61,15 @@ mod tests {
     }
 
     #[test]
-    fn an_open_gateway_needs_no_key() {
+    fn only_an_anonymous_gateway_serves_requests_without_a_key() {
         let mut p = demo();
-        p.api_keys = None;
+        p.api_keys.clear();
+        assert!(matches!(authenticate(&p, &HeaderMap::new()), Err(IngressError::Unauthorized(_))));
+        p.allow_anonymous = true;
         assert!(authenticate(&p, &HeaderMap::new()).unwrap().is_none());
+        // A key that is presented is still checked.
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, "Bearer tg-demo-key".parse().unwrap());
+        assert!(matches!(authenticate(&p, &h), Err(IngressError::Unauthorized(_))));
     }
 }

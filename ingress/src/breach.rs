@@ -518,7 +518,7 @@ mod tests {
         for r in &mut policy.rules {
             r.queue_timeout_ms = 300;
         }
-        let key = policy.api_keys.as_ref().unwrap().values().find(|k| k.id == "demo-search").unwrap().clone();
+        let key = policy.api_keys.values().find(|k| k.id == "demo-search").unwrap().clone();
         let env = envelope();
         let cache = DecisionCache::new(false);
         cache.apply(

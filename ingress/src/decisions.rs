@@ -375,7 +375,7 @@ impl Ticket {
         self.holds.is_empty()
     }
 
-    /// The request ended having used `tokens` (input + output) and `cost_nanos`: token counts
+    /// The request ended having used `tokens` (`UsageEvent::total_tokens`) and `cost_nanos`: token counts
     /// move from the estimate to the real total, cost is added. Only the first call counts.
     pub fn settle(&self, tokens: i64, cost_nanos: i64) {
         if self.settled.swap(true, Ordering::AcqRel) {

@@ -217,6 +217,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         .pool_idle_timeout(Duration::from_secs(90))
         .build()
         .context("building the HTTP client")?;
+    announce_identity(&policy);
     let live = Live::new(Arc::new(policy))?;
     let spool = publish::SpoolConfig::new(config.spool_dir.clone(), config.spool_max_bytes);
     let (publisher, task) = Publisher::start(&config.kafka, config.publish_queue, spool)?;
@@ -290,12 +291,24 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     Ok(())
 }
 
+/// Says whether the gateway serves callers without a key: a warning in the log and a gauge.
+fn announce_identity(policy: &Policy) {
+    metrics::anonymous(policy.allow_anonymous);
+    if policy.allow_anonymous {
+        warn!(
+            keys = policy.api_keys.len(),
+            "anonymous gateway: requests without an API key are served (allow_anonymous: true); their envelope is whatever the headers say"
+        );
+    }
+}
+
 /// Swaps in what each reloaded policy builds, all at once (requests in flight keep theirs).
 async fn swap_on_reload(app: Arc<App>, mut policies: tokio::sync::watch::Receiver<Arc<Policy>>) {
     while policies.changed().await.is_ok() {
         let policy = Arc::clone(&policies.borrow_and_update());
         match Live::new(policy) {
             Ok(live) => {
+                announce_identity(&live.policy);
                 app.live.store(Arc::new(live));
                 info!("ingress now serves the reloaded policy");
             }

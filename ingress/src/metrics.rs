@@ -95,6 +95,10 @@ pub fn describe() {
         "1 once the breaches topic was read up to the watermarks taken at start; 0 while serving without it"
     );
     describe_gauge!("tollgate_ingress_decisions_cached", "Breach decisions held in the decision cache (keys)");
+    describe_gauge!(
+        "tollgate_ingress_anonymous",
+        "1 when the policy serves requests without an API key (allow_anonymous: true), else 0"
+    );
     describe_counter!(
         "tollgate_ingress_decisions_applied_total",
         "Breach decision records applied to the cache, by state (breached, watch, clear, tombstone)"
@@ -208,6 +212,10 @@ pub fn spool_depth(records: u64, bytes: u64) {
 
 pub fn breaker_state(target: &str, state: u8) {
     gauge!("tollgate_ingress_breaker_state", "target" => target.to_owned()).set(f64::from(state));
+}
+
+pub fn anonymous(allowed: bool) {
+    gauge!("tollgate_ingress_anonymous").set(if allowed { 1.0 } else { 0.0 });
 }
 
 pub fn decisions_ready(ready: bool) {

@@ -130,7 +130,11 @@ fn resolve<'p>(policy: &'p Policy, key: Option<&ApiKey>, model: &str) -> Result<
                 || policy.price_card.as_ref().is_some_and(|c| c.unpriced_ok.contains(&target.to_string())));
         if known {
             return match key {
-                Some(k) if k.direct_models => Ok(Resolved::Direct(target)),
+                // An anonymous gateway has no key to name concrete models with.
+                Some(k) if k.direct_models && k.may_use(model) => Ok(Resolved::Direct(target)),
+                Some(k) if k.direct_models => {
+                    Err(IngressError::Forbidden(format!("this API key may not use the model `{model}`")))
+                }
                 _ => Err(IngressError::Forbidden(format!(
                     "`{model}` is a concrete model; this API key may only use virtual models"
                 ))),
@@ -162,7 +166,7 @@ async fn serve(
         .map_err(|_| IngressError::BodyTooLarge { limit: app.max_body_bytes })?;
     let req: Value = serde_json::from_slice(&bytes).map_err(|e| IngressError::MalformedJson(e.to_string()))?;
     let model = validate(endpoint, &req)?;
-    let envelope = envelope::extract(headers, &policy.envelope, key.map(|k| &k.metadata))?;
+    let envelope = envelope::extract(headers, &policy.envelope, key)?;
     let resolved = resolve(policy, key, model)?;
     // Declared before the plan, which may borrow it.
     let rerouted_to: Target;

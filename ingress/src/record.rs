@@ -76,9 +76,7 @@ impl RequestRecord {
             _ => (Usage::default(), TokenSource::Estimated),
         };
         let cost_nanos = self.price.as_ref().map_or(0, |p| p.cost_nanos(usage.billable()));
-        if let Some(t) = &self.ticket {
-            t.settle(usage.input.saturating_add(usage.output), cost_nanos);
-        }
+        let ticket = self.ticket;
         metrics::usage(&self.virtual_model, &self.provider, usage.input, usage.output, usage.cached_read, cost_nanos);
         let event = UsageEvent {
             event_id: self.event_id,
@@ -110,6 +108,10 @@ impl RequestRecord {
             price_card_version: self.price_card_version,
             decision: self.decision,
         };
+        if let Some(t) = &ticket {
+            // The same tokens the enforcer counts for this event (`UsageEvent::total_tokens`).
+            t.settle(event.total_tokens(), event.cost_nanos);
+        }
         self.publisher.publish(event);
     }
 }

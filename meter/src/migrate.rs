@@ -12,6 +12,7 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
     (2, "windows", include_str!("../migrations/0002_windows.sql")),
     (3, "chargeback", include_str!("../migrations/0003_chargeback.sql")),
     (4, "history", include_str!("../migrations/0004_history.sql")),
+    (5, "one_token_definition", include_str!("../migrations/0005_one_token_definition.sql")),
 ];
 
 /// Statements that create the database and the version table, before any migration.
@@ -49,11 +50,18 @@ pub fn split_statements(sql: &str) -> Vec<String> {
     out
 }
 
+/// A migration's SQL for database `db`: `{db}` is the database, and `{prompt_tokens}` and
+/// `{total_tokens}` are the one definition of those quantities (`tollgate_schemas::usage::sql`).
+fn render(sql: &str, db: &str) -> String {
+    use tollgate_schemas::usage::sql::{PROMPT_TOKENS, TOTAL_TOKENS};
+    sql.replace("{db}", db).replace("{prompt_tokens}", PROMPT_TOKENS).replace("{total_tokens}", TOTAL_TOKENS)
+}
+
 /// Every statement for database `db`, in order, with the version each belongs to (0: bootstrap).
 pub fn statements(db: &str) -> Vec<(u32, String)> {
     let mut out: Vec<(u32, String)> = bootstrap(db).into_iter().map(|s| (0, s)).collect();
     for (version, _, sql) in MIGRATIONS {
-        out.extend(split_statements(&sql.replace("{db}", db)).into_iter().map(|s| (*version, s)));
+        out.extend(split_statements(&render(sql, db)).into_iter().map(|s| (*version, s)));
     }
     out
 }
@@ -79,7 +87,7 @@ pub async fn apply(client: &Client, db: &str) -> anyhow::Result<usize> {
         if done.contains(version) {
             continue;
         }
-        for stmt in split_statements(&sql.replace("{db}", db)) {
+        for stmt in split_statements(&render(sql, db)) {
             client.query(&stmt).execute().await?;
         }
         client

@@ -201,11 +201,7 @@ fn ratio(num: f64, den: f64) -> f64 {
 /// The SQL every report runs, for a database `db` (checked by the caller) and a period.
 pub mod sql {
     use super::{Dimension, Period, key_columns};
-
-    /// Prompt tokens of a request: input, cache reads and cache writes.
-    const PROMPT: &str = "input_tokens + cached_input_tokens + cache_write_tokens";
-    /// Every token of a request.
-    const TOKENS: &str = "input_tokens + output_tokens + cached_input_tokens + cache_write_tokens";
+    use tollgate_schemas::usage::sql::{PROMPT_TOKENS as PROMPT, TOTAL_TOKENS as TOKENS};
 
     pub fn chargeback(db: &str, dims: &[Dimension], p: &Period) -> String {
         let cols = key_columns(dims);

@@ -105,7 +105,7 @@ pub fn check(dir: &Path) -> Result<String, PolicyErrors> {
         dir.display(),
         p.providers.len(),
         p.virtual_models.len(),
-        p.api_keys.as_ref().map_or(0, |k| k.len()),
+        p.api_keys.len(),
         p.rules.len(),
         kind(tollgate_schemas::decision::RuleKind::RateLimit),
         kind(tollgate_schemas::decision::RuleKind::Budget),
@@ -179,7 +179,21 @@ async fn watch_dir(
 
 /// Loads `dir` and sends it when it is valid and differs from the current policy.
 async fn reload(dir: &Path, tx: &watch::Sender<Arc<Policy>>, count_unchanged: bool) {
-    match load(dir).await {
+    let loaded = load(dir).await.and_then(|p| {
+        // Opening a running gateway to anyone takes a restart, never a file change.
+        if p.api_keys.is_empty() && !tx.borrow().api_keys.is_empty() {
+            return Err(PolicyErrors(vec![tollgate_schemas::policy::PolicyError {
+                file: dir.to_path_buf(),
+                line: 0,
+                field: "tollgate-api-keys".into(),
+                message: "the new policy lists no API key: a reload may not open a running gateway to \
+                          anonymous callers (restart the service to do that)"
+                    .into(),
+            }]));
+        }
+        Ok(p)
+    });
+    match loaded {
         Ok(p) => {
             gauge!("tollgate_policy_valid").set(1.0);
             gauge!("tollgate_policy_errors").set(0.0);
@@ -261,6 +275,8 @@ mod tests {
         )
     }
 
+    const KEYS: &str = "type: tollgate-api-keys\nkeys:\n  - {id: k, sha256: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa, subject: {type: team, id: t}, models: [\"*\"]}\n";
+
     fn opts() -> ReloadOptions {
         ReloadOptions { poll: Some(Duration::from_millis(50)), sighup: false, settle: Duration::from_millis(20) }
     }
@@ -277,6 +293,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("providers.yaml"), PROVIDERS).unwrap();
         std::fs::write(dir.path().join("models.yaml"), model("one")).unwrap();
+        std::fs::write(dir.path().join("keys.yaml"), KEYS).unwrap();
         let initial = Policy::load_dir(dir.path()).unwrap();
         let stop = CancellationToken::new();
         let mut rx = PolicyWatch::spawn_with(dir.path().to_path_buf(), initial, stop.clone(), opts());
@@ -301,6 +318,11 @@ mod tests {
 
         std::fs::write(dir.path().join("models.yaml"), model("four")).unwrap();
         assert!(next(&mut rx).await.expect("fixed").virtual_models.contains_key("four"));
+
+        // A valid policy that opens the gateway is still refused as a reload.
+        std::fs::write(dir.path().join("keys.yaml"), "type: tollgate-api-keys\nallow_anonymous: true\n").unwrap();
+        assert!(next(&mut rx).await.is_none(), "a reload may not remove every key");
+        assert_eq!(rx.borrow().api_keys.len(), 1, "the keyed policy stays");
         stop.cancel();
     }
 }

@@ -127,6 +127,11 @@ impl EnvelopeConfig {
     pub const FIELDS: [&'static str; 7] =
         ["project", "team", "user_id", "session_id", "workflow_tag", "environment", "cost_center"];
 
+    /// The header name of envelope `field` (one of `FIELDS`).
+    pub fn header_of(&self, field: &str) -> &str {
+        self.headers().into_iter().find(|(f, _)| *f == field).map_or("", |(_, h)| h)
+    }
+
     /// (field, header name) pairs in envelope order.
     pub fn headers(&self) -> [(&'static str, &str); 7] {
         [
@@ -271,19 +276,77 @@ pub struct ApiKey {
     /// Lower-case hex SHA-256 of the key.
     pub sha256: String,
     pub subject: Subject,
-    /// Virtual models the key may use; `"*"` for all.
+    /// What the key may call: virtual model names, concrete `provider/model` names (with
+    /// `direct_models`), or `"*"` for all.
     pub models: Vec<String>,
-    /// Whether the key may name a concrete `provider/model` instead of a virtual model.
+    /// Whether the key may name a concrete `provider/model` (one its `models` lists, or any with
+    /// `"*"`) instead of a virtual model.
     #[serde(default)]
     pub direct_models: bool,
-    /// Envelope defaults by header name, used when a request does not send that header.
+    /// The key's own envelope values, by header name: authoritative. A request may leave such a
+    /// header out or repeat the value; a different value is refused (403) unless the field is in
+    /// `caller_sets`, where the value is only a default.
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
+    /// Envelope fields (`project`, `team`, `user_id`, `session_id`, `workflow_tag`,
+    /// `environment`, `cost_center`) whose headers the caller may set. Absent: every field the
+    /// key does not declare itself (a user's key declares `user_id`: its subject). Given: only
+    /// these, so a header for any other field is refused.
+    #[serde(default)]
+    pub caller_sets: Option<Vec<String>>,
+}
+
+/// Why a request's envelope header is refused for its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EnvelopeConflict {
+    /// The key declares another value for this field.
+    Pinned { header: String, key_value: String },
+    /// The key does not let its caller set this field.
+    NotCallers { header: String },
 }
 
 impl ApiKey {
-    pub fn may_use(&self, virtual_model: &str) -> bool {
-        self.models.iter().any(|m| m == "*" || m == virtual_model)
+    /// Whether the key may call `model`: a virtual model it lists, or (with `direct_models`) a
+    /// concrete `provider/model` it lists; `"*"` allows every one of either kind.
+    pub fn may_use(&self, model: &str) -> bool {
+        self.models.iter().any(|m| m == "*" || m == model)
+    }
+
+    /// The key's own value for the envelope `field` whose header is `header`: its metadata, or for
+    /// `user_id` of a user's key, the user.
+    pub fn declared(&self, field: &str, header: &str) -> Option<&str> {
+        let meta = self.metadata.iter().find(|(k, _)| k.eq_ignore_ascii_case(header)).map(|(_, v)| v.as_str());
+        meta.or_else(|| {
+            (field == "user_id" && self.subject.kind == SubjectKind::User).then_some(self.subject.id.as_str())
+        })
+    }
+
+    /// Whether a request's header may set `field` (see `caller_sets`).
+    pub fn caller_may_set(&self, field: &str, declared: bool) -> bool {
+        match &self.caller_sets {
+            None => !declared,
+            Some(fields) => fields.iter().any(|f| f == field),
+        }
+    }
+
+    /// The value of envelope `field` (header `header`) for a request that sent `sent`: the
+    /// caller's where the key lets it set the field, else the key's; a conflict is refused.
+    pub fn resolve_field(
+        &self,
+        field: &str,
+        header: &str,
+        sent: Option<String>,
+    ) -> Result<Option<String>, EnvelopeConflict> {
+        let declared = self.declared(field, header);
+        match sent {
+            None => Ok(declared.map(str::to_owned)),
+            Some(v) if declared == Some(v.as_str()) => Ok(Some(v)),
+            Some(v) if self.caller_may_set(field, declared.is_some()) => Ok(Some(v)),
+            Some(_) => Err(match declared {
+                Some(d) => EnvelopeConflict::Pinned { header: header.to_owned(), key_value: d.to_owned() },
+                None => EnvelopeConflict::NotCallers { header: header.to_owned() },
+            }),
+        }
     }
 }
 
@@ -292,6 +355,10 @@ impl ApiKey {
 struct ApiKeysDoc {
     #[serde(rename = "type")]
     _type: String,
+    /// Serve requests that present no key (an open gateway); off unless said here.
+    #[serde(default)]
+    allow_anonymous: bool,
+    #[serde(default)]
     keys: Vec<ApiKey>,
 }
 
@@ -620,9 +687,10 @@ pub struct Policy {
     pub budgets: Vec<BudgetConfig>,
     pub price_card: Option<PriceCard>,
     pub envelope: EnvelopeConfig,
-    /// API keys by SHA-256; `None` when the policy has no `tollgate-api-keys` document, in
-    /// which case the gateway takes requests without a key.
-    pub api_keys: Option<BTreeMap<String, ApiKey>>,
+    /// API keys by SHA-256. A policy without any is valid only with `allow_anonymous`.
+    pub api_keys: BTreeMap<String, ApiKey>,
+    /// Requests without a key are served (`allow_anonymous: true` in `tollgate-api-keys`).
+    pub allow_anonymous: bool,
     /// Notify targets by name.
     pub alert_channels: BTreeMap<String, AlertChannel>,
     pub guards: Vec<Guard>,
@@ -675,6 +743,7 @@ impl Policy {
     pub fn from_sources<'a>(sources: impl IntoIterator<Item = (&'a Path, &'a str)>) -> Result<Policy, PolicyErrors> {
         let mut b = Builder::default();
         for (file, text) in sources {
+            b.first_file.get_or_insert_with(|| file.to_path_buf());
             for (line, doc) in split_documents(text) {
                 b.document(file, line, doc);
             }
@@ -719,6 +788,9 @@ struct Builder {
     vm_origin: BTreeMap<String, (PathBuf, usize)>,
     price_origin: Option<(PathBuf, usize)>,
     key_origin: BTreeMap<String, (PathBuf, usize)>,
+    keys_seen: bool,
+    /// The first file read: where a policy-wide problem (no keys at all) is reported.
+    first_file: Option<PathBuf>,
     envelope_seen: bool,
     /// Where each rate-limit config, budget config and guard document was defined, by index.
     rate_origin: Vec<(PathBuf, usize)>,
@@ -820,7 +892,9 @@ impl Builder {
             }
             "tollgate-api-keys" => {
                 if let Some(d) = self.parse::<ApiKeysDoc>(file, line, doc) {
-                    let keys = self.policy.api_keys.get_or_insert_with(BTreeMap::new);
+                    self.keys_seen = true;
+                    self.policy.allow_anonymous |= d.allow_anonymous;
+                    let keys = &mut self.policy.api_keys;
                     let mut problems = Vec::new();
                     for (i, k) in d.keys.into_iter().enumerate() {
                         let hex_ok = k.sha256.len() == 64
@@ -834,6 +908,13 @@ impl Builder {
                             problems.push((format!("keys[{i}].id"), format!("key id {:?} is used twice", k.id)));
                         } else if keys.contains_key(&k.sha256) {
                             problems.push((format!("keys[{i}].sha256"), "the same key is listed twice".to_owned()));
+                        } else if let Some(f) =
+                            k.caller_sets.iter().flatten().find(|f| !EnvelopeConfig::FIELDS.contains(&f.as_str()))
+                        {
+                            problems.push((
+                                format!("keys[{i}].caller_sets"),
+                                format!("unknown envelope field {f:?}; expected one of {:?}", EnvelopeConfig::FIELDS),
+                            ));
                         } else {
                             self.key_origin.insert(k.id.clone(), (file.to_path_buf(), line));
                             keys.insert(k.sha256.clone(), k);
@@ -972,20 +1053,51 @@ impl Builder {
                 }
             }
         }
-        if let Some(keys) = &self.policy.api_keys {
-            for k in keys.values() {
-                let (file, line) = self.key_origin.get(&k.id).cloned().unwrap_or_default();
-                for m in &k.models {
-                    if m != "*" && !self.policy.virtual_models.contains_key(m) {
-                        problems.push((
-                            file.clone(),
-                            line,
-                            format!("keys[id={}].models", k.id),
-                            format!("unknown virtual model {m:?}"),
-                        ));
+        for k in self.policy.api_keys.values() {
+            let (file, line) = self.key_origin.get(&k.id).cloned().unwrap_or_default();
+            for m in &k.models {
+                if m == "*" || self.policy.virtual_models.contains_key(m) {
+                    continue;
+                }
+                let problem = match m.split_once('/') {
+                    Some(_) if !k.direct_models => {
+                        format!("{m:?} is a concrete model: the key needs `direct_models: true` to name it")
                     }
+                    Some((provider, _)) if !self.policy.providers.contains_key(provider) => {
+                        format!("unknown provider {provider:?} in {m:?}")
+                    }
+                    Some(_) => continue,
+                    None => format!("unknown virtual model {m:?}"),
+                };
+                problems.push((file.clone(), line, format!("keys[id={}].models", k.id), problem));
+            }
+            // Every field a request must carry has to come from somewhere: the key or its caller.
+            for field in &self.policy.envelope.required {
+                let header = self.policy.envelope.header_of(field);
+                let declared = k.declared(field, header).is_some();
+                if !declared && !k.caller_may_set(field, declared) {
+                    problems.push((
+                        file.clone(),
+                        line,
+                        format!("keys[id={}].caller_sets", k.id),
+                        format!("required envelope field {field:?} is neither declared by the key (metadata {header}) nor left to its caller"),
+                    ));
                 }
             }
+        }
+        if self.policy.api_keys.is_empty() && !self.policy.allow_anonymous {
+            // The policy directory (the first file's), or that file when it has none.
+            let file = self.first_file.clone().unwrap_or_default();
+            let file = match file.parent() {
+                Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+                _ => file,
+            };
+            let message = if self.keys_seen {
+                "no API key is listed: add keys, or set `allow_anonymous: true` to serve requests without one"
+            } else {
+                "no tollgate-api-keys document: add one with keys, or with `allow_anonymous: true` to serve requests without a key"
+            };
+            problems.push((file, 0, "tollgate-api-keys".to_owned(), message.to_owned()));
         }
         for (file, line, field, message) in problems {
             self.err(&file, line, field, message);

@@ -114,7 +114,37 @@ pub struct UsageEvent {
     pub decision: Option<AppliedDecision>,
 }
 
+/// The one definition of each token quantity, as SQL over a row of `usage_events` (or of any
+/// table with the same token columns): every SQL view, report and rebuild query says it with
+/// these, and `UsageEvent`'s methods say the same in Rust.
+///
+/// `input_tokens` is everything the model read: uncached input, cache reads and cache writes.
+/// `cached_input_tokens` and `cache_write_tokens` are parts of it, kept apart for pricing only.
+pub mod sql {
+    /// What the model read: the prompt, cache reads and writes included.
+    pub const PROMPT_TOKENS: &str = "input_tokens";
+    /// What the model read and wrote.
+    pub const TOTAL_TOKENS: &str = "(input_tokens + output_tokens)";
+    /// The input priced at the uncached rate.
+    pub const UNCACHED_INPUT_TOKENS: &str = "(input_tokens - cached_input_tokens - cache_write_tokens)";
+}
+
 impl UsageEvent {
+    /// What the model read: the prompt, cache reads and writes included (`sql::PROMPT_TOKENS`).
+    pub fn prompt_tokens(&self) -> i64 {
+        self.input_tokens
+    }
+
+    /// What the model read and wrote (`sql::TOTAL_TOKENS`): what token limits and guards count.
+    pub fn total_tokens(&self) -> i64 {
+        self.input_tokens.saturating_add(self.output_tokens)
+    }
+
+    /// The input priced at the uncached rate (`sql::UNCACHED_INPUT_TOKENS`).
+    pub fn uncached_input_tokens(&self) -> i64 {
+        self.input_tokens.saturating_sub(self.cached_input_tokens).saturating_sub(self.cache_write_tokens)
+    }
+
     /// The codec for this event, built from the `.avsc` (not from the Rust type), so the bytes
     /// on the wire always carry the fingerprint of the published schema.
     pub fn codec() -> Result<AvroCodec, CodecError> {

@@ -97,8 +97,8 @@ fn budget_alerts_fire_once_per_threshold_and_window() {
 #[test]
 fn the_user_rule_needs_a_user_key() {
     let policy = demo();
-    let user_key = policy.api_keys.as_ref().unwrap().values().find(|k| k.id == "demo-search").unwrap().id.clone();
-    let team_key = policy.api_keys.as_ref().unwrap().values().find(|k| k.id == "intern").unwrap().id.clone();
+    let user_key = policy.api_keys.values().find(|k| k.id == "demo-search").unwrap().id.clone();
+    let team_key = policy.api_keys.values().find(|k| k.id == "intern").unwrap().id.clone();
     let mut e = Engine::new(policy, 50);
     let mut u = usage(T0, &[("user", "u1")], 5_000_000, 0);
     u.api_key_id = Some(team_key);

@@ -145,3 +145,23 @@ fn frontier_share_alerts_per_workflow() {
     guards.observe(&opus, NOW);
     assert!(run(&mut guards, &mut engine, NOW, true).alerts.is_empty(), "once per window");
 }
+
+#[test]
+fn cache_tokens_are_part_of_the_input_and_counted_once() {
+    // 1,000 tokens read (700 of them cache reads, 200 cache writes) and 50 written.
+    let mut ev = UsageEvent::example("e1".into(), Some("s1".into()), NOW);
+    ev.input_tokens = 1_000;
+    ev.cached_input_tokens = 700;
+    ev.cache_write_tokens = 200;
+    ev.output_tokens = 50;
+    ev.reference_input_tokens = Some(800);
+    let s = Sample::of(&ev).unwrap();
+    assert_eq!((s.prompt_tokens, s.io_tokens, s.referenced_prompt_tokens), (1_000, 1_050, 1_000));
+    let u = crate::engine::Usage::of(&ev).unwrap();
+    assert_eq!(u.tokens, 1_050, "a token limit counts what the provider reported, once");
+    // More cache hits on the same prompt change neither figure (no false drift or stuffing).
+    ev.cached_input_tokens = 950;
+    ev.cache_write_tokens = 0;
+    let again = Sample::of(&ev).unwrap();
+    assert_eq!((again.prompt_tokens, again.io_tokens), (s.prompt_tokens, s.io_tokens));
+}

@@ -32,7 +32,7 @@ fn the_demo_policy_and_the_reference_yaml_load_as_written() {
 #[test]
 fn errors_name_file_line_and_field() {
     let text = "type: tollgate-providers\nproviders:\n  - name: a\n    kind: openai\n    base_url: http://x\n---\n# second\nname: vm\ntype: gateway-load-balancing-config\nrule_type: weight-based\nrules:\n  - id: r\n    weight: 1\n    target: {provider: a, model: m}\n    timeout: 5\n";
-    let err = Policy::from_sources([(Path::new("p.yaml"), text)]).unwrap_err();
+    let err = Policy::from_sources([(Path::new("p.yaml"), text), (Path::new("k.yaml"), ANONYMOUS)]).unwrap_err();
     assert_eq!(err.0.len(), 1, "{err}");
     let e = &err.0[0];
     assert_eq!(e.file, Path::new("p.yaml"));
@@ -58,9 +58,9 @@ fn every_error_is_reported_not_just_the_first() {
 #[test]
 fn unpriced_targets_are_refused_unless_allowed() {
     let base = "type: tollgate-providers\nproviders:\n  - {name: local, kind: openai, base_url: http://127.0.0.1:1/v1}\n---\nname: vm\ntype: gateway-load-balancing-config\nrule_type: priority-based\nrules:\n  - {id: r, priority: 1, target: {provider: local, model: llama}}\n---\ntype: tollgate-price-card\nversion: v1\nprices: []\n";
-    assert!(Policy::from_sources([(Path::new("x.yaml"), base)]).is_err());
+    assert!(Policy::from_sources([(Path::new("x.yaml"), base), (Path::new("k.yaml"), ANONYMOUS)]).is_err());
     let allowed = format!("{base}unpriced_ok: [local/llama]\n");
-    assert!(Policy::from_sources([(Path::new("x.yaml"), allowed.as_str())]).is_ok());
+    assert!(Policy::from_sources([(Path::new("x.yaml"), allowed.as_str()), (Path::new("k.yaml"), ANONYMOUS)]).is_ok());
 }
 
 #[test]
@@ -73,10 +73,57 @@ fn windows_parse() {
     assert!(parse_window_seconds("0m").is_err());
 }
 
+/// A keys document that opens the gateway, for tests about other documents.
+const ANONYMOUS: &str = "type: tollgate-api-keys\nallow_anonymous: true\n";
+
+const ONE_MODEL: &str = "type: tollgate-providers\nproviders: [{name: a, kind: openai, base_url: \"http://x\"}]\n---\ntype: tollgate-price-card\nversion: v\nprices: [{provider: a, model: m, input_usd_per_mtok: 1, output_usd_per_mtok: 1}]\n---\nname: vm\ntype: gateway-load-balancing-config\nrule_type: priority-based\nrules: [{id: r, priority: 1, target: {provider: a, model: m}}]\n---\ntype: tollgate-envelope\nrequired: [project]\n";
+
+#[test]
+fn a_gateway_without_keys_is_only_an_explicit_choice() {
+    let err = Policy::from_sources([(Path::new("m.yaml"), ONE_MODEL)]).unwrap_err().to_string();
+    assert!(err.contains("m.yaml:0: tollgate-api-keys: no tollgate-api-keys document"), "{err}");
+    let empty = "type: tollgate-api-keys\nkeys: []\n";
+    let err =
+        Policy::from_sources([(Path::new("m.yaml"), ONE_MODEL), (Path::new("k.yaml"), empty)]).unwrap_err().to_string();
+    assert!(err.contains("no API key is listed"), "{err}");
+    let p = Policy::from_sources([(Path::new("m.yaml"), ONE_MODEL), (Path::new("k.yaml"), ANONYMOUS)]).unwrap();
+    assert!(p.allow_anonymous && p.api_keys.is_empty());
+}
+
+#[test]
+fn keys_name_what_they_may_call_and_what_their_callers_set() {
+    let key = |extra: &str| {
+        format!(
+            "type: tollgate-api-keys\nkeys:\n  - id: k\n    sha256: {}\n    subject: {{type: team, id: t}}\n{extra}",
+            "a".repeat(64)
+        )
+    };
+    let load =
+        |keys: String| Policy::from_sources([(Path::new("m.yaml"), ONE_MODEL), (Path::new("k.yaml"), keys.as_str())]);
+    // A concrete model in `models` needs direct_models, and a known provider.
+    let err = load(key("    models: [vm, a/m]\n")).unwrap_err().to_string();
+    assert!(
+        err.contains("keys[id=k].models: \"a/m\" is a concrete model: the key needs `direct_models: true`"),
+        "{err}"
+    );
+    let err = load(key("    models: [b/m]\n    direct_models: true\n")).unwrap_err().to_string();
+    assert!(err.contains("unknown provider \"b\""), "{err}");
+    let p = load(key("    models: [vm, a/m]\n    direct_models: true\n")).unwrap();
+    let k = p.api_keys.values().next().unwrap();
+    assert!(k.may_use("a/m") && !k.may_use("a/other"));
+    // caller_sets names envelope fields, and a required field must come from the key or its caller.
+    let err = load(key("    models: [vm]\n    caller_sets: [session_id, planet]\n")).unwrap_err().to_string();
+    assert!(err.contains("keys[0].caller_sets: unknown envelope field \"planet\""), "{err}");
+    let err = load(key("    models: [vm]\n    caller_sets: [session_id]\n")).unwrap_err().to_string();
+    assert!(err.contains("required envelope field \"project\" is neither declared by the key"), "{err}");
+    assert!(load(key("    models: [vm]\n    caller_sets: [session_id]\n    metadata: {X-TFY-Project: p}\n")).is_ok());
+    assert!(load(key("    models: [vm]\n")).is_ok(), "by default an undeclared field is the caller's");
+}
+
 #[test]
 fn api_keys_are_hashed_and_checked() {
     let p = Policy::load_dir(&demo_dir()).unwrap();
-    let keys = p.api_keys.as_ref().unwrap();
+    let keys = &p.api_keys;
     let demo = &keys["e7aab4b439baa8c615eb31e352f5b4259085813fbcd95a65a5a346a6bdfb1bb3"];
     assert_eq!(demo.id, "demo-search");
     assert_eq!(demo.subject.kind, SubjectKind::User);
@@ -97,7 +144,7 @@ fn fallback_statuses_default_to_429_and_5xx() {
     let vm = &p.virtual_models["intent-fast"];
     assert!(vm.falls_back_on(429) && vm.falls_back_on(503) && !vm.falls_back_on(400));
     let text = "type: tollgate-providers\nproviders: [{name: a, kind: openai, base_url: \"http://x\"}]\n---\ntype: tollgate-price-card\nversion: v\nprices: [{provider: a, model: m, input_usd_per_mtok: 1, output_usd_per_mtok: 1}]\n---\nname: vm\ntype: gateway-load-balancing-config\nrule_type: priority-based\nrules: [{id: r, priority: 1, target: {provider: a, model: m}}]\nretries: {attempts: 2, backoff_ms: 50}\nfallback_on: [503]\n";
-    let p = Policy::from_sources([(Path::new("x.yaml"), text)]).unwrap();
+    let p = Policy::from_sources([(Path::new("x.yaml"), text), (Path::new("k.yaml"), ANONYMOUS)]).unwrap();
     let vm = &p.virtual_models["vm"];
     assert_eq!(vm.retries, Some(RetryConfig { attempts: 2, backoff_ms: 50 }));
     assert!(vm.falls_back_on(503) && !vm.falls_back_on(429));

@@ -226,7 +226,8 @@ pub async fn start_meter(config: tollgate_meter::Config) -> Service {
 }
 
 /// Writes a policy for tests: an OpenAI-kind and an Anthropic-kind provider on the mock, a
-/// provider nobody listens on (`dead`), three virtual models and their prices.
+/// provider nobody listens on (`dead`), three virtual models and their prices, and an anonymous
+/// gateway (`allow_anonymous: true`).
 pub fn write_policy(dir: &Path, mock: SocketAddr) -> PathBuf {
     let base = format!("http://{mock}/v1");
     let files = [
@@ -245,6 +246,9 @@ pub fn write_policy(dir: &Path, mock: SocketAddr) -> PathBuf {
             "name: vm-openai\ntype: gateway-load-balancing-config\nrule_type: priority-based\nrules:\n  - {id: a, priority: 1, target: {provider: openai-mock, model: gpt-4o-mini}, timeout_ms: 5000}\n---\nname: vm-anthropic\ntype: gateway-load-balancing-config\nrule_type: priority-based\nrules:\n  - {id: a, priority: 1, target: {provider: anthropic-mock, model: claude-haiku-4-5}, timeout_ms: 5000}\n---\nname: vm-fallback\ntype: gateway-load-balancing-config\nrule_type: priority-based\nrules:\n  - {id: a, priority: 1, target: {provider: dead, model: gpt-4o-mini}, timeout_ms: 2000}\nfallbacks:\n  - {provider: anthropic-mock, model: claude-haiku-4-5}\n".into(),
         ),
         ("envelope.yaml", "type: tollgate-envelope\nrequired: [project, session_id]\n".into()),
+        // An anonymous gateway, so tests about other things need no key; `write_api_keys`
+        // replaces this file with a keyed one.
+        ("api-keys.yaml", "type: tollgate-api-keys\nallow_anonymous: true\n".into()),
     ];
     for (name, text) in files {
         std::fs::write(dir.join(name), text).unwrap();
