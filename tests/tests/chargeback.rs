@@ -98,8 +98,9 @@ fn within(e: &UsageEvent, p: &Period) -> bool {
     p.from.is_none_or(|f| s >= f) && p.to.is_none_or(|t| s < t)
 }
 
+/// Prompt tokens by the one definition (`UsageEvent::prompt_tokens`: the input, cache included).
 fn prompt(e: &UsageEvent) -> i64 {
-    e.input_tokens + e.cached_input_tokens + e.cache_write_tokens
+    e.prompt_tokens()
 }
 
 fn s(v: &Option<String>) -> String {
@@ -333,7 +334,7 @@ const DRIFTED: &str = "claude-sonnet-4-6-20260415";
 /// Workflows, each normal but for one symptom the test looks for:
 /// - classify-intent: 20 of 40 requests on Opus, 83% of its cost (frontier overuse);
 /// - code-review: Opus for 31% of its cost, and one 120K-token prompt among 3K ones (neither);
-/// - support-bot: 60K-token prompts (55K input + 5K cached) on every successful request, and
+/// - support-bot: 60K-token prompts (5K of them cache reads) on every successful request, and
 ///   failed requests with no tokens that must not dilute the average (context stuffing);
 /// - agent: 40 ordinary sessions of 12–15K tokens an hour, and `ag-loop`, one ordinary hour
 ///   then an hour of 60 requests, ~200K tokens (loop);
@@ -370,7 +371,7 @@ fn failure_events() -> Vec<UsageEvent> {
     for i in 0..40_i64 {
         let j = i % 3;
         let t = APRIL + 3 * DAY + j * HOUR + i * 10;
-        let mut e = event(id(), t, "support-bot", &format!("sb-s{j}"), HAIKU, 55_000, 300);
+        let mut e = event(id(), t, "support-bot", &format!("sb-s{j}"), HAIKU, 60_000, 300);
         e.cached_input_tokens = 5_000;
         e.reference_input_tokens = Some(60_000);
         v.push(if i >= 30 { failed(e) } else { e });
@@ -893,14 +894,14 @@ fn report_queries_run_on_current_clickhouse() {
         // frontier share: only the newest sync counts (Opus is frontier there).
         "\"w1\",2,1,7500000124,7500000001",
         "\"w2\",1,0,0,0",
-        // context stuffing: successful requests only.
-        "\"w1\",2,1600,1000",
+        // context stuffing: successful requests only; e2's 100 cached tokens are inside its 500.
+        "\"w1\",2,1500,1000",
         // loops (k = 1): s1's hour is above w1's p95, s2's is not.
         "\"w1\",\"s1\",\"2026-04-02 10:00:00\",1,1100,7500000001,",
         // drift.
         "\"anthropic\",\"claude-opus-4-7\",\"v1\",",
         ",1,1000,800",
-        ",1,600,600",
+        ",1,500,600",
         // untagged.
         "\"project,cost_center\",\"k2\",\"w1\",1,123",
         "\"team\",\"k1\",\"w2\",1,0",
@@ -908,7 +909,7 @@ fn report_queries_run_on_current_clickhouse() {
         "\"\",1,0,123\n\"p1\",2,1,7500000001",
         "\"w1\",7500000001,0.9999999836",
         "\"s1\",1100",
-        "\"v1\",1000,800\n\"v2\",600,600",
+        "\"v1\",1000,800\n\"v2\",500,600",
         "\"project,cost_center\",123\n\"team\",0",
     ];
     for e in expect {

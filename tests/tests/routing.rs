@@ -61,6 +61,7 @@ fn write_policy(dir: &std::path::Path, mock: SocketAddr, flaky: SocketAddr) {
     std::fs::write(dir.join("providers.yaml"), providers).unwrap();
     std::fs::write(dir.join("prices.yaml"), prices).unwrap();
     std::fs::write(dir.join("models.yaml"), models).unwrap();
+    std::fs::write(dir.join("api-keys.yaml"), "type: tollgate-api-keys\nallow_anonymous: true\n").unwrap();
 }
 
 async fn chat(client: &reqwest::Client, ingress: SocketAddr, model: &str, session: &str) -> Value {
