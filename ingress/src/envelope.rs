@@ -36,11 +36,11 @@ pub fn extract(headers: &HeaderMap, cfg: &EnvelopeConfig, key: Option<&ApiKey>) 
         let value = match key {
             None => value,
             Some(k) => k.resolve_field(field, header, value).map_err(|c| match c {
-                EnvelopeConflict::Pinned { header, key_value } => IngressError::Forbidden(format!(
+                EnvelopeConflict::Pinned { header, key_value } => IngressError::IdentityConflict(format!(
                     "header {header} is {key_value:?} for this API key; a request may leave it out or repeat it, not change it"
                 )),
                 EnvelopeConflict::NotCallers { header } => {
-                    IngressError::Forbidden(format!("this API key does not let its caller set {header}"))
+                    IngressError::IdentityConflict(format!("this API key does not let its caller set {header}"))
                 }
             })?,
         };
@@ -112,7 +112,7 @@ mod tests {
 
     fn forbidden(r: Result<Envelope, IngressError>) -> String {
         match r {
-            Err(IngressError::Forbidden(m)) => m,
+            Err(IngressError::IdentityConflict(m)) => m,
             other => panic!("expected 403, got {other:?}"),
         }
     }

@@ -35,6 +35,9 @@ pub enum IngressError {
     Unauthorized(String),
     #[error("{0}")]
     Forbidden(String),
+    /// An identity header the request's API key does not let its caller set, or sets otherwise.
+    #[error("{0}")]
+    IdentityConflict(String),
     #[error("every target of `{model}` is unavailable (circuit open); retry in {retry_after_secs} s")]
     Unavailable { model: String, retry_after_secs: u64 },
     #[error("provider {provider} answered HTTP {status}")]
@@ -59,7 +62,7 @@ impl IngressError {
             IngressError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             IngressError::UnknownModel(_) => StatusCode::NOT_FOUND,
             IngressError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            IngressError::Forbidden(_) => StatusCode::FORBIDDEN,
+            IngressError::Forbidden(_) | IngressError::IdentityConflict(_) => StatusCode::FORBIDDEN,
             IngressError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             IngressError::Blocked(_) => StatusCode::TOO_MANY_REQUESTS,
             IngressError::ProviderStatus { status, .. } => {
@@ -81,6 +84,7 @@ impl IngressError {
             | IngressError::UnknownModel(_)
             | IngressError::Unauthorized(_)
             | IngressError::Forbidden(_)
+            | IngressError::IdentityConflict(_)
             | IngressError::Blocked(_) => Origin::Client,
             IngressError::ProviderStatus { .. }
             | IngressError::ProviderFailed { .. }
@@ -105,6 +109,7 @@ impl IngressError {
             | IngressError::UnknownModel(_)
             | IngressError::Unauthorized(_)
             | IngressError::Forbidden(_)
+            | IngressError::IdentityConflict(_)
             // Not within this request; the 429 says when (`Retry-After`).
             | IngressError::Blocked(_)
             | IngressError::Internal(_) => false,
@@ -115,7 +120,7 @@ impl IngressError {
         match self {
             IngressError::UnknownModel(_) => "not_found_error",
             IngressError::Unauthorized(_) => "authentication_error",
-            IngressError::Forbidden(_) => "permission_error",
+            IngressError::Forbidden(_) | IngressError::IdentityConflict(_) => "permission_error",
             IngressError::Unavailable { .. } => "overloaded_error",
             // OpenAI's own names: a spent budget is `insufficient_quota`, a rate `rate_limit_error`.
             IngressError::Blocked(b) if b.rule_kind == RuleKind::Budget => "insufficient_quota",
@@ -150,6 +155,7 @@ impl IngressError {
             IngressError::MalformedJson(_) => Some("malformed_json"),
             IngressError::Unauthorized(_) => Some("invalid_api_key"),
             IngressError::Forbidden(_) => Some("model_not_allowed"),
+            IngressError::IdentityConflict(_) => Some("identity_conflict"),
             IngressError::ProviderTimeout { .. } => Some("upstream_timeout"),
             IngressError::Blocked(b) => Some(match b.rule_kind {
                 RuleKind::RateLimit => "rate_limit_exceeded",

@@ -87,6 +87,7 @@ async fn a_keys_identity_cannot_be_spoofed_by_headers() {
         let spoofed = [(header, spoof)];
         let (status, body) = call(&http, ingress.addr, pinned(&spoofed)).await;
         assert_eq!(status, 403, "{header}: {body}");
+        assert_eq!(body["error"]["code"], "identity_conflict", "{body}");
         let m = message(&body);
         assert!(m.contains(header) && m.contains(key_value), "{header}: {m}");
     }
