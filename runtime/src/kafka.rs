@@ -9,9 +9,9 @@
 //! five storage rounds per wait (about 1 ms of broker CPU each for one partition, 2 ms for four),
 //! and a record on an idle topic waits up to a round's gap. Waits of 10 ms kept Tansu at 38–62% of
 //! a core with no traffic at all (issue 11). The waits below hold the whole stack at rest under 5%
-//! of a core (`tests/bench/idle`). A decision waits at most one `Decisions` wait before an ingress
-//! sees it; usage that flows is read at once (each fetch finds records), and only the first event
-//! after an idle spell waits up to a quarter second for the enforcer.
+//! of a core (`tests/bench/idle`). A decision waits at most 200 ms before an ingress sees it;
+//! usage that flows is read at once (each fetch finds records), and only the first event after an
+//! idle spell waits up to 245 ms for the enforcer and about a second for the meter.
 //!
 //! Every consumer's settings still take the operator's `--kafka-set key=value` last, so a
 //! deployment on Apache Kafka may shorten or lengthen any of them.
@@ -27,6 +27,13 @@ use rdkafka::{ClientConfig, ClientContext, Message as _};
 use tokio::sync::oneshot;
 
 /// What a consumer reads, and so how soon it must see a new record.
+///
+/// On a broker that polls its storage the way Tansu 0.6 does (look, then sleep half of what is
+/// left while that is 250 ms or more, else all of it, until the wait is over), a wait `W` costs
+/// 2 looks for `W` < 250 ms, 3 for 250 ≤ `W` < 500 (gaps of `W`/2), 4 for 500 ≤ `W` < 1000 and
+/// 5 for 1000 ≤ `W` < 2000, and a record is seen at the next look. So 400 ms sees a decision
+/// within 200 ms for 7.5 looks a second where 200 ms takes 10, and 490 ms sees usage within
+/// 245 ms for 6.1 looks a second where 500 ms takes 8.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Follow {
     /// The breaches topic, read by every ingress: a decision must reach the request path fast.
@@ -43,9 +50,9 @@ impl Follow {
     /// `fetch.wait.max.ms` for this consumer.
     pub const fn fetch_wait_ms(self) -> u32 {
         match self {
-            Follow::Decisions => 200,
-            Follow::Usage => 500,
-            Follow::Metering => 1_000,
+            Follow::Decisions => 400,
+            Follow::Usage => 490,
+            Follow::Metering => 1_990,
             Follow::History => 5_000,
         }
     }
@@ -179,7 +186,8 @@ mod tests {
     fn decisions_wait_less_than_their_budget() {
         // On a broker that polls its storage, a decision waits up to one wait before an ingress
         // sees it: that must fit the 250 ms usage-to-decision budget with room for the rest.
-        assert!(Follow::Decisions.fetch_wait_ms() <= 200);
+        // Three looks per wait below 500 ms: the gap is half the wait.
+        assert!(Follow::Decisions.fetch_wait_ms() < 500 && Follow::Decisions.fetch_wait_ms() / 2 <= 200);
         let mut cc = ClientConfig::new();
         follow(&mut cc, Follow::History);
         assert_eq!(cc.get("fetch.wait.max.ms"), Some("5000"));
