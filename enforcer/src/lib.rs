@@ -193,7 +193,13 @@ async fn enforce(
         "windows rebuilt from clickhouse"
     );
 
-    let consumer = usage_consumer(config, &covered).await?;
+    info!(topic = %config.usage_topic, resume = ?covered, "enforcer consuming usage");
+    // The next offset of each partition, so the consumer can be re-created where it is when it
+    // switches between its active and quiet fetch waits (tollgate_runtime::kafka).
+    let mut next = covered.clone();
+    let mut quiet = false;
+    let mut last_event = Instant::now();
+    let mut consumer = usage_consumer(config, &next, quiet).await?;
     let codec = UsageEvent::codec()?;
     let publisher = Publisher::new(producer, config)?;
     publisher.publish(&mut engine, &mut guards, notifier, now_us(), true).await;
@@ -209,6 +215,7 @@ async fn enforce(
     let (baseline_tx, mut baselines) = tokio::sync::mpsc::channel(4);
     let refresh = tokio::spawn(refresh_baselines(ch.clone(), guards.baselines_wanted(), baseline_tx, shutdown.clone()));
     let stopped = loop {
+        let mut switch_to = None;
         tokio::select! {
             biased;
             () = shutdown.cancelled() => break Stopped::Shutdown,
@@ -229,9 +236,19 @@ async fn enforce(
                     metrics::scopes(engine.gc(now));
                     last_gc = Instant::now();
                 }
+                if !quiet && last_event.elapsed() >= tollgate_runtime::kafka::QUIET_AFTER {
+                    switch_to = Some(true);
+                }
             }
             msg = consumer.recv() => match msg {
-                Ok(m) => match m.payload().map(|p| codec.decode::<UsageEvent>(p)) {
+                Ok(m) => match m.payload().map(|p| {
+                    next.insert(m.partition(), m.offset() + 1);
+                    last_event = Instant::now();
+                    if quiet {
+                        switch_to = Some(false);
+                    }
+                    codec.decode::<UsageEvent>(p)
+                }) {
                     Some(Ok(ev)) => {
                         if !seen.insert(&ev.event_id) {
                             metrics::duplicate();
@@ -259,6 +276,20 @@ async fn enforce(
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             },
+        }
+        if let Some(to_quiet) = switch_to {
+            match usage_consumer(config, &next, to_quiet).await {
+                Ok(c) => {
+                    let old = std::mem::replace(&mut consumer, c);
+                    // Closing a consumer may block briefly: not on an async worker.
+                    tokio::task::spawn_blocking(move || drop(old));
+                    quiet = to_quiet;
+                    debug!(quiet, "usage consumer switched fetch wait");
+                }
+                Err(e) => {
+                    warn!(error = format!("{e:#}"), "cannot re-create the usage consumer; keeping the current one")
+                }
+            }
         }
     };
     if pending > 0 {
@@ -329,13 +360,15 @@ async fn replay_own_history(config: &Config) -> anyhow::Result<(Vec<BreachDecisi
     .await?
 }
 
-async fn usage_consumer(config: &Config, covered: &BTreeMap<i32, i64>) -> anyhow::Result<StreamConsumer> {
+/// The usage consumer, each partition at its offset in `covered` (from the beginning when absent),
+/// with the quiet or the active fetch wait (`tollgate_runtime::kafka::Follow::Usage`).
+async fn usage_consumer(config: &Config, covered: &BTreeMap<i32, i64>, quiet: bool) -> anyhow::Result<StreamConsumer> {
     let mut cc = ClientConfig::new();
     cc.set("bootstrap.servers", &config.brokers)
         .set("group.id", "tollgate-enforcer")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false");
-    tollgate_runtime::kafka::follow(&mut cc, tollgate_runtime::kafka::Follow::Usage);
+    tollgate_runtime::kafka::follow(&mut cc, tollgate_runtime::kafka::Follow::Usage, quiet);
     for (k, v) in &config.kafka_extra {
         cc.set(k, v);
     }
@@ -351,7 +384,7 @@ async fn usage_consumer(config: &Config, covered: &BTreeMap<i32, i64>) -> anyhow
         tpl.add_partition_offset(&topic, *p, offset)?;
     }
     consumer.assign(&tpl).context("assigning the usage partitions")?;
-    info!(%topic, ?partitions, "enforcer consuming usage");
+    debug!(%topic, ?partitions, quiet, "enforcer consuming usage");
     Ok(consumer)
 }
 

@@ -20,7 +20,7 @@ pub fn read_to_end(
         .set("group.id", "tollgate-enforcer-replay")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false");
-    tollgate_runtime::kafka::follow(&mut cc, tollgate_runtime::kafka::Follow::History);
+    tollgate_runtime::kafka::follow(&mut cc, tollgate_runtime::kafka::Follow::History, false);
     for (k, v) in extra {
         cc.set(k, v);
     }

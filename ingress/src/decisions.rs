@@ -50,7 +50,7 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::BorrowedMessage;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{Notify, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tollgate_schemas::avro::AvroCodec;
@@ -163,6 +163,11 @@ pub struct DecisionCache {
     /// `--audit-only`: never cut streams either.
     audit_only: bool,
     ready: AtomicBool,
+    /// When this ingress last served a request (seconds since `epoch`), and the follower's wake-up
+    /// for the first request after a quiet spell: its fetch wait follows the ingress's traffic.
+    epoch: Instant,
+    last_request_s: AtomicU64,
+    request_after_quiet: Notify,
 }
 
 struct StreamGroup {
@@ -186,7 +191,28 @@ impl DecisionCache {
             next_group: AtomicU64::new(1),
             audit_only,
             ready: AtomicBool::new(false),
+            epoch: Instant::now(),
+            last_request_s: AtomicU64::new(0),
+            request_after_quiet: Notify::new(),
         })
+    }
+
+    /// A request is being served: the follower keeps (or takes back) its short fetch wait. One
+    /// relaxed load per request, a store once a second.
+    pub fn note_request(&self) {
+        let now = self.epoch.elapsed().as_secs();
+        if self.last_request_s.load(Ordering::Relaxed) != now {
+            let before = self.last_request_s.swap(now, Ordering::Relaxed);
+            if now.saturating_sub(before) >= tollgate_runtime::kafka::QUIET_AFTER.as_secs() {
+                self.request_after_quiet.notify_one();
+            }
+        }
+    }
+
+    /// Whether no request was served for `QUIET_AFTER`.
+    fn quiet(&self) -> bool {
+        let last = self.last_request_s.load(Ordering::Relaxed);
+        self.epoch.elapsed().as_secs().saturating_sub(last) >= tollgate_runtime::kafka::QUIET_AFTER.as_secs()
     }
 
     pub fn audit_only(&self) -> bool {
@@ -503,7 +529,8 @@ impl Follower {
             .set("auto.offset.reset", "earliest")
             .set("fetch.error.backoff.ms", "100")
             .set("reconnect.backoff.max.ms", "2000");
-        tollgate_runtime::kafka::follow(&mut cc, tollgate_runtime::kafka::Follow::Decisions);
+        let base = cc.clone();
+        tollgate_runtime::kafka::follow(&mut cc, tollgate_runtime::kafka::Follow::Decisions, false);
         for (k, v) in &cfg.extra {
             cc.set(k, v);
         }
@@ -516,6 +543,9 @@ impl Follower {
         let stop = CancellationToken::new();
         let task = Task {
             consumer: Arc::new(consumer),
+            client_config: base,
+            extra: cfg.extra.clone(),
+            quiet: false,
             cache: Arc::clone(&cache),
             topic: cfg.topic.clone(),
             codec: BreachDecision::codec()?,
@@ -574,6 +604,12 @@ struct CatchUp {
 
 struct Task {
     consumer: Arc<StreamConsumer>,
+    /// The consumer's settings but its fetch wait and the operator's own (`extra`), to re-create
+    /// it with the other wait.
+    client_config: ClientConfig,
+    extra: Vec<(String, String)>,
+    /// Whether the consumer has its quiet fetch wait (no request for `QUIET_AFTER`).
+    quiet: bool,
     cache: Arc<DecisionCache>,
     topic: String,
     codec: AvroCodec,
@@ -706,13 +742,24 @@ impl Task {
             }
         }
         info!(topic = %self.topic, partitions = partitions.len(), "following breach decisions");
-        // 3. Follow.
-        let consumer = Arc::clone(&self.consumer);
+        // 3. Follow, with the short fetch wait while the ingress serves requests and the long one
+        // after a quiet spell (tollgate_runtime::kafka).
+        let mut consumer = Arc::clone(&self.consumer);
         let mut metadata = tokio::time::interval(METADATA_EVERY);
         metadata.reset();
+        let mut activity = tokio::time::interval(Duration::from_secs(1));
+        activity.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let cache = Arc::clone(&self.cache);
         loop {
+            let mut switch_to = None;
             tokio::select! {
                 () = self.stop.cancelled() => break,
+                () = cache.request_after_quiet.notified(), if self.quiet => switch_to = Some(false),
+                _ = activity.tick(), if !self.quiet && self.catch_up.tx.is_none() => {
+                    if cache.quiet() {
+                        switch_to = Some(true);
+                    }
+                }
                 m = consumer.recv() => match m {
                     Ok(msg) => self.on_message(&msg),
                     Err(KafkaError::PartitionEOF(p)) => {
@@ -734,8 +781,41 @@ impl Task {
                     }
                 }
             }
+            if let Some(quiet) = switch_to {
+                if let Some(old) = self.switch_wait(&partitions, quiet) {
+                    consumer = Arc::clone(&self.consumer);
+                    // Closing a consumer may block briefly: not on an async worker.
+                    tokio::task::spawn_blocking(move || drop(old));
+                }
+            }
         }
         debug!("decision follower stopped");
+    }
+
+    /// Re-creates the consumer with the quiet or the active fetch wait, each partition where the
+    /// old one was, and returns the old one; on failure keeps the old one.
+    fn switch_wait(&mut self, partitions: &[i32], quiet: bool) -> Option<Arc<StreamConsumer>> {
+        let positions = self.positions();
+        let mut cc = self.client_config.clone();
+        tollgate_runtime::kafka::follow(&mut cc, tollgate_runtime::kafka::Follow::Decisions, quiet);
+        for (k, v) in &self.extra {
+            cc.set(k, v);
+        }
+        let fresh: StreamConsumer = match cc.create() {
+            Ok(c) => c,
+            Err(e) => {
+                self.note_error("re-creating the consumer", &e);
+                return None;
+            }
+        };
+        let old = std::mem::replace(&mut self.consumer, Arc::new(fresh));
+        if !self.assign(partitions, &positions) {
+            self.consumer = old;
+            return None;
+        }
+        self.quiet = quiet;
+        debug!(quiet, "decision follower switched fetch wait");
+        Some(old)
     }
 
     /// Where each assigned partition is now (to keep it across a re-assignment).

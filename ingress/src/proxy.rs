@@ -187,6 +187,7 @@ async fn serve(
     let mut first_estimate: Option<(i64, i64)> = None;
     let mut estimate =
         || first.map_or(0, |t| first_estimate.get_or_insert_with(|| count::estimate_input(&t.model, &req)).0);
+    app.decisions.note_request();
     let pass = match breach::gate(&app.decisions, policy, &view, &app.queue, &mut estimate).await {
         Ok(pass) => pass,
         Err(refusal) => {

@@ -152,7 +152,7 @@ pub async fn run(config: HistoryConfig, ch: Client, shutdown: CancellationToken)
         .set("group.id", "tollgate-meter-history")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false");
-    tollgate_runtime::kafka::follow(&mut cc, tollgate_runtime::kafka::Follow::History);
+    tollgate_runtime::kafka::follow(&mut cc, tollgate_runtime::kafka::Follow::History, false);
     for (k, v) in &config.kafka_extra {
         cc.set(k, v);
     }

@@ -164,7 +164,7 @@ async fn consume(config: &Config, shutdown: &CancellationToken) -> anyhow::Resul
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false");
-    tollgate_runtime::kafka::follow(&mut cc, tollgate_runtime::kafka::Follow::Metering);
+    tollgate_runtime::kafka::follow(&mut cc, tollgate_runtime::kafka::Follow::Metering, false);
     for (k, v) in &config.kafka_extra {
         cc.set(k, v);
     }

@@ -3,15 +3,22 @@
 //!
 //! **Fetch waits.** Apache Kafka answers a fetch as soon as a record arrives and otherwise holds
 //! it for `fetch.wait.max.ms`, so on Kafka a long wait costs no latency. Not every Kafka-API
-//! broker does that: Tansu 0.6 (the local stack's broker) emulates the long poll by re-running its
-//! storage queries at the start and the end of the wait (and at halving intervals when the wait is
-//! 250 ms or more), and sees a new record only at its next look: an idle consumer costs it two to
-//! five storage rounds per wait (about 1 ms of broker CPU each for one partition, 2 ms for four),
-//! and a record on an idle topic waits up to a round's gap. Waits of 10 ms kept Tansu at 38–62% of
-//! a core with no traffic at all (issue 11). The waits below hold the whole stack at rest under 5%
-//! of a core (`tests/bench/idle`). A decision waits at most 200 ms before an ingress sees it;
-//! usage that flows is read at once (each fetch finds records), and only the first event after an
-//! idle spell waits up to 245 ms for the enforcer and about a second for the meter.
+//! broker does that: Tansu 0.6 (the local stack's broker) emulates the long poll by looking at its
+//! storage, sleeping, and looking again until the wait is over, and it answers only after the sleep
+//! that follows the look that found records. A record is therefore handed over up to one whole
+//! wait after it arrived, and an idle consumer costs the broker a few storage rounds per wait
+//! (about 1 ms of its CPU each for one partition, 2 ms for four). Waits of 10 ms kept Tansu at
+//! 38–62% of a core with no traffic at all (issue 11); waits long enough to be quiet would make
+//! every decision late.
+//!
+//! So the two consumers on the decision path follow their traffic: a short wait while it flows
+//! (the enforcer's usage reader while events arrive, an ingress's decision follower while the
+//! ingress serves requests), a long one after [`QUIET_AFTER`] without, and back at the first event
+//! or request (`Follow::active_wait_ms`, `Follow::quiet_wait_ms`; the consumer is re-created at
+//! its positions, which costs a few milliseconds). The meter and the history readers keep one
+//! wait: no one waits on them. At rest the whole stack stays under 5% of a core
+//! (`tests/bench/idle`); under traffic a decision reaches every ingress within about two short
+//! waits.
 //!
 //! Every consumer's settings still take the operator's `--kafka-set key=value` last, so a
 //! deployment on Apache Kafka may shorten or lengthen any of them.
@@ -28,39 +35,53 @@ use tokio::sync::oneshot;
 
 /// What a consumer reads, and so how soon it must see a new record.
 ///
-/// On a broker that polls its storage the way Tansu 0.6 does (look, then sleep half of what is
-/// left while that is 250 ms or more, else all of it, until the wait is over), a wait `W` costs
-/// 2 looks for `W` < 250 ms, 3 for 250 ≤ `W` < 500 (gaps of `W`/2), 4 for 500 ≤ `W` < 1000 and
-/// 5 for 1000 ≤ `W` < 2000, and a record is seen at the next look. So 400 ms sees a decision
-/// within 200 ms for 7.5 looks a second where 200 ms takes 10, and 490 ms sees usage within
-/// 245 ms for 6.1 looks a second where 500 ms takes 8.
+/// Tansu 0.6 looks at its storage, then sleeps half of what is left of the wait while that is
+/// 250 ms or more, else all of it, and answers after the sleep that follows a look that found
+/// records: a wait `W` below 250 ms costs 2 looks per `W`, from 250 ms to 500 ms 3, to 1 s 4, to 2 s
+/// 5, and a record is handed over within `W`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Follow {
     /// The breaches topic, read by every ingress: a decision must reach the request path fast.
     Decisions,
     /// The usage stream, read by the enforcer: a breach must be decided fast.
     Usage,
-    /// The usage stream, read by the meter: rows in ClickHouse within about a second.
+    /// The usage stream, read by the meter: rows in ClickHouse within a few seconds.
     Metering,
     /// Decision and alert history (the meter), replays at start: no one waits on them.
     History,
 }
 
+/// How long a following consumer (`Decisions`, `Usage`) waits without traffic before it switches
+/// to its quiet wait.
+pub const QUIET_AFTER: Duration = Duration::from_secs(10);
+
 impl Follow {
-    /// `fetch.wait.max.ms` for this consumer.
-    pub const fn fetch_wait_ms(self) -> u32 {
+    /// `fetch.wait.max.ms` while records (for `Decisions`: requests) keep coming.
+    pub const fn active_wait_ms(self) -> u32 {
         match self {
-            Follow::Decisions => 400,
-            Follow::Usage => 490,
+            Follow::Decisions | Follow::Usage => 50,
+            Follow::Metering => 1_990,
+            Follow::History => 5_000,
+        }
+    }
+
+    /// `fetch.wait.max.ms` after [`QUIET_AFTER`] without traffic: what the first record after a
+    /// quiet spell may wait (an ingress with no request to serve has no decision to apply).
+    pub const fn quiet_wait_ms(self) -> u32 {
+        match self {
+            Follow::Decisions => 1_990,
+            Follow::Usage => 990,
             Follow::Metering => 1_990,
             Follow::History => 5_000,
         }
     }
 }
 
-/// Sets the fetch waits of `follow` on `cc` (call it before applying the operator's own settings).
-pub fn follow(cc: &mut ClientConfig, follow: Follow) -> &mut ClientConfig {
-    cc.set("fetch.wait.max.ms", follow.fetch_wait_ms().to_string())
+/// Sets the fetch waits of `follow` on `cc`, quiet or active (call it before applying the
+/// operator's own settings, which win).
+pub fn follow(cc: &mut ClientConfig, follow: Follow, quiet: bool) -> &mut ClientConfig {
+    let wait = if quiet { follow.quiet_wait_ms() } else { follow.active_wait_ms() };
+    cc.set("fetch.wait.max.ms", wait.to_string())
         // Answer as soon as there is anything at all.
         .set("fetch.min.bytes", "1")
 }
@@ -183,13 +204,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn decisions_wait_less_than_their_budget() {
-        // On a broker that polls its storage, a decision waits up to one wait before an ingress
-        // sees it: that must fit the 250 ms usage-to-decision budget with room for the rest.
-        // Three looks per wait below 500 ms: the gap is half the wait.
-        assert!(Follow::Decisions.fetch_wait_ms() < 500 && Follow::Decisions.fetch_wait_ms() / 2 <= 200);
+    fn the_decision_path_waits_less_than_its_budget_while_traffic_flows() {
+        // Two waits in a row (the enforcer's usage read, the ingress's decision read) must fit
+        // the 250 ms usage-to-decision budget with room for evaluation and produce.
+        assert!(Follow::Usage.active_wait_ms() + Follow::Decisions.active_wait_ms() <= 150);
+        assert!(Follow::Usage.quiet_wait_ms() > Follow::Usage.active_wait_ms());
         let mut cc = ClientConfig::new();
-        follow(&mut cc, Follow::History);
-        assert_eq!(cc.get("fetch.wait.max.ms"), Some("5000"));
+        follow(&mut cc, Follow::Decisions, true);
+        assert_eq!(cc.get("fetch.wait.max.ms"), Some("1990"));
+        follow(&mut cc, Follow::Decisions, false);
+        assert_eq!(cc.get("fetch.wait.max.ms"), Some("50"));
     }
 }

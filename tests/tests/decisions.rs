@@ -258,7 +258,7 @@ impl UsageReader {
         cc.set("bootstrap.servers", common::kafka_brokers())
             .set("group.id", common::unique("decisions_reader"))
             .set("enable.auto.commit", "false");
-        tollgate_runtime::kafka::follow(&mut cc, tollgate_runtime::kafka::Follow::Usage);
+        tollgate_runtime::kafka::follow(&mut cc, tollgate_runtime::kafka::Follow::Usage, false);
         let consumer: StreamConsumer = cc.create().unwrap();
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(topic, 0, Offset::Beginning).unwrap();

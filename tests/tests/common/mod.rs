@@ -511,7 +511,7 @@ impl DecisionLog {
         use rdkafka::{Message, Offset, TopicPartitionList};
         let mut cc = ClientConfig::new();
         cc.set("bootstrap.servers", kafka_brokers()).set("group.id", unique("decision-log"));
-        tollgate_runtime::kafka::follow(&mut cc, tollgate_runtime::kafka::Follow::Decisions);
+        tollgate_runtime::kafka::follow(&mut cc, tollgate_runtime::kafka::Follow::Decisions, false);
         let consumer: StreamConsumer = cc.create().unwrap();
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(topic, 0, Offset::Beginning).unwrap();
