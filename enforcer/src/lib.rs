@@ -284,6 +284,7 @@ async fn enforce(
                     // Closing a consumer may block briefly: not on an async worker.
                     tokio::task::spawn_blocking(move || drop(old));
                     quiet = to_quiet;
+                    tollgate_runtime::kafka::quiet_gauge(tollgate_runtime::kafka::Follow::Usage, quiet);
                     debug!(quiet, "usage consumer switched fetch wait");
                 }
                 Err(e) => {

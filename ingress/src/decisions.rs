@@ -814,6 +814,7 @@ impl Task {
             return None;
         }
         self.quiet = quiet;
+        tollgate_runtime::kafka::quiet_gauge(tollgate_runtime::kafka::Follow::Decisions, quiet);
         debug!(quiet, "decision follower switched fetch wait");
         Some(old)
     }

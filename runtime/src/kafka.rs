@@ -77,6 +77,22 @@ impl Follow {
     }
 }
 
+/// Records whether `follow`'s consumer has its quiet fetch wait now
+/// (`tollgate_kafka_consumer_quiet{consumer}`: 1 quiet, 0 active).
+pub fn quiet_gauge(follow: Follow, quiet: bool) {
+    metrics::describe_gauge!(
+        "tollgate_kafka_consumer_quiet",
+        "1 while a decision-path consumer has its long fetch wait (no traffic for 10 s), 0 while it has its short one"
+    );
+    let consumer = match follow {
+        Follow::Decisions => "decisions",
+        Follow::Usage => "usage",
+        Follow::Metering => "metering",
+        Follow::History => "history",
+    };
+    metrics::gauge!("tollgate_kafka_consumer_quiet", "consumer" => consumer).set(if quiet { 1.0 } else { 0.0 });
+}
+
 /// Sets the fetch waits of `follow` on `cc`, quiet or active (call it before applying the
 /// operator's own settings, which win).
 pub fn follow(cc: &mut ClientConfig, follow: Follow, quiet: bool) -> &mut ClientConfig {
