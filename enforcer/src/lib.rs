@@ -45,6 +45,8 @@ pub struct Config {
     pub usage_topic: String,
     pub breaches_topic: String,
     pub alerts_topic: String,
+    /// Where usage events that cannot be counted (undecodable, negative amounts) are set aside.
+    pub dead_letter_topic: String,
     pub clickhouse: ClickHouseConfig,
     /// Scopes at or above this share of their limit are published as `Watch` with their headroom.
     pub watch_pct: u32,
@@ -62,6 +64,7 @@ impl Config {
             usage_topic: tollgate_schemas::topics::USAGE.into(),
             breaches_topic: tollgate_schemas::topics::BREACHES.into(),
             alerts_topic: tollgate_schemas::topics::ALERTS.into(),
+            dead_letter_topic: tollgate_schemas::topics::USAGE_DEAD_LETTERS.into(),
             clickhouse,
             watch_pct: 50,
             evaluate_every: Duration::from_millis(10),
@@ -249,6 +252,10 @@ async fn enforce(
                     }
                     codec.decode::<UsageEvent>(p)
                 }) {
+                    Some(Ok(ev)) if ev.implausible().is_some() => {
+                        let why = format!("implausible usage event: {}", ev.implausible().unwrap_or_default());
+                        set_aside(producer, config, &m, &why).await;
+                    }
                     Some(Ok(ev)) => {
                         if !seen.insert(&ev.event_id) {
                             metrics::duplicate();
@@ -265,11 +272,8 @@ async fn enforce(
                             oldest_pending.get_or_insert(ev.ended_at_us);
                         }
                     }
-                    Some(Err(e)) => {
-                        metrics::decode_error();
-                        error!(partition = m.partition(), offset = m.offset(), error = %e, "usage event skipped: cannot decode");
-                    }
-                    None => metrics::decode_error(),
+                    Some(Err(e)) => set_aside(producer, config, &m, &format!("cannot decode: {e}")).await,
+                    None => set_aside(producer, config, &m, "message has no payload").await,
                 },
                 Err(e) => {
                     warn!(error = %e, "kafka consumer error");
@@ -387,6 +391,28 @@ async fn usage_consumer(config: &Config, covered: &BTreeMap<i32, i64>, quiet: bo
     consumer.assign(&tpl).context("assigning the usage partitions")?;
     debug!(%topic, ?partitions, quiet, "enforcer consuming usage");
     Ok(consumer)
+}
+
+/// A usage record the enforcer cannot count: counted, logged and copied to the dead-letter topic
+/// (the meter sets the same record aside on its own, with its own `tollgate-rejected-by` header).
+async fn set_aside(
+    producer: &Producer<Awaited>,
+    config: &Config,
+    m: &rdkafka::message::BorrowedMessage<'_>,
+    why: &str,
+) {
+    metrics::decode_error();
+    match tollgate_runtime::kafka::dead_letter(producer, &config.dead_letter_topic, m, why, "enforcer").await {
+        Ok(_) => warn!(
+            partition = m.partition(),
+            offset = m.offset(),
+            error = why,
+            "usage event not counted; sent to the dead-letter topic"
+        ),
+        Err(e) => {
+            error!(partition = m.partition(), offset = m.offset(), error = why, kafka = %e, "usage event not counted and not dead-lettered")
+        }
+    }
 }
 
 /// Sends what the engine decides to the breaches and alerts topics; a send that fails is

@@ -32,6 +32,9 @@ struct Args {
     breaches_topic: String,
     #[arg(long, default_value = tollgate_schemas::topics::ALERTS)]
     alerts_topic: String,
+    /// Where usage events that cannot be counted (undecodable, negative amounts) are copied
+    #[arg(long, default_value = tollgate_schemas::topics::USAGE_DEAD_LETTERS)]
+    dead_letter_topic: String,
     /// ClickHouse HTTP URL (the meter's database, read at start).
     #[arg(long, env = "TOLLGATE_CLICKHOUSE_URL", default_value = "http://127.0.0.1:8123")]
     clickhouse_url: String,
@@ -95,6 +98,7 @@ async fn main() -> ExitCode {
     config.usage_topic = args.usage_topic;
     config.breaches_topic = args.breaches_topic;
     config.alerts_topic = args.alerts_topic;
+    config.dead_letter_topic = args.dead_letter_topic;
     config.watch_pct = args.watch_pct;
     config.evaluate_every = Duration::from_millis(args.evaluate_every_ms.max(1));
     config.kafka_extra = args.kafka_options;

@@ -6,7 +6,7 @@ pub fn describe() {
     describe_counter!("tollgate_enforcer_events_total", "Usage events evaluated");
     describe_counter!(
         "tollgate_enforcer_decode_errors_total",
-        "Usage events that could not be decoded (skipped, logged)"
+        "Usage events not counted: undecodable or implausible (negative amounts), copied to the dead-letter topic"
     );
     describe_counter!("tollgate_enforcer_duplicate_events_total", "Usage events seen twice (re-sent), counted once");
     describe_counter!("tollgate_enforcer_tokens_total", "Tokens seen on the usage stream, by kind");

@@ -485,6 +485,9 @@ pub struct FollowConfig {
     pub required: bool,
 }
 
+/// How far ahead of this ingress's clock a decision's version may be (clock skew between hosts);
+/// beyond it the decision is ignored and counted (`decisions_ignored_total{reason="future_version"}`).
+const MAX_VERSION_AHEAD_US: i64 = 3_600_000_000;
 /// Between two metadata checks (new partitions, a topic created after start).
 const METADATA_EVERY: Duration = Duration::from_secs(30);
 /// Between two looks for a topic that does not exist (yet).
@@ -846,6 +849,18 @@ impl Task {
                 let decision = match msg.payload() {
                     None => None,
                     Some(bytes) => match self.codec.decode::<BreachDecision>(bytes) {
+                        // Versions are the enforcer's clock in microseconds: one far ahead of
+                        // ours could never be superseded, so it would pin its key for good.
+                        Ok(d) if d.version > crate::record::now_us().saturating_add(MAX_VERSION_AHEAD_US) => {
+                            metrics::decision_ignored("future_version");
+                            warn!(
+                                key,
+                                version = d.version,
+                                offset = msg.offset(),
+                                "breach decision with a version far in the future; ignored"
+                            );
+                            return self.after_message();
+                        }
                         Ok(d) if d.key() == key => Some(d),
                         Ok(d) => {
                             metrics::decision_ignored("key_mismatch");

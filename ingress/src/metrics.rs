@@ -105,7 +105,7 @@ pub fn describe() {
     );
     describe_counter!(
         "tollgate_ingress_decisions_ignored_total",
-        "Breach decision records not applied, by reason (stale_version, undecodable, key_mismatch, no_key)"
+        "Breach decision records not applied, by reason (stale_version, future_version, undecodable, key_mismatch, no_key)"
     );
     describe_histogram!(
         "tollgate_ingress_decision_delay_seconds",

@@ -23,12 +23,12 @@ use anyhow::Context as _;
 use clickhouse::Client;
 use metrics_exporter_prometheus::PrometheusHandle;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
+use rdkafka::message::BorrowedMessage;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tollgate_runtime::kafka::{Awaited, Outgoing, Producer};
+use tollgate_runtime::kafka::{Awaited, Producer};
 use tollgate_schemas::avro::AvroCodec;
 use tollgate_schemas::usage::UsageEvent;
 use tracing::{debug, error, info, warn};
@@ -473,20 +473,7 @@ impl DeadLetters {
     }
 
     async fn send(&self, m: &BorrowedMessage<'_>, error: &str) {
-        let partition = m.partition().to_string();
-        let offset = m.offset().to_string();
-        let headers = OwnedHeaders::new()
-            .insert(Header { key: "tollgate-error", value: Some(error) })
-            .insert(Header { key: "tollgate-source-topic", value: Some(m.topic()) })
-            .insert(Header { key: "tollgate-source-partition", value: Some(&partition) })
-            .insert(Header { key: "tollgate-source-offset", value: Some(&offset) });
-        let record = Outgoing {
-            topic: &self.topic,
-            key: m.key(),
-            payload: Some(m.payload().unwrap_or_default()),
-            headers: Some(headers),
-        };
-        match self.producer.send_awaited(record, Duration::from_secs(30)).await {
+        match tollgate_runtime::kafka::dead_letter(&self.producer, &self.topic, m, error, "meter").await {
             Ok(_) => {
                 metrics::dead_lettered();
                 warn!(
@@ -504,9 +491,15 @@ impl DeadLetters {
     }
 }
 
+/// The event, or why it cannot be counted: no payload, not a usage event, or amounts that cannot
+/// be right (`UsageEvent::implausible`: a negative cost would subtract spend from every rollup).
 fn decode(codec: &AvroCodec, payload: Option<&[u8]>) -> Result<UsageEvent, String> {
     let bytes = payload.ok_or("message has no payload")?;
-    codec.decode(bytes).map_err(|e| e.to_string())
+    let ev: UsageEvent = codec.decode(bytes).map_err(|e| e.to_string())?;
+    match ev.implausible() {
+        Some(why) => Err(format!("implausible usage event: {why}")),
+        None => Ok(ev),
+    }
 }
 
 /// Most windows kept in memory before clean ones are dropped (they are re-read on demand).

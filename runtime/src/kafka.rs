@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
-use rdkafka::message::OwnedHeaders;
+use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, ProducerContext};
 use rdkafka::{ClientConfig, ClientContext, Message as _};
 use tokio::sync::oneshot;
@@ -213,6 +213,29 @@ impl Producer<Awaited> {
         // The report always comes: delivered, failed, or purged when the producer is dropped.
         rx.await.unwrap_or(Err(KafkaError::Canceled))
     }
+}
+
+/// Copies `m` to the dead-letter `topic` with why (`tollgate-error`), who set it aside
+/// (`tollgate-rejected-by`) and where it came from (`tollgate-source-topic`, `-partition`,
+/// `-offset`), so a record that cannot be counted never blocks its partition and is never lost.
+pub async fn dead_letter(
+    producer: &Producer<Awaited>,
+    topic: &str,
+    m: &BorrowedMessage<'_>,
+    error: &str,
+    rejected_by: &str,
+) -> Delivered {
+    let partition = m.partition().to_string();
+    let offset = m.offset().to_string();
+    let headers = OwnedHeaders::new()
+        .insert(Header { key: "tollgate-error", value: Some(error) })
+        .insert(Header { key: "tollgate-rejected-by", value: Some(rejected_by) })
+        .insert(Header { key: "tollgate-source-topic", value: Some(m.topic()) })
+        .insert(Header { key: "tollgate-source-partition", value: Some(&partition) })
+        .insert(Header { key: "tollgate-source-offset", value: Some(&offset) });
+    let record =
+        Outgoing { topic, key: m.key(), payload: Some(m.payload().unwrap_or_default()), headers: Some(headers) };
+    producer.send_awaited(record, Duration::from_secs(30)).await
 }
 
 #[cfg(test)]

@@ -145,6 +145,32 @@ impl UsageEvent {
         self.input_tokens.saturating_sub(self.cached_input_tokens).saturating_sub(self.cache_write_tokens)
     }
 
+    /// Why this event, read from the usage topic, cannot be right (`None` when it can): a negative
+    /// amount, or cache parts larger than the input they are part of. Consumers set such an event
+    /// aside (dead-letter topic) instead of counting it: a negative amount would subtract spend.
+    pub fn implausible(&self) -> Option<String> {
+        let amounts = [
+            ("input_tokens", self.input_tokens),
+            ("output_tokens", self.output_tokens),
+            ("cached_input_tokens", self.cached_input_tokens),
+            ("cache_write_tokens", self.cache_write_tokens),
+            ("reasoning_tokens", self.reasoning_tokens),
+            ("reference_input_tokens", self.reference_input_tokens.unwrap_or(0)),
+            ("input_chars", self.input_chars),
+            ("cost_nanos", self.cost_nanos),
+        ];
+        if let Some((field, v)) = amounts.iter().find(|(_, v)| *v < 0) {
+            return Some(format!("{field} is negative ({v})"));
+        }
+        if self.cached_input_tokens.saturating_add(self.cache_write_tokens) > self.input_tokens {
+            return Some(format!(
+                "cache reads ({}) and writes ({}) exceed the input they are part of ({})",
+                self.cached_input_tokens, self.cache_write_tokens, self.input_tokens
+            ));
+        }
+        None
+    }
+
     /// The codec for this event, built from the `.avsc` (not from the Rust type), so the bytes
     /// on the wire always carry the fingerprint of the published schema.
     pub fn codec() -> Result<AvroCodec, CodecError> {
@@ -282,5 +308,17 @@ mod tests {
         let codec = UsageEvent::codec().unwrap();
         assert!(codec.decode::<UsageEvent>(b"{\"not\":\"avro\"}").is_err());
         assert!(codec.decode::<UsageEvent>(&[0xC3, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 2]).is_err());
+    }
+
+    #[test]
+    fn amounts_that_cannot_be_right_are_named() {
+        let ok = UsageEvent::example("e".into(), None, 1);
+        assert_eq!(ok.implausible(), None);
+        let negative = UsageEvent { cost_nanos: -5, ..ok.clone() };
+        assert_eq!(negative.implausible().as_deref(), Some("cost_nanos is negative (-5)"));
+        let tokens = UsageEvent { output_tokens: -1, ..ok.clone() };
+        assert!(tokens.implausible().unwrap().starts_with("output_tokens"));
+        let cache = UsageEvent { input_tokens: 10, cached_input_tokens: 8, cache_write_tokens: 3, ..ok };
+        assert!(cache.implausible().unwrap().contains("exceed the input"));
     }
 }

@@ -381,6 +381,18 @@ async fn hard_block_from_before_start_then_versions_and_tombstones() {
     s.tombstone("block/session:b3").await;
     s.until_status("b3", 200).await;
 
+    // A version far ahead of the ingress's clock could never be superseded: it is ignored.
+    let far_ahead = now_us() + 2 * 3_600_000_000;
+    s.publish(&decision("block", "session:b4", DecisionState::Breached, far_ahead)).await;
+    s.barrier().await;
+    let a = s.send(s.chat("b4", "vm-openai", "hello\n#mock completion_tokens=2")).await;
+    assert_eq!(a.status, 200, "a decision from the far future is not applied: {}", a.text);
+    let ignored = common::metric(
+        &common::metrics().render(),
+        "tollgate_ingress_decisions_ignored_total{reason=\"future_version\"}",
+    );
+    assert!(ignored >= 1, "and it is counted");
+
     // One event per request; the refused ones carry the decision and consumed nothing.
     let b1 = s.usage.of("b1", 3 + polls).await;
     let rejected: Vec<&UsageEvent> = b1.iter().filter(|e| e.status == Status::Rejected).collect();
