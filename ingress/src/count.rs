@@ -2,8 +2,10 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, Hasher};
-use std::sync::{LazyLock, Mutex, PoisonError};
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 
+use futures::FutureExt as _;
+use futures::future::{BoxFuture, Shared};
 use serde_json::Value;
 use tiktoken_rs::{CoreBPE, cl100k_base_singleton, o200k_base_singleton};
 
@@ -76,30 +78,142 @@ pub fn estimate_input(model: &str, body: &Value) -> (i64, i64) {
     let bpe = encoding_for(model);
     let mut tokens = 0;
     let mut chars = 0;
-    let mut add = |text: &str| {
-        tokens += count_prompt_text(bpe, text);
-        chars += i64::try_from(text.chars().count()).unwrap_or(i64::MAX);
+    let mut messages = 0;
+    walk_texts(
+        body,
+        &mut |text| {
+            tokens += count_prompt_text(bpe, text);
+            chars += i64::try_from(text.chars().count()).unwrap_or(i64::MAX);
+        },
+        &mut messages,
+    );
+    // Embeddings: `input` may be token ids, counted as given.
+    let token_ids = match body.get("input") {
+        Some(Value::Array(items)) if items.iter().all(Value::is_number) => items.len() as i64,
+        _ => 0,
     };
-    if let Some(system) = body.get("system") {
-        for_each_text(system, &mut add);
+    (tokens + token_ids + chat_overhead(messages), chars)
+}
+
+/// Tokens the chat format adds around `messages` messages.
+fn chat_overhead(messages: i64) -> i64 {
+    messages * PER_MESSAGE + if messages > 0 { REPLY_PRIMING } else { 0 }
+}
+
+/// Prompt text counted with tiktoken on the request path, at most. A longer prompt's reference
+/// count runs on the blocking pool beside the upstream call (tiktoken takes ~0.45 s for 3.2 MB),
+/// and the request path uses a linear estimate from this much of its text.
+pub const INLINE_BYTES: usize = 64 << 10;
+
+/// Reference counts of long prompts running at once, at most (one per core); others wait their
+/// turn off the request path.
+static DEFERRED: LazyLock<tokio::sync::Semaphore> = LazyLock::new(|| {
+    tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get))
+});
+
+/// A prompt's reference (tiktoken) input count: known, or being counted beside the upstream call.
+#[derive(Clone)]
+pub enum Reference {
+    Counted(i64),
+    Deferred(Shared<BoxFuture<'static, i64>>),
+}
+
+impl Reference {
+    /// The count if it is known now.
+    pub fn now(&self) -> Option<i64> {
+        match self {
+            Reference::Counted(n) => Some(*n),
+            Reference::Deferred(f) => f.peek().copied(),
+        }
     }
-    // Embeddings: `input` is a string or an array of strings (token-id arrays are counted as given).
-    let mut token_ids = 0;
+}
+
+/// What the request path knows of a prompt's input for one encoding.
+#[derive(Clone)]
+pub struct InputEstimate {
+    /// The reference count when the prompt was short enough to count inline; otherwise a
+    /// linear estimate from its first [`INLINE_BYTES`] (for the gate and for intake records).
+    pub tokens: i64,
+    pub chars: i64,
+    pub reference: Reference,
+}
+
+/// Estimates a prompt's input without spending more than [`INLINE_BYTES`] of tiktoken on the
+/// request path; must run inside a Tokio runtime when the prompt is longer (the exact count is
+/// spawned onto the blocking pool).
+pub fn estimate_input_bounded(model: &str, body: &Arc<Value>) -> InputEstimate {
+    let mut bytes = 0usize;
+    let mut chars = 0i64;
+    let mut messages = 0i64;
+    walk_texts(
+        body,
+        &mut |t| {
+            bytes += t.len();
+            chars += i64::try_from(t.chars().count()).unwrap_or(i64::MAX);
+        },
+        &mut messages,
+    );
+    if bytes <= INLINE_BYTES || tokio::runtime::Handle::try_current().is_err() {
+        let (tokens, chars) = estimate_input(model, body);
+        return InputEstimate { tokens, chars, reference: Reference::Counted(tokens) };
+    }
+    // Count a prefix of the text exactly and scale it by bytes: tokens per byte vary little
+    // within one prompt, and the exact count follows.
+    let bpe = encoding_for(model);
+    let mut prefix = String::with_capacity(INLINE_BYTES);
+    let mut ignored = 0;
+    walk_texts(
+        body,
+        &mut |t| {
+            let room = INLINE_BYTES - prefix.len();
+            if room > 0 {
+                let mut end = room.min(t.len());
+                while !t.is_char_boundary(end) {
+                    end -= 1;
+                }
+                prefix.push_str(&t[..end]);
+            }
+        },
+        &mut ignored,
+    );
+    let prefix_tokens = count_text(bpe, &prefix);
+    let scaled = (i128::from(prefix_tokens) * bytes as i128 / prefix.len().max(1) as i128) as i64;
+    let tokens = scaled.saturating_add(chat_overhead(messages));
+    crate::metrics::reference_count_deferred();
+    let (model, body) = (model.to_owned(), Arc::clone(body));
+    let counting = tokio::spawn(async move {
+        let _permit = DEFERRED.acquire().await.ok();
+        tokio::task::spawn_blocking(move || estimate_input(&model, &body).0).await
+    });
+    let reference = async move {
+        match counting.await {
+            Ok(Ok(n)) => n,
+            // The count panicked or the runtime is shutting down: the estimate stands in.
+            _ => tokens,
+        }
+    };
+    InputEstimate { tokens, chars, reference: Reference::Deferred(reference.boxed().shared()) }
+}
+
+/// Calls `f` on every prompt text of a request body (Anthropic's `system`, embeddings'
+/// `input`, each message's content) and counts the messages.
+fn walk_texts(body: &Value, f: &mut impl FnMut(&str), messages: &mut i64) {
+    if let Some(system) = body.get("system") {
+        for_each_text(system, f);
+    }
     match body.get("input") {
-        Some(Value::Array(items)) if items.iter().all(Value::is_number) => token_ids = items.len() as i64,
-        Some(input) => for_each_text(input, &mut add),
+        Some(Value::Array(items)) if items.iter().all(Value::is_number) => {}
+        Some(input) => for_each_text(input, f),
         None => {}
     }
-    let mut messages = 0;
     if let Some(list) = body.get("messages").and_then(Value::as_array) {
         for m in list {
-            messages += 1;
+            *messages += 1;
             if let Some(c) = m.get("content") {
-                for_each_text(c, &mut add);
+                for_each_text(c, f);
             }
         }
     }
-    (tokens + token_ids + messages * PER_MESSAGE + if messages > 0 { REPLY_PRIMING } else { 0 }, chars)
 }
 
 /// Calls `f` on every text of a content value: a string, or an array of `{type: text, text}` blocks.
@@ -158,6 +272,24 @@ mod tests {
             count_prompt_text(cl100k_base_singleton(), "filler 3"),
             count_text(cl100k_base_singleton(), "filler 3")
         );
+    }
+
+    #[tokio::test]
+    async fn long_prompts_are_estimated_inline_and_counted_beside() {
+        let long = "The quick brown fox jumps over the lazy dog. ".repeat(20_000);
+        let body = Arc::new(json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": long}]}));
+        let est = estimate_input_bounded("gpt-4o-mini", &body);
+        let (exact, chars) = estimate_input("gpt-4o-mini", &body);
+        assert_eq!(est.chars, chars);
+        assert!(matches!(est.reference, Reference::Deferred(_)), "a long prompt is counted beside");
+        if let Reference::Deferred(f) = est.reference.clone() {
+            assert_eq!(f.await, exact);
+        }
+        // A repeated sentence scales exactly, up to the cut at the prefix's end.
+        assert!((est.tokens - exact).abs() * 1000 <= exact, "{} vs {exact}", est.tokens);
+        let short = Arc::new(json!({"messages": [{"role": "user", "content": "hello there"}]}));
+        let est = estimate_input_bounded("gpt-4o-mini", &short);
+        assert_eq!(est.reference.now(), Some(estimate_input("gpt-4o-mini", &short).0));
     }
 
     #[test]

@@ -43,7 +43,12 @@ pub enum IngressError {
     #[error("provider {provider} answered HTTP {status}")]
     ProviderStatus { provider: String, status: u16, body: bytes::Bytes, content_type: Option<HeaderValue> },
     #[error("provider {provider} failed: {message}")]
-    ProviderFailed { provider: String, message: String },
+    ProviderFailed {
+        provider: String,
+        message: String,
+        /// The request reached the provider (it may have billed it); false when no connection was made.
+        reached: bool,
+    },
     #[error("provider {provider} did not answer within {ms} ms")]
     ProviderTimeout { provider: String, ms: u64 },
     #[error("{}", .0.message())]
@@ -91,6 +96,17 @@ impl IngressError {
             | IngressError::ProviderTimeout { .. }
             | IngressError::Unavailable { .. } => Origin::Provider,
             IngressError::Internal(_) => Origin::Internal,
+        }
+    }
+
+    /// Whether a provider may have billed the attempt that failed this way: it timed out, or
+    /// the request reached the provider and the answer was lost or unreadable. An HTTP error
+    /// status is the provider refusing the request, which it does not bill.
+    pub fn may_be_billed(&self) -> bool {
+        match self {
+            IngressError::ProviderTimeout { .. } => true,
+            IngressError::ProviderFailed { reached, .. } => *reached,
+            _ => false,
         }
     }
 

@@ -12,6 +12,7 @@ pub mod count;
 pub mod decisions;
 pub mod envelope;
 pub mod error;
+pub mod intake;
 pub mod metrics;
 pub mod provider;
 pub mod proxy;

@@ -123,6 +123,23 @@ pub fn describe() {
          queue_then_429:released, fallback_to_*, fallback_to_cheaper:already_cheapest, audit:*, cut_stream)"
     );
     describe_gauge!("tollgate_ingress_queued_requests", "Requests held by queue_then_429, waiting for headroom");
+    describe_counter!(
+        "tollgate_ingress_intake_unjournaled_total",
+        "Upstream attempts served without an intake record (journal full, too large, disk error), by reason"
+    );
+    describe_counter!(
+        "tollgate_ingress_intake_interrupted_total",
+        "Attempts an earlier run left unfinished in the intake journal, recorded as interrupted at start"
+    );
+    describe_gauge!(
+        "tollgate_ingress_intake_bytes",
+        Unit::Bytes,
+        "Bytes of the intake journal on disk (held by the oldest attempt still in flight)"
+    );
+    describe_counter!(
+        "tollgate_ingress_reference_counts_deferred_total",
+        "Prompts too long to count on the request path: the reference count ran beside the upstream call"
+    );
 }
 
 /// `endpoint` is one of [`ENDPOINTS`].
@@ -199,6 +216,22 @@ pub fn event_resent() {
 
 pub fn events_recovered(n: u64) {
     counter!("tollgate_ingress_events_recovered_total").increment(n);
+}
+
+pub fn intake_unjournaled(reason: &'static str) {
+    counter!("tollgate_ingress_intake_unjournaled_total", "reason" => reason).increment(1);
+}
+
+pub fn intake_interrupted(n: u64) {
+    counter!("tollgate_ingress_intake_interrupted_total").increment(n);
+}
+
+pub fn intake_depth(bytes: u64) {
+    gauge!("tollgate_ingress_intake_bytes").set(bytes as f64);
+}
+
+pub fn reference_count_deferred() {
+    counter!("tollgate_ingress_reference_counts_deferred_total").increment(1);
 }
 
 pub fn delivery_failed() {

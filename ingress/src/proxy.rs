@@ -18,6 +18,7 @@ use bytes::{Bytes, BytesMut};
 use eventsource_stream::{Event, EventStreamError, Eventsource};
 use futures::{Stream, StreamExt};
 use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
 use tollgate_schemas::decision::RuleKind;
 use tollgate_schemas::policy::{ApiKey, Policy, ProviderConfig, ProviderKind, Target, VirtualModel};
 use tollgate_schemas::usage::{ApiFormat, AppliedDecision, Envelope, Status};
@@ -25,6 +26,7 @@ use tracing::{debug, warn};
 
 use crate::breach::{self, Blocked, Reroute};
 use crate::breaker::Admit;
+use crate::count::InputEstimate;
 use crate::decisions::StreamCut;
 use crate::error::IngressError;
 use crate::provider::{StreamAccounting, anthropic, openai};
@@ -73,18 +75,57 @@ pub async fn embeddings(State(app): State<Arc<App>>, headers: HeaderMap, body: B
     handle(Endpoint::Embeddings, &app, &headers, body).await
 }
 
+/// Serves one request on a task of its own, so that a client going away from a non-streaming
+/// call does not cancel the upstream call: its answer is still read (bounded by the upstream
+/// idle timeout and `MAX_PROVIDER_BODY`) and recorded. Until the first upstream call the
+/// request stops as soon as its client is gone (`gone`), so nobody pays for an answer no one
+/// waits for.
 async fn handle(endpoint: Endpoint, app: &Arc<App>, headers: &HeaderMap, body: Body) -> Response {
     let started = Instant::now();
-    let mut vm_label = String::from("-");
-    let resp = match serve(endpoint, app, headers, body, started, &mut vm_label).await {
-        Ok(r) => r,
-        Err(e) => {
+    let gone = CancellationToken::new();
+    let _cancel_when_dropped = gone.clone().drop_guard();
+    let (app, headers) = (Arc::clone(app), headers.clone());
+    let served = tokio::spawn(async move {
+        let mut vm_label = String::from("-");
+        let result = serve(endpoint, &app, &headers, body, started, &mut vm_label, &gone).await;
+        (result, vm_label)
+    });
+    let (resp, vm_label) = match served.await {
+        Ok((Ok(r), vm_label)) => (r, vm_label),
+        Ok((Err(e), vm_label)) => {
             debug!(error = %e, "request refused");
-            e.into_response_for(endpoint.format())
+            (e.into_response_for(endpoint.format()), vm_label)
         }
+        Err(e) => (IngressError::Internal(format!("request task failed: {e}")).into_response(), "-".into()),
     };
     metrics::request(endpoint.label(), &vm_label, resp.status().as_u16(), started.elapsed().as_secs_f64());
     resp
+}
+
+/// The client closed its connection before the request reached a provider (nobody reads this).
+fn client_gone() -> IngressError {
+    IngressError::Internal("the client closed the connection".into())
+}
+
+/// The input estimates of one request body, one per tokenizer, each made at most once: for the
+/// gate (when a Watch needs it) and for the usage events of the targets that share it.
+struct Estimates {
+    body: Arc<Value>,
+    by_encoding: Vec<(usize, InputEstimate)>,
+}
+
+impl Estimates {
+    fn for_model(&mut self, model: &str) -> &InputEstimate {
+        let key = std::ptr::from_ref(count::encoding_for(model)) as usize;
+        let i = match self.by_encoding.iter().position(|(k, _)| *k == key) {
+            Some(i) => i,
+            None => {
+                self.by_encoding.push((key, count::estimate_input_bounded(model, &self.body)));
+                self.by_encoding.len() - 1
+            }
+        };
+        &self.by_encoding[i].1
+    }
 }
 
 /// Checks the parts of the body every endpoint needs; returns the model name.
@@ -151,6 +192,7 @@ async fn serve(
     body: Body,
     started: Instant,
     vm_label: &mut String,
+    gone: &CancellationToken,
 ) -> Result<Response, IngressError> {
     let started_at_us = now_us();
     let header_bytes: usize = headers.iter().map(|(k, v)| k.as_str().len() + v.len()).sum();
@@ -164,7 +206,8 @@ async fn serve(
     let bytes = axum::body::to_bytes(body, app.max_body_bytes)
         .await
         .map_err(|_| IngressError::BodyTooLarge { limit: app.max_body_bytes })?;
-    let req: Value = serde_json::from_slice(&bytes).map_err(|e| IngressError::MalformedJson(e.to_string()))?;
+    let req: Arc<Value> =
+        Arc::new(serde_json::from_slice(&bytes).map_err(|e| IngressError::MalformedJson(e.to_string()))?);
     let model = validate(endpoint, &req)?;
     let envelope = envelope::extract(headers, &policy.envelope, key)?;
     let resolved = resolve(policy, key, model)?;
@@ -182,13 +225,15 @@ async fn serve(
     // Breach decisions: refuse, hold, reroute, or pass (counting into Watch headrooms).
     let first = plan.first().map(|a| a.target);
     let view = breach::RequestView { envelope: &envelope, api_key: key, vm, target: first, stream };
-    // The first target's estimate, made at most once: for the gate (when a Watch needs it) and
-    // for that target's usage event.
-    let mut first_estimate: Option<(i64, i64)> = None;
-    let mut estimate =
-        || first.map_or(0, |t| first_estimate.get_or_insert_with(|| count::estimate_input(&t.model, &req)).0);
+    let mut estimates = Estimates { body: Arc::clone(&req), by_encoding: Vec::new() };
+    let mut estimate = || first.map_or(0, |t| estimates.for_model(&t.model).tokens);
     app.decisions.note_request();
-    let pass = match breach::gate(&app.decisions, policy, &view, &app.queue, &mut estimate).await {
+    let gated = tokio::select! {
+        biased;
+        () = gone.cancelled() => return Err(client_gone()),
+        gated = breach::gate(&app.decisions, policy, &view, &app.queue, &mut estimate) => gated,
+    };
+    let pass = match gated {
         Ok(pass) => pass,
         Err(refusal) => {
             let refused = Refused { endpoint, event_id, started, started_at_us, stream, vm_label: vm_label.as_str() };
@@ -218,6 +263,9 @@ async fn serve(
     let mut retry_after = Duration::MAX;
     let retries = vm.and_then(|v| v.retries.as_ref());
     let breaker = vm.and_then(|v| v.circuit_breaker.as_ref());
+    // Upstream calls made so far: each is its own usage event, the first under the request's
+    // event id, the n-th under `<event id>#n`.
+    let mut calls: i32 = 0;
 
     for (i, attempt) in plan.iter().enumerate() {
         let target = attempt.target;
@@ -238,17 +286,18 @@ async fn serve(
         if !tried.is_empty() {
             metrics::fallback(vm_label);
         }
-        let (reference_input_tokens, input_chars) = match first_estimate {
-            Some(e) if first.is_some_and(|f| f.model == target.model) => e,
-            _ => count::estimate_input(&target.model, &req),
-        };
+        let input = estimates.for_model(&target.model).clone();
         let first_byte = attempt.timeout_ms.map_or(app.first_byte_timeout, Duration::from_millis);
         let more_targets = i + 1 < plan.len();
         let tries = 1 + retries.map_or(0, |r| r.attempts);
         for try_no in 0..tries {
-            let record = RequestRecord {
+            if gone.is_cancelled() {
+                return Err(client_gone());
+            }
+            calls = calls.saturating_add(1);
+            let mut record = RequestRecord {
                 publisher: app.publisher.clone(),
-                event_id: event_id.clone(),
+                event_id: if calls == 1 { event_id.clone() } else { format!("{event_id}#{calls}") },
                 started,
                 started_at_us,
                 envelope: envelope.clone(),
@@ -257,16 +306,17 @@ async fn serve(
                 virtual_model: vm_label.clone(),
                 provider: target.provider.clone(),
                 model: target.model.clone(),
-                attempt: i32::try_from(tried.len() + 1).unwrap_or(i32::MAX),
+                attempt: calls,
                 fallback_path: tried.clone(),
                 streamed: stream,
-                reference_input_tokens: Some(reference_input_tokens),
-                input_chars,
+                input: Some(input.clone()),
                 price: policy.price(target).cloned(),
                 price_card_version: policy.price_card.as_ref().map(|c| c.version.clone()).unwrap_or_default(),
                 decision: pass.applied.clone(),
                 ticket: pass.ticket.clone(),
+                intake: None,
             };
+            record.journal_intake();
             let outcome = match call(endpoint, app, &live, provider, target, &req, stream, first_byte).await {
                 Ok(resp) if stream => {
                     let cuts = std::mem::take(&mut cuts);
@@ -293,8 +343,9 @@ async fn serve(
                 app.breakers.record(&target_name, cfg, !moves_on, Instant::now());
             }
             let last_try = try_no + 1 == tries;
+            // Every attempt is a row: one that failed before a fallback or a retry too.
+            fail(record, &e);
             if !moves_on || (last_try && !more_targets) {
-                fail(record, &e);
                 return Err(e);
             }
             last_err = Some(e);
@@ -302,7 +353,10 @@ async fn serve(
                 break;
             }
             let backoff = retries.map_or(0, |r| r.backoff_ms.saturating_mul(1 << try_no.min(16)));
-            tokio::time::sleep(Duration::from_millis(backoff)).await;
+            tokio::select! {
+                () = gone.cancelled() => return Err(client_gone()),
+                () = tokio::time::sleep(Duration::from_millis(backoff)) => {}
+            }
         }
         tried.push(target_name);
     }
@@ -352,42 +406,24 @@ impl Refused<'_> {
             attempt: 0,
             fallback_path: Vec::new(),
             streamed: self.stream,
-            reference_input_tokens: None,
-            input_chars: 0,
+            input: None,
             price: None,
             price_card_version: policy.price_card.as_ref().map(|c| c.version.clone()).unwrap_or_default(),
             decision: Some(applied),
             ticket: None,
+            intake: None,
         };
-        record.finish(Outcome {
-            status: Status::Rejected,
-            http_status: 429,
-            error: Some(b.message()),
-            usage: None,
-            usage_complete: false,
-            output_text: String::new(),
-            model_version: None,
-            first_token_at_us: None,
-        });
+        record.finish(Outcome::failed(Status::Rejected, 429, b.message(), false));
     }
 }
 
-/// Records a request that reached a provider and failed there.
+/// Records an attempt that reached (or tried to reach) a provider and failed there.
 fn fail(record: RequestRecord, e: &IngressError) {
     let status = match e {
         IngressError::ProviderTimeout { .. } => Status::Timeout,
         _ => Status::ProviderError,
     };
-    record.finish(Outcome {
-        status,
-        http_status: e.status_code().as_u16(),
-        error: Some(e.to_string()),
-        usage: None,
-        usage_complete: false,
-        output_text: String::new(),
-        model_version: None,
-        first_token_at_us: None,
-    });
+    record.finish(Outcome::failed(status, e.status_code().as_u16(), e.to_string(), e.may_be_billed()));
 }
 
 /// The provider path and body for this endpoint and provider kind.
@@ -455,7 +491,11 @@ async fn call(
             if e.is_timeout() {
                 IngressError::ProviderTimeout { provider: provider_name(), ms: millis(sent.elapsed()) }
             } else {
-                IngressError::ProviderFailed { provider: provider_name(), message: error_chain(&e) }
+                IngressError::ProviderFailed {
+                    provider: provider_name(),
+                    message: error_chain(&e),
+                    reached: !e.is_connect(),
+                }
             }
         })?;
     if resp.status().is_success() {
@@ -499,7 +539,7 @@ async fn complete_response(
     record: RequestRecord,
 ) -> Result<Response, (IngressError, RequestRecord)> {
     let provider = record.provider.clone();
-    let bad = |message: String| IngressError::ProviderFailed { provider: provider.clone(), message };
+    let bad = |message: String| IngressError::ProviderFailed { provider: provider.clone(), message, reached: true };
     let bytes = match read_limited(resp, MAX_PROVIDER_BODY).await {
         Ok(b) => b,
         Err(m) => return Err((bad(m), record)),
@@ -538,6 +578,7 @@ async fn complete_response(
         output_text: text,
         model_version,
         first_token_at_us: None,
+        may_be_billed: false,
     });
     Ok(([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response())
 }
@@ -775,6 +816,7 @@ impl MeteredStream {
             output_text: std::mem::take(&mut self.acct.text),
             model_version: self.acct.model_version.take(),
             first_token_at_us: self.first_token_at_us,
+            may_be_billed: true,
         });
     }
 }

@@ -49,6 +49,7 @@ use tollgate_schemas::avro::AvroCodec;
 use tollgate_schemas::usage::UsageEvent;
 use tracing::{debug, error, info, warn};
 
+use crate::intake::{self, Hold, Journal};
 use crate::metrics;
 use crate::spool::{AppendError, Record, Spool, SpoolOptions};
 
@@ -72,11 +73,19 @@ pub struct SpoolConfig {
     pub segment_bytes: u64,
     /// How long a graceful shutdown may spend sending the spool to Kafka.
     pub drain_timeout: Duration,
+    /// Most bytes the intake journal (`dir/intake`) may hold.
+    pub intake_max_bytes: u64,
 }
 
 impl SpoolConfig {
     pub fn new(dir: PathBuf, max_bytes: u64) -> Self {
-        Self { dir, max_bytes, segment_bytes: SpoolOptions::new(max_bytes).segment_bytes, drain_timeout: DRAIN_TIMEOUT }
+        Self {
+            dir,
+            max_bytes,
+            segment_bytes: SpoolOptions::new(max_bytes).segment_bytes,
+            drain_timeout: DRAIN_TIMEOUT,
+            intake_max_bytes: INTAKE_MAX_BYTES,
+        }
     }
 }
 
@@ -89,14 +98,21 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// How often the spool head is persisted and the spool gauges are updated.
 const HOUSEKEEPING_EVERY: Duration = Duration::from_millis(500);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default bound of the intake journal: ~1 KiB per attempt, so 256 MiB holds a 10-minute
+/// stream's worth of journal at ~400 requests/s.
+pub const INTAKE_MAX_BYTES: u64 = 256 << 20;
 /// After one logged drop, further drops within this window are summed into one line.
 const DROP_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Handle the request path uses; cloning is cheap.
 #[derive(Clone)]
 pub struct Publisher {
-    tx: mpsc::Sender<UsageEvent>,
+    tx: mpsc::Sender<Queued>,
+    journal: Arc<Journal>,
 }
+
+/// An event for the spool, with the intake record it completes (dropped once it is spooled).
+type Queued = (UsageEvent, Option<Hold>);
 
 /// The producer task; `shutdown` stops intake, drains the spool within the deadline, and
 /// persists what is left for the next start.
@@ -141,8 +157,11 @@ impl Publisher {
             metrics::events_dropped("spool_corrupt", recovery.lost_records);
             error!(records = recovery.lost_records, dir = %spool.dir.display(), "usage events lost: spool segments were corrupt");
         }
+        let intake_dir = spool.dir.join(intake::DIR);
+        let (journal, leftover) = Journal::open(&intake_dir, spool.intake_max_bytes)
+            .map_err(|e| anyhow::anyhow!("opening the intake journal in {}: {e}", intake_dir.display()))?;
         let sent_below = store.head();
-        let task = Task {
+        let mut task = Task {
             spool: store,
             kafka: producer,
             client_config: cc,
@@ -157,23 +176,44 @@ impl Publisher {
             held: None,
             sent_below,
             drops: DropLog::default(),
+            journal: None,
         };
+        // Attempts the last run never finished: their interrupted events go to the spool first.
+        if !leftover.events.is_empty() || leftover.undecodable > 0 {
+            warn!(
+                attempts = leftover.events.len(),
+                "recording attempts an earlier run left with a provider as interrupted (input estimated)"
+            );
+            metrics::intake_interrupted(leftover.events.len() as u64);
+            metrics::events_dropped("intake_undecodable", leftover.undecodable);
+            let mut batch: Vec<Queued> = leftover.events.iter().cloned().map(|e| (e, None)).collect();
+            task.intake_batch(&mut batch);
+        }
+        journal.settle_leftover(&leftover);
+        task.journal = Some(journal.clone());
         task.gauges();
         let (tx, rx) = mpsc::channel(capacity);
         let stop = CancellationToken::new();
         let handle = tokio::spawn(task.run(rx, delivered, stop.clone(), spool.drain_timeout));
-        Ok((Publisher { tx }, PublisherTask { handle, stop }))
+        Ok((Publisher { tx, journal }, PublisherTask { handle, stop }))
     }
 
-    /// Queues an event; never waits. A full queue drops the event, counted and logged.
-    pub fn publish(&self, event: UsageEvent) {
-        match self.tx.try_send(event) {
+    /// Writes an attempt's interrupted event to the intake journal before its upstream call;
+    /// the returned hold goes with the attempt's real event to [`Publisher::publish`].
+    pub fn begin(&self, interrupted: &UsageEvent) -> Option<Hold> {
+        self.journal.begin(interrupted)
+    }
+
+    /// Queues an event; never waits. A full queue drops the event, counted and logged. `hold`
+    /// is the attempt's intake, completed once the event is in the spool.
+    pub fn publish(&self, event: UsageEvent, hold: Option<Hold>) {
+        match self.tx.try_send((event, hold)) {
             Ok(()) => metrics::publish_queue_depth(self.tx.max_capacity() - self.tx.capacity()),
-            Err(mpsc::error::TrySendError::Full(ev)) => {
+            Err(mpsc::error::TrySendError::Full((ev, _))) => {
                 metrics::event_dropped("queue_full");
                 error!(event_id = %ev.event_id, "usage event dropped: publish queue full");
             }
-            Err(mpsc::error::TrySendError::Closed(ev)) => {
+            Err(mpsc::error::TrySendError::Closed((ev, _))) => {
                 metrics::event_dropped("shutting_down");
                 error!(event_id = %ev.event_id, "usage event dropped: publisher stopped");
             }
@@ -257,12 +297,14 @@ struct Task {
     /// spool, by an earlier one): sending them again counts as a resend.
     sent_below: u64,
     drops: DropLog,
+    /// The intake journal, whose head is persisted with the spool's.
+    journal: Option<Arc<Journal>>,
 }
 
 impl Task {
     async fn run(
         mut self,
-        mut rx: mpsc::Receiver<UsageEvent>,
+        mut rx: mpsc::Receiver<Queued>,
         mut delivered: mpsc::UnboundedReceiver<Delivery>,
         stop: CancellationToken,
         drain_timeout: Duration,
@@ -330,9 +372,10 @@ impl Task {
     }
 
     /// Encodes each event and appends it to the spool; empties `batch`.
-    fn intake_batch(&mut self, batch: &mut Vec<UsageEvent>) {
+    fn intake_batch(&mut self, batch: &mut Vec<Queued>) {
         let mut spooled = 0;
-        for ev in batch.drain(..) {
+        // Each hold is dropped (its intake completed) right after its event's append.
+        for (ev, _hold) in batch.drain(..) {
             spooled += u64::from(self.intake(&ev));
         }
         metrics::events_spooled(spooled);
@@ -519,6 +562,9 @@ impl Task {
         if let Err(e) = self.spool.persist_head() {
             warn!(error = %e, "usage event spool head not persisted");
         }
+        if let Some(j) = &self.journal {
+            j.housekeeping();
+        }
         self.drops.tick();
         self.gauges();
     }
@@ -613,13 +659,13 @@ mod tests {
         spool.drain_timeout = Duration::from_millis(300);
         let (publisher, task) = Publisher::start(&kafka, 16, spool).unwrap();
         for i in 0..10 {
-            publisher.publish(event(i));
+            publisher.publish(event(i), None);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
         let started = std::time::Instant::now();
         task.shutdown().await;
         assert!(started.elapsed() < Duration::from_secs(5), "shutdown keeps to its drain deadline");
-        publisher.publish(event(99));
+        publisher.publish(event(99), None);
 
         let (mut reopened, recovery) = Spool::open(dir.path(), SpoolOptions::new(1 << 20)).unwrap();
         assert_eq!(recovery.records, 10);

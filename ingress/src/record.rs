@@ -6,8 +6,9 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tollgate_schemas::price::ModelPrice;
 use tollgate_schemas::usage::{ApiFormat, AppliedDecision, Envelope, Status, TokenSource, UsageEvent};
 
-use crate::count;
+use crate::count::{self, InputEstimate, Reference};
 use crate::decisions::Ticket;
+use crate::intake::Hold;
 use crate::metrics;
 use crate::provider::Usage;
 use crate::publish::Publisher;
@@ -16,7 +17,7 @@ pub fn now_us() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
 }
 
-/// Everything known about a request once its target is chosen; finished into one event.
+/// Everything known about an upstream attempt once its target is chosen; finished into one event.
 pub struct RequestRecord {
     pub publisher: Publisher,
     pub event_id: String,
@@ -31,15 +32,17 @@ pub struct RequestRecord {
     pub attempt: i32,
     pub fallback_path: Vec<String>,
     pub streamed: bool,
-    /// `None` for a request refused before any target was chosen.
-    pub reference_input_tokens: Option<i64>,
-    pub input_chars: i64,
+    /// The prompt's input as the request path knows it; `None` for a request refused before
+    /// any target was chosen.
+    pub input: Option<InputEstimate>,
     pub price: Option<ModelPrice>,
     pub price_card_version: String,
     /// The breach decision that shaped the request, if any.
     pub decision: Option<AppliedDecision>,
     /// What the request added to `Watch` counts, settled with its real usage here.
     pub ticket: Option<Arc<Ticket>>,
+    /// The attempt's intake record, completed when its event is spooled.
+    pub intake: Option<Hold>,
 }
 
 /// How the request ended.
@@ -55,63 +58,132 @@ pub struct Outcome {
     pub output_text: String,
     pub model_version: Option<String>,
     pub first_token_at_us: Option<i64>,
+    /// A failed attempt the provider may have billed (it timed out, or its answer was lost):
+    /// its input is estimated instead of zero.
+    pub may_be_billed: bool,
+}
+
+impl Outcome {
+    /// An attempt that failed with `status`, nothing reported.
+    pub fn failed(status: Status, http_status: u16, error: String, may_be_billed: bool) -> Outcome {
+        Outcome {
+            status,
+            http_status,
+            error: Some(error),
+            usage: None,
+            usage_complete: false,
+            output_text: String::new(),
+            model_version: None,
+            first_token_at_us: None,
+            may_be_billed,
+        }
+    }
 }
 
 impl RequestRecord {
-    /// Builds the event (estimating what the provider did not report) and queues it.
+    /// Writes the attempt's interrupted event to the intake journal, before its upstream call.
+    pub fn journal_intake(&mut self) {
+        let interrupted = Outcome::failed(
+            Status::Interrupted,
+            0,
+            "the ingress stopped before this attempt ended; input estimated, output unknown".into(),
+            true,
+        );
+        let event = self.event(&interrupted, self.started_at_us, self.input.as_ref().map(|i| i.tokens));
+        self.intake = self.publisher.begin(&event);
+    }
+
+    /// Builds the event (estimating what the provider did not report) and queues it. When the
+    /// prompt's reference count is still running (a long prompt), the event waits for it off
+    /// the caller's path.
     pub fn finish(self, o: Outcome) {
+        let ended_at_us =
+            self.started_at_us + i64::try_from(self.started.elapsed().as_micros()).unwrap_or(i64::MAX / 2);
+        let pending = match self.input.as_ref().map(|i| &i.reference) {
+            Some(r @ Reference::Deferred(f)) if r.now().is_none() => Some(f.clone()),
+            _ => None,
+        };
+        match (pending, tokio::runtime::Handle::try_current()) {
+            (Some(counting), Ok(rt)) => {
+                rt.spawn(async move {
+                    let reference = counting.await;
+                    self.publish(&o, ended_at_us, Some(reference));
+                });
+            }
+            _ => {
+                let reference = self.input.as_ref().map(|i| i.reference.now().unwrap_or(i.tokens));
+                self.publish(&o, ended_at_us, reference);
+            }
+        }
+    }
+
+    fn publish(mut self, o: &Outcome, ended_at_us: i64, reference: Option<i64>) {
+        let event = self.event(o, ended_at_us, reference);
+        metrics::usage(
+            &self.virtual_model,
+            &self.provider,
+            event.input_tokens,
+            event.output_tokens,
+            event.cached_input_tokens,
+            event.cost_nanos,
+        );
+        if let Some(t) = &self.ticket {
+            // The same tokens the enforcer counts for this event (`UsageEvent::total_tokens`).
+            t.settle(event.total_tokens(), event.cost_nanos);
+        }
+        self.publisher.publish(event, self.intake.take());
+    }
+
+    /// The attempt's usage event for outcome `o`, with `reference` as its reference input count.
+    fn event(&self, o: &Outcome, ended_at_us: i64, reference: Option<i64>) -> UsageEvent {
         let ok = (200..300).contains(&o.http_status);
+        let estimated_input = Usage { input: reference.unwrap_or(0), ..Usage::default() };
         let (usage, source) = match o.usage {
             Some(u) if o.usage_complete => (u, TokenSource::Provider),
             partial if ok => {
                 // Provider truth where we have it (Anthropic reports input at the start), tiktoken
                 // for the rest: the output already passed to the client.
                 let estimated_out = count::count_text(count::encoding_for(&self.model), &o.output_text);
-                let mut u =
-                    partial.unwrap_or(Usage { input: self.reference_input_tokens.unwrap_or(0), ..Usage::default() });
+                let mut u = partial.unwrap_or(estimated_input);
                 u.output = u.output.max(estimated_out);
                 (u, TokenSource::Estimated)
             }
+            // The provider may have read the prompt (a timeout, a lost answer): its input is
+            // estimated; what it wrote is unknown.
+            _ if o.may_be_billed => (estimated_input, TokenSource::Estimated),
             // The provider refused or failed before generating: nothing was consumed.
             _ => (Usage::default(), TokenSource::Estimated),
         };
         let cost_nanos = self.price.as_ref().map_or(0, |p| p.cost_nanos(usage.billable()));
-        let ticket = self.ticket;
-        metrics::usage(&self.virtual_model, &self.provider, usage.input, usage.output, usage.cached_read, cost_nanos);
-        let event = UsageEvent {
-            event_id: self.event_id,
+        UsageEvent {
+            event_id: self.event_id.clone(),
             started_at_us: self.started_at_us,
             first_token_at_us: o.first_token_at_us,
-            ended_at_us: self.started_at_us + i64::try_from(self.started.elapsed().as_micros()).unwrap_or(i64::MAX / 2),
-            envelope: self.envelope,
-            api_key_id: self.api_key_id,
+            ended_at_us,
+            envelope: self.envelope.clone(),
+            api_key_id: self.api_key_id.clone(),
             api_format: self.api_format,
-            virtual_model: self.virtual_model,
-            provider: self.provider,
-            model: self.model,
-            model_version: o.model_version,
+            virtual_model: self.virtual_model.clone(),
+            provider: self.provider.clone(),
+            model: self.model.clone(),
+            model_version: o.model_version.clone(),
             attempt: self.attempt,
-            fallback_path: self.fallback_path,
+            fallback_path: self.fallback_path.clone(),
             status: o.status,
             http_status: i32::from(o.http_status),
-            error: o.error,
+            error: o.error.clone(),
             streamed: self.streamed,
             input_tokens: usage.input,
             output_tokens: usage.output,
             cached_input_tokens: usage.cached_read,
             cache_write_tokens: usage.cache_write,
             reasoning_tokens: usage.reasoning,
-            reference_input_tokens: self.reference_input_tokens,
-            input_chars: self.input_chars,
+            reference_input_tokens: reference,
+            input_chars: self.input.as_ref().map_or(0, |i| i.chars),
             token_source: source,
             cost_nanos,
-            price_card_version: self.price_card_version,
-            decision: self.decision,
-        };
-        if let Some(t) = &ticket {
-            // The same tokens the enforcer counts for this event (`UsageEvent::total_tokens`).
-            t.settle(event.total_tokens(), event.cost_nanos);
+            price_card_version: self.price_card_version.clone(),
+            decision: self.decision.clone(),
         }
-        self.publisher.publish(event);
     }
 }

@@ -22,6 +22,10 @@ pub enum CodecError {
 pub struct AvroCodec {
     schema: Schema,
     header: Vec<u8>,
+    /// Earlier versions of the schema, by their single-object header: a datum one of them wrote
+    /// (an event still in a spool or a topic when the services were upgraded) is read through
+    /// Avro's schema resolution into the current schema.
+    earlier: Vec<(Vec<u8>, Schema)>,
 }
 
 impl AvroCodec {
@@ -33,7 +37,18 @@ impl AvroCodec {
         let json: serde_json::Value = serde_json::from_str(avsc).map_err(|e| CodecError::Schema(e.to_string()))?;
         let schema = Schema::parse(&strip_logical_types(json)).map_err(|e| CodecError::Schema(e.to_string()))?;
         let header = RabinFingerprintHeader::from_schema(&schema).build_header();
-        Ok(Self { schema, header })
+        Ok(Self { schema, header, earlier: Vec::new() })
+    }
+
+    /// The same codec, also reading data written with each of `earlier` (older `.avsc`s of
+    /// this schema whose changes Avro's resolution rules allow: added enum symbols, added
+    /// fields with defaults). It still writes only the current schema.
+    pub fn reading_earlier(mut self, earlier: &[&str]) -> Result<Self, CodecError> {
+        for avsc in earlier {
+            let old = Self::from_avsc(avsc)?;
+            self.earlier.push((old.header, old.schema));
+        }
+        Ok(self)
     }
 
     pub fn schema(&self) -> &Schema {
@@ -53,12 +68,22 @@ impl AvroCodec {
     }
 
     pub fn decode<T: DeserializeOwned>(&self, bytes: &[u8]) -> Result<T, CodecError> {
-        let Some(body) = bytes.strip_prefix(self.header.as_slice()) else {
-            let n = bytes.len().min(self.header.len());
-            return Err(CodecError::Header { found: bytes[..n].to_vec() });
+        let (mut reader, writer) = match bytes.strip_prefix(self.header.as_slice()) {
+            Some(body) => (body, None),
+            None => {
+                let earlier = self.earlier.iter().find_map(|(h, s)| Some((bytes.strip_prefix(h.as_slice())?, s)));
+                let Some((body, writer)) = earlier else {
+                    let n = bytes.len().min(self.header.len());
+                    return Err(CodecError::Header { found: bytes[..n].to_vec() });
+                };
+                (body, Some(writer))
+            }
         };
-        let mut reader = body;
-        let value = from_avro_datum(&self.schema, &mut reader, None).map_err(|e| CodecError::Decode(e.to_string()))?;
+        let value = match writer {
+            None => from_avro_datum(&self.schema, &mut reader, None),
+            Some(w) => from_avro_datum(w, &mut reader, Some(&self.schema)),
+        }
+        .map_err(|e| CodecError::Decode(e.to_string()))?;
         if !reader.is_empty() {
             return Err(CodecError::Decode(format!("{} trailing bytes", reader.len())));
         }

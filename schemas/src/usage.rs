@@ -7,6 +7,8 @@ use crate::avro::{AvroCodec, CodecError};
 
 /// The `.avsc` this type must match; `tests::rust_type_matches_avsc` fails when they drift.
 pub const USAGE_EVENT_AVSC: &str = include_str!("../avro/usage_event.avsc");
+/// Earlier versions of the usage event, still read (v1 lacked the `Interrupted` status).
+pub const USAGE_EVENT_EARLIER_AVSC: [&str; 1] = [include_str!("../avro/history/usage_event.v1.avsc")];
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, AvroSchema)]
 #[avro(namespace = "tollgate.v1")]
@@ -49,6 +51,9 @@ pub enum Status {
     Timeout,
     /// Tollgate refused the request before it reached a provider.
     Rejected,
+    /// The ingress stopped (crashed, was killed) while the attempt was with the provider; a
+    /// restarted ingress recorded it from its intake journal, input estimated, output unknown.
+    Interrupted,
 }
 
 impl Status {
@@ -59,6 +64,7 @@ impl Status {
             Status::ClientAbort => "client_abort",
             Status::Timeout => "timeout",
             Status::Rejected => "rejected",
+            Status::Interrupted => "interrupted",
         }
     }
 }
@@ -174,7 +180,7 @@ impl UsageEvent {
     /// The codec for this event, built from the `.avsc` (not from the Rust type), so the bytes
     /// on the wire always carry the fingerprint of the published schema.
     pub fn codec() -> Result<AvroCodec, CodecError> {
-        AvroCodec::from_avsc(USAGE_EVENT_AVSC)
+        AvroCodec::from_avsc(USAGE_EVENT_AVSC)?.reading_earlier(&USAGE_EVENT_EARLIER_AVSC)
     }
 }
 
@@ -262,7 +268,8 @@ mod tests {
             attempt in 1i32..5,
             fallback_path in proptest::collection::vec("[a-z/\\-]{1,16}", 0..3),
             status in prop_oneof![Just(Status::Ok), Just(Status::ProviderError),
-                Just(Status::ClientAbort), Just(Status::Timeout), Just(Status::Rejected)],
+                Just(Status::ClientAbort), Just(Status::Timeout), Just(Status::Rejected),
+                Just(Status::Interrupted)],
             http_status in 100i32..600,
             error in opt_string(),
             streamed in any::<bool>(),
@@ -301,6 +308,16 @@ mod tests {
             let back: UsageEvent = codec.decode(&bytes).unwrap();
             prop_assert_eq!(back, ev);
         }
+    }
+
+    #[test]
+    fn reads_events_an_earlier_schema_wrote() {
+        let v1 = AvroCodec::from_avsc(USAGE_EVENT_EARLIER_AVSC[0]).unwrap();
+        let ev = UsageEvent { status: Status::Timeout, ..UsageEvent::example("e1".into(), Some("s".into()), 7) };
+        let bytes = v1.encode(&ev).unwrap();
+        let current = UsageEvent::codec().unwrap();
+        assert_ne!(bytes[..10], current.encode(&ev).unwrap()[..10], "a new fingerprint");
+        assert_eq!(current.decode::<UsageEvent>(&bytes).unwrap(), ev);
     }
 
     #[test]

@@ -48,6 +48,14 @@ type: gateway-load-balancing-config
 rule_type: priority-based
 rules:
   - {id: a, priority: 1, target: {provider: openai-mock, model: gpt-4o-mini}, timeout_ms: 1000}
+---
+name: vm-timeout-fallback
+type: gateway-load-balancing-config
+rule_type: priority-based
+rules:
+  - {id: a, priority: 1, target: {provider: anthropic-mock, model: claude-haiku-4-5}, timeout_ms: 1000}
+fallbacks:
+  - {provider: openai-mock, model: gpt-4o-mini}
 ";
 
 async fn stack() -> Stack {
@@ -62,7 +70,7 @@ async fn stack() -> Stack {
     common::write_api_keys(
         policy.path(),
         "bad-input-key",
-        &["vm-openai", "vm-anthropic", "vm-fallback-500", "vm-slow"],
+        &["vm-openai", "vm-anthropic", "vm-fallback-500", "vm-slow", "vm-timeout-fallback"],
         &[],
     );
     let spool = tempfile::tempdir().unwrap();
@@ -104,6 +112,7 @@ struct Row {
     api_format: String,
     reference_input: String,
     error: String,
+    event_id: String,
 }
 
 impl Stack {
@@ -141,15 +150,15 @@ impl Stack {
     async fn rows(&self) -> Vec<Row> {
         let tsv = common::ch(&format!(
             "SELECT session_id, status, http_status, token_source, input_tokens, output_tokens, cost_nanos, attempt, \
-             fallback_path, provider, model, streamed, api_key_id, api_format, reference_input_tokens, error \
-             FROM {}.usage_events FINAL ORDER BY session_id FORMAT TabSeparated",
+             fallback_path, provider, model, streamed, api_key_id, api_format, reference_input_tokens, error, event_id \
+             FROM {}.usage_events FINAL ORDER BY session_id, attempt FORMAT TabSeparated",
             self.db
         ))
         .await;
         tsv.lines()
             .map(|line| {
                 let f: Vec<&str> = line.split('\t').collect();
-                assert_eq!(f.len(), 16, "{line}");
+                assert_eq!(f.len(), 17, "{line}");
                 let int = |i: usize| -> i64 { f[i].parse().unwrap_or_else(|e| panic!("column {i} of {line}: {e}")) };
                 Row {
                     session: f[0].into(),
@@ -168,13 +177,14 @@ impl Stack {
                     api_format: f[13].into(),
                     reference_input: f[14].into(),
                     error: f[15].into(),
+                    event_id: f[16].into(),
                 }
             })
             .collect()
     }
 
-    /// Waits for exactly the rows of `sessions` (in session order), then a little longer to
-    /// prove no other row arrives.
+    /// Waits for exactly the rows of `sessions` (in session order; a session named twice has
+    /// two attempts), then a little longer to prove no other row arrives.
     async fn expect_rows(&self, sessions: &[&str]) -> Vec<Row> {
         let n = sessions.len() as u64;
         let sql = format!("SELECT count() FROM {}.usage_events FINAL", self.db);
@@ -190,7 +200,7 @@ impl Stack {
         let mut want: Vec<&str> = sessions.to_vec();
         want.sort_unstable();
         let got: Vec<&str> = rows.iter().map(|r| r.session.as_str()).collect();
-        assert_eq!(got, want, "one row per request that reached a provider, none for refused ones: {rows:#?}");
+        assert_eq!(got, want, "one row per attempt that reached a provider, none for refused ones: {rows:#?}");
         for r in &rows {
             assert_eq!(r.api_key_id, "bad-input-key", "{r:?}");
         }
@@ -207,6 +217,13 @@ impl Stack {
 
 fn row<'r>(rows: &'r [Row], session: &str) -> &'r Row {
     rows.iter().find(|r| r.session == session).unwrap_or_else(|| panic!("no row for {session}: {rows:#?}"))
+}
+
+/// The row of a session's `attempt`-th upstream call.
+fn attempt_row<'r>(rows: &'r [Row], session: &str, attempt: i64) -> &'r Row {
+    rows.iter()
+        .find(|r| r.session == session && r.attempt == attempt)
+        .unwrap_or_else(|| panic!("no row for attempt {attempt} of {session}: {rows:#?}"))
 }
 
 fn chat_body(model: &str, text: &str) -> Value {
@@ -638,8 +655,11 @@ async fn provider_garbage_is_502_or_a_stream_error_with_one_row_each() {
         assert_eq!(r.output, 0, "no output reached the client: {r:?}");
         assert!(!r.error.is_empty(), "{r:?}");
     }
-    // A failed answer consumed nothing; a broken stream is billed its estimated input.
-    assert_eq!((row(&rows, "garbage-json").input, row(&rows, "garbage-json").cost_nanos), (0, 0));
+    // An unreadable 2xx answer was served, so it may have been billed: its input is estimated,
+    // as is a broken stream's.
+    let r = row(&rows, "garbage-json");
+    let (reference, _) = count::estimate_input("gpt-4o-mini", &chat_body("vm-openai", "#mock garbage"));
+    assert_eq!((r.input, r.cost_nanos), (reference, reference * 150), "{r:?}");
     let r = row(&rows, "garbage-stream");
     let (reference, _) = count::estimate_input("gpt-4o-mini", &streaming(chat_body("vm-openai", "#mock garbage")));
     assert_eq!((r.input, r.reference_input.as_str()), (reference, reference.to_string().as_str()), "{r:?}");
@@ -678,8 +698,21 @@ async fn provider_500_falls_back_or_reaches_the_client_with_one_row_each() {
     );
 
     s.assert_still_serves("ok-after-500").await;
-    let rows = s.expect_rows(&["failed", "failed-messages", "fell-back", "ok-after-500"]).await;
-    let r = row(&rows, "fell-back");
+    let rows = s.expect_rows(&["failed", "failed-messages", "fell-back", "fell-back", "ok-after-500"]).await;
+    // The refused first attempt is a row of its own: an HTTP error status is not billed.
+    let first = attempt_row(&rows, "fell-back", 1);
+    assert_eq!(
+        (first.status.as_str(), first.http_status, first.provider.as_str()),
+        ("provider_error", 500, "anthropic-mock"),
+        "{first:?}"
+    );
+    assert_eq!(
+        (first.fallback_path.as_str(), first.input, first.output, first.cost_nanos),
+        ("[]", 0, 0, 0),
+        "{first:?}"
+    );
+    let r = attempt_row(&rows, "fell-back", 2);
+    assert_eq!(r.event_id, format!("{}#2", first.event_id), "one request id, one event per attempt");
     assert_eq!((r.status.as_str(), r.http_status, r.attempt), ("ok", 200, 2), "{r:?}");
     assert_eq!(r.fallback_path, "['anthropic-mock/claude-haiku-4-5']", "{r:?}");
     assert_eq!((r.provider.as_str(), r.model.as_str()), ("openai-mock", "gpt-4o-mini"), "{r:?}");
@@ -721,10 +754,13 @@ async fn stall_before_the_first_byte_is_504_timeout() {
 
     s.assert_still_serves("ok-after-stall").await;
     let rows = s.expect_rows(&["ok-after-stall", "stalled-head", "stalled-head-idle", "warm-up"]).await;
-    for session in ["stalled-head", "stalled-head-idle"] {
+    // A timeout may have been billed: the input is estimated, what the model wrote is unknown.
+    let bodies = [chat_body("vm-slow", "#mock stall_after=0"), messages_body("vm-openai", "#mock stall_after=0")];
+    for (session, body) in ["stalled-head", "stalled-head-idle"].into_iter().zip(bodies) {
         let r = row(&rows, session);
         assert_eq!((r.status.as_str(), r.http_status, r.token_source.as_str()), ("timeout", 504, "estimated"), "{r:?}");
-        assert_eq!((r.output, r.cost_nanos), (0, 0), "{r:?}");
+        let (reference, _) = count::estimate_input("gpt-4o-mini", &body);
+        assert_eq!((r.input, r.output, r.cost_nanos), (reference, 0, reference * 150), "{r:?}");
     }
     s.stop().await;
 }
@@ -813,8 +849,65 @@ async fn provider_closing_the_connection_is_502_or_a_cut_stream_with_an_estimate
     check_cut_row(row(&rows, "close-chat"), "provider_error", reference, out, reference * 150 + out * 600);
     let out = estimate("claude-haiku-4-5", "w1 w2 w3 ");
     check_cut_row(row(&rows, "close-messages"), "provider_error", 40, out, 40 * 1000 + out * 5000);
+    // The request reached the provider before it hung up: may be billed, input estimated.
     let r = row(&rows, "close-head");
-    assert_eq!((r.status.as_str(), r.http_status, r.output, r.cost_nanos), ("provider_error", 502, 0, 0), "{r:?}");
+    let (reference, _) = count::estimate_input("gpt-4o-mini", &chat_body("vm-openai", "#mock close_after=0"));
+    assert_eq!((r.status.as_str(), r.http_status, r.output), ("provider_error", 502, 0), "{r:?}");
+    assert_eq!((r.input, r.cost_nanos), (reference, reference * 150), "{r:?}");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_first_attempt_and_its_fallback_are_two_rows() {
+    let s = stack().await;
+    // The Anthropic-kind primary (1 s first-byte timeout) reads the tool_result's stall; the
+    // OpenAI-kind fallback gets the text block only and answers.
+    let body = json!({"model": "vm-timeout-fallback", "max_tokens": 64, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "look this up\n#mock prompt_tokens=30 completion_tokens=4"},
+        {"type": "tool_result", "tool_use_id": "toolu_1", "content": "#mock stall_after=0"},
+    ]}]});
+    let a = s.post_json("/v1/messages", "timed-out-then-ok", &body).await;
+    assert_eq!(a.status, 200, "the fallback answers: {}", a.text);
+    assert_eq!(a.json()["usage"]["input_tokens"], 30, "{}", a.text);
+    let rows = s.expect_rows(&["timed-out-then-ok", "timed-out-then-ok"]).await;
+    let first = attempt_row(&rows, "timed-out-then-ok", 1);
+    let (reference, _) = count::estimate_input("claude-haiku-4-5", &body);
+    assert_eq!(
+        (first.status.as_str(), first.http_status, first.token_source.as_str()),
+        ("timeout", 504, "estimated"),
+        "{first:?}"
+    );
+    assert_eq!((first.provider.as_str(), first.input, first.output), ("anthropic-mock", reference, 0), "{first:?}");
+    assert_eq!(first.cost_nanos, reference * 1000, "the estimated input at the primary's price: {first:?}");
+    let second = attempt_row(&rows, "timed-out-then-ok", 2);
+    assert_eq!(
+        (second.status.as_str(), second.token_source.as_str(), second.input, second.output),
+        ("ok", "provider", 30, 4),
+        "{second:?}"
+    );
+    assert_eq!(second.fallback_path, "['anthropic-mock/claude-haiku-4-5']", "{second:?}");
+    assert_eq!(second.event_id, format!("{}#2", first.event_id), "{second:?}");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_gone_from_a_non_streaming_call_still_gets_its_row() {
+    let s = stack().await;
+    s.assert_still_serves("warm-up").await;
+    // The client gives up after 300 ms; the provider answers after 1.5 s, and the ingress
+    // reads that answer and records what the provider reported.
+    let body = chat_body("vm-openai", "#mock prompt_tokens=41 completion_tokens=7 latency_ms=1500");
+    let gone = s
+        .request("/v1/chat/completions", "gone-before-answer")
+        .json(&body)
+        .timeout(Duration::from_millis(300))
+        .send()
+        .await;
+    assert!(gone.is_err_and(|e| e.is_timeout()), "the client gave up first");
+    let rows = s.expect_rows(&["gone-before-answer", "warm-up"]).await;
+    let r = row(&rows, "gone-before-answer");
+    assert_eq!((r.status.as_str(), r.token_source.as_str(), r.input, r.output), ("ok", "provider", 41, 7), "{r:?}");
+    assert_eq!(r.cost_nanos, 41 * 150 + 7 * 600, "{r:?}");
     s.stop().await;
 }
 

@@ -174,11 +174,12 @@ async fn events_spooled_before_a_kill_9_reach_clickhouse_after_restart() {
         futures::stream::iter(0..N).map(|i| common::chat(&client, run1.addr, i)).buffer_unordered(8).collect().await;
     let failures: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
     assert!(failures.is_empty(), "with Kafka unreachable every request is still served: {failures:#?}");
+    let rows = common::chat_rows(N);
     let spooled = common::eventually(Duration::from_secs(10), || async {
-        common::metric(&run1.metrics().await, "tollgate_ingress_events_spooled_total") == N
+        common::metric(&run1.metrics().await, "tollgate_ingress_events_spooled_total") == rows
     })
     .await;
-    assert!(spooled, "all {N} events spooled:\n{}", run1.metrics().await);
+    assert!(spooled, "all {rows} events spooled:\n{}", run1.metrics().await);
     run1.kill_9();
 
     // Run 2: same spool directory, the real broker.
@@ -187,17 +188,17 @@ async fn events_spooled_before_a_kill_9_reach_clickhouse_after_restart() {
         Ingress::start(policy.path(), &common::kafka_brokers(), &topic, spool.path(), logs.path().join("run2.log"))
             .await;
     let rows_sql = format!("SELECT count() FROM {db}.usage_events FINAL");
-    let arrived = common::until_at_least(N, Duration::from_secs(60), || common::ch_count(&rows_sql)).await.is_ok();
-    assert!(arrived, "{} of {N} rows after the restart:\n{}", common::ch_count(&rows_sql).await, run2.log_text());
+    let arrived = common::until_at_least(rows, Duration::from_secs(60), || common::ch_count(&rows_sql)).await.is_ok();
+    assert!(arrived, "{} of {rows} rows after the restart:\n{}", common::ch_count(&rows_sql).await, run2.log_text());
     let (sessions, _) = sessions_in(&db).await;
-    assert_eq!(sessions, (0..N).collect::<BTreeSet<_>>(), "one row per request");
+    assert_eq!(sessions, (0..N).collect::<BTreeSet<_>>(), "a row for every request");
     let (input, output) = (0..N).map(common::chat_case).fold((0, 0), |(i, o), (_, _, p, c)| (i + p, o + c));
     assert_eq!(
         common::ch(&format!("SELECT sum(input_tokens), sum(output_tokens) FROM {db}.usage_events FINAL")).await.trim(),
         format!("{input}\t{output}")
     );
     let m = run2.metrics().await;
-    assert_eq!(common::metric(&m, "tollgate_ingress_events_recovered_total"), N, "{m}");
+    assert_eq!(common::metric(&m, "tollgate_ingress_events_recovered_total"), rows, "{m}");
     assert_eq!(common::metric(&m, "tollgate_ingress_events_dropped_total"), 0, "{m}");
 
     // A graceful stop leaves an empty spool behind.
@@ -206,8 +207,133 @@ async fn events_spooled_before_a_kill_9_reach_clickhouse_after_restart() {
         tollgate_ingress::spool::Spool::open(spool.path(), tollgate_ingress::spool::SpoolOptions::new(1 << 30))
             .unwrap();
     assert_eq!(recovery.records, 0, "spool drained at shutdown");
-    assert_eq!(common::ch_count(&rows_sql).await, N);
+    assert_eq!(common::ch_count(&rows_sql).await, rows);
 
+    meter.stop().await;
+    mock.stop().await;
+    common::ch(&format!("DROP DATABASE IF EXISTS {db}")).await;
+}
+
+/// A `kill -9` while the provider holds requests: every request the mock received is a row
+/// after the restart (from the intake journal: `interrupted`, input estimated), none twice, and
+/// the requests that were answered before the kill keep their own rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_in_flight_at_a_kill_9_become_interrupted_rows() {
+    let topic = common::unique("usage_inflight");
+    let db = common::unique("tollgate_inflight");
+    common::create_topic(&topic, 3).await;
+    let mock = common::start_mock().await;
+    let policy = tempfile::tempdir().unwrap();
+    common::write_policy(policy.path(), mock.addr);
+    let spool = tempfile::tempdir().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let meter = common::start_meter(common::meter_config(&topic, &db)).await;
+    let brokers = common::kafka_brokers();
+    let mut run1 = Ingress::start(policy.path(), &brokers, &topic, spool.path(), logs.path().join("run1.log")).await;
+
+    let send = |session: String, body: serde_json::Value, addr: SocketAddr| async move {
+        reqwest::Client::new()
+            .post(format!("http://{addr}/v1/chat/completions"))
+            .header("X-TFY-Project", "outage")
+            .header("X-TFY-Session-ID", session)
+            .json(&body)
+            .send()
+            .await
+    };
+    // Answered before the kill: ordinary rows.
+    for i in 0..2 {
+        let body = serde_json::json!({"model": "vm-openai", "messages": [{"role": "user", "content": format!("done {i}\n#mock prompt_tokens=11 completion_tokens=2")}]});
+        let r = send(format!("done-{i}"), body, run1.addr).await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    // Held by the provider at the kill: four waiting for an answer, one mid-stream.
+    let held: Vec<(String, serde_json::Value)> = (0..5)
+        .map(|i| {
+            let text = format!("held {i} {}\n#mock prompt_tokens=500 completion_tokens=40", "word ".repeat(20 * i));
+            let mut body = serde_json::json!({"model": "vm-openai", "messages": [{"role": "user", "content": text}]});
+            if i == 4 {
+                body["stream"] = serde_json::json!(true);
+                body["messages"][0]["content"] = serde_json::json!(format!("{text} chunk_delay_ms=60000"));
+            } else {
+                body["messages"][0]["content"] = serde_json::json!(format!("{text} latency_ms=60000"));
+            }
+            (format!("held-{i}"), body)
+        })
+        .collect();
+    let mut clients = Vec::new();
+    for (session, body) in held.clone() {
+        let addr = run1.addr;
+        clients.push(tokio::spawn(async move {
+            if let Ok(r) = send(session, body, addr).await {
+                // The stream's first chunk arrives; then the connection dies with the ingress.
+                let _ = r.bytes().await;
+            }
+        }));
+    }
+    let stats = format!("http://{}/_mock/stats", mock.addr);
+    let all_held = common::eventually(Duration::from_secs(30), || {
+        let stats = stats.clone();
+        async move {
+            let v: serde_json::Value = reqwest::get(&stats).await.unwrap().json().await.unwrap();
+            v["chat_completions"] == 7
+        }
+    })
+    .await;
+    assert!(all_held, "the mock received every request");
+    run1.kill_9();
+    for c in clients {
+        c.await.unwrap();
+    }
+
+    let mut run2 = Ingress::start(policy.path(), &brokers, &topic, spool.path(), logs.path().join("run2.log")).await;
+    let rows_sql = format!("SELECT count() FROM {db}.usage_events FINAL");
+    let arrived = common::until_at_least(7, Duration::from_secs(60), || common::ch_count(&rows_sql)).await.is_ok();
+    assert!(arrived, "{} of 7 rows after the restart:\n{}", common::ch_count(&rows_sql).await, run2.log_text());
+    let m = run2.metrics().await;
+    assert_eq!(common::metric(&m, "tollgate_ingress_intake_interrupted_total"), 5, "{m}");
+    // Each request the mock received is one row, and each row one request.
+    assert_eq!(
+        common::ch(&format!("SELECT count(), uniqExact(session_id), uniqExact(event_id) FROM {db}.usage_events FINAL"))
+            .await
+            .trim(),
+        "7\t7\t7"
+    );
+    let tsv = common::ch(&format!(
+        "SELECT session_id, status, token_source, input_tokens, output_tokens, cost_nanos, reference_input_tokens, streamed \
+         FROM {db}.usage_events FINAL ORDER BY session_id FORMAT TabSeparated"
+    ))
+    .await;
+    let rows: Vec<Vec<&str>> = tsv.lines().map(|l| l.split('\t').collect()).collect();
+    for (i, r) in rows[..2].iter().enumerate() {
+        assert_eq!(
+            r[..6],
+            [format!("done-{i}").as_str(), "ok", "provider", "11", "2", &(11 * 150 + 2 * 600).to_string()]
+        );
+    }
+    for (r, (session, body)) in rows[2..].iter().zip(&held) {
+        let (reference, _) = tollgate_ingress::count::estimate_input("gpt-4o-mini", body);
+        let streamed = if body["stream"] == true { "1" } else { "0" };
+        assert_eq!(
+            r[..],
+            [
+                session.as_str(),
+                "interrupted",
+                "estimated",
+                &reference.to_string(),
+                "0",
+                &(reference * 150).to_string(),
+                &reference.to_string(),
+                streamed
+            ],
+            "the estimated input of an interrupted attempt"
+        );
+    }
+    // A second restart finds nothing left to recover.
+    run2.terminate().await;
+    let run3 = Ingress::start(policy.path(), &brokers, &topic, spool.path(), logs.path().join("run3.log")).await;
+    assert_eq!(common::metric(&run3.metrics().await, "tollgate_ingress_intake_interrupted_total"), 0);
+    assert_eq!(common::ch_count(&rows_sql).await, 7);
+    drop(run3);
     meter.stop().await;
     mock.stop().await;
     common::ch(&format!("DROP DATABASE IF EXISTS {db}")).await;

@@ -164,14 +164,20 @@ async fn a_failing_primary_falls_back_in_order_across_providers() {
     // Two dead OpenAI-kind targets, then an Anthropic target answers, translated to OpenAI's format.
     assert_eq!(body["object"], "chat.completion");
     assert_eq!(body["usage"]["prompt_tokens"], 5);
-    assert!(s.rows(1).await);
-    let row = common::ch(&format!(
-        "SELECT provider, model, attempt, fallback_path, status, input_tokens, output_tokens, cost_nanos FROM {}.usage_events FINAL FORMAT TabSeparated",
+    // One row per attempt: the refused connections cost nothing.
+    assert!(s.rows(3).await);
+    let rows = common::ch(&format!(
+        "SELECT provider, model, attempt, fallback_path, status, input_tokens, output_tokens, cost_nanos FROM {}.usage_events FINAL ORDER BY attempt FORMAT TabSeparated",
         s.db
     ))
     .await;
     // 5 in × 1000 n$ + 2 out × 5000 n$ = 15,000 n$.
-    assert_eq!(row.trim(), "claude\tclaude-haiku-4-5\t3\t['dead-a/m','dead-b/m']\tok\t5\t2\t15000");
+    assert_eq!(
+        rows,
+        "dead-a\tm\t1\t[]\tprovider_error\t0\t0\t0\n\
+         dead-b\tm\t2\t['dead-a/m']\tprovider_error\t0\t0\t0\n\
+         claude\tclaude-haiku-4-5\t3\t['dead-a/m','dead-b/m']\tok\t5\t2\t15000\n"
+    );
     s.stop().await;
 }
 
@@ -206,12 +212,13 @@ async fn the_breaker_opens_after_the_threshold_and_closes_after_the_cooldown() {
         assert_eq!(served_by(&b), "flaky-1", "closed again: the primary serves");
     }
     assert_eq!(calls(), 7);
-    assert!(s.rows(11).await);
+    // 11 answers and the 4 refused calls to the primary, each a row.
+    assert!(s.rows(15).await);
     let by_provider = common::ch(&format!(
-        "SELECT provider, count() FROM {}.usage_events FINAL GROUP BY provider ORDER BY provider FORMAT TabSeparated",
+        "SELECT provider, status, count() FROM {}.usage_events FINAL GROUP BY provider, status ORDER BY provider, status FORMAT TabSeparated",
         s.db
     ))
     .await;
-    assert_eq!(by_provider, "flaky\t3\nheavy\t8\n");
+    assert_eq!(by_provider, "flaky\tok\t3\nflaky\tprovider_error\t4\nheavy\tok\t8\n");
     s.stop().await;
 }

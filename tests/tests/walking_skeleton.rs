@@ -162,14 +162,30 @@ async fn n_requests_become_exactly_n_rows_with_the_providers_numbers() {
         expected.insert(format!("sess-{i}"), exp);
     }
 
+    // One row per upstream attempt: every third request first tries the `dead` provider.
+    let fell_back = (0..N).filter(|i| i % 3 == 2).count() as u64;
     let rows_sql = format!("SELECT count() FROM {db}.usage_events FINAL");
-    let arrived = common::until_at_least(N, Duration::from_secs(60), || common::ch_count(&rows_sql)).await.is_ok();
-    assert!(arrived, "only {} of {N} rows reached ClickHouse", common::ch_count(&rows_sql).await);
+    let arrived =
+        common::until_at_least(N + fell_back, Duration::from_secs(60), || common::ch_count(&rows_sql)).await.is_ok();
+    assert!(arrived, "only {} of {} rows reached ClickHouse", common::ch_count(&rows_sql).await, N + fell_back);
+    // The attempts at the dead provider: refused connections, nothing billed, the request's own
+    // event id (the answer's row is `<id>#2`).
+    assert_eq!(
+        common::ch(&format!(
+            "SELECT count(), countIf(status = 'provider_error' AND attempt = 1 AND input_tokens = 0 AND cost_nanos = 0), \
+             countIf(concat(event_id, '#2') IN (SELECT event_id FROM {db}.usage_events WHERE attempt = 2)) \
+             FROM {db}.usage_events FINAL WHERE provider = 'dead'"
+        ))
+        .await
+        .trim(),
+        format!("{fell_back}\t{fell_back}\t{fell_back}")
+    );
 
     let tsv = common::ch(&format!(
         "SELECT session_id, provider, model, attempt, streamed, input_tokens, output_tokens, cached_input_tokens, \
          cache_write_tokens, cost_nanos, token_source, status, project, workflow_tag, price_card_version, \
-         length(fallback_path), api_format FROM {db}.usage_events FINAL ORDER BY session_id FORMAT TabSeparated"
+         length(fallback_path), api_format FROM {db}.usage_events FINAL WHERE provider != 'dead' \
+         ORDER BY session_id FORMAT TabSeparated"
     ))
     .await;
     let mut seen = BTreeMap::new();
@@ -202,7 +218,7 @@ async fn n_requests_become_exactly_n_rows_with_the_providers_numbers() {
         );
         assert!(seen.insert(f[0].to_owned(), got).is_none(), "two rows for session {}", f[0]);
     }
-    assert_eq!(seen.len() as u64, N, "exactly one row per request");
+    assert_eq!(seen.len() as u64, N, "exactly one answered row per request");
     for (session, exp) in &expected {
         assert_eq!(seen.get(session), Some(exp), "row of {session}");
     }
@@ -217,6 +233,6 @@ async fn n_requests_become_exactly_n_rows_with_the_providers_numbers() {
     meter.stop().await;
     ingress.stop().await;
     mock.stop().await;
-    assert_eq!(common::ch_count(&format!("SELECT count() FROM {db}.usage_events")).await, N);
+    assert_eq!(common::ch_count(&format!("SELECT count() FROM {db}.usage_events")).await, N + fell_back);
     common::ch(&format!("DROP DATABASE IF EXISTS {db}")).await;
 }

@@ -283,6 +283,12 @@ pub fn chat_case(i: u64) -> (&'static str, bool, u64, u64) {
     (vm, i % 2 == 0, 20 + (i * 37) % 500, 1 + (i * 7) % 30)
 }
 
+/// Rows requests `0..n` of [`chat`] leave: one per upstream attempt, so two for each
+/// `vm-fallback` request (its refused attempt at the `dead` provider, then the answer).
+pub fn chat_rows(n: u64) -> u64 {
+    (0..n).map(|i| if chat_case(i).0 == "vm-fallback" { 2 } else { 1 }).sum()
+}
+
 /// Sends request `i` (session `sess-{i}`) and checks the client got the whole answer.
 pub async fn chat(client: &reqwest::Client, ingress: SocketAddr, i: u64) -> Result<(), String> {
     let (vm, streamed, prompt, completion) = chat_case(i);
