@@ -100,27 +100,65 @@ fn chat_overhead(messages: i64) -> i64 {
     messages * PER_MESSAGE + if messages > 0 { REPLY_PRIMING } else { 0 }
 }
 
-/// Prompt text counted with tiktoken on the request path, at most. A longer prompt's reference
-/// count runs on the blocking pool beside the upstream call (tiktoken takes ~0.45 s for 3.2 MB),
-/// and the request path uses a linear estimate from this much of its text.
-pub const INLINE_BYTES: usize = 64 << 10;
+/// Prompt text counted with tiktoken on the request path, at most (~1 ms). A longer prompt's
+/// reference count runs on the counting threads beside the upstream call (tiktoken takes ~0.45 s
+/// for 3.2 MB), and the request path scales a count of its first [`SAMPLE_BYTES`] by its length.
+pub const INLINE_BYTES: usize = 8 << 10;
+/// Text sampled for a long prompt's linear estimate (~0.3 ms of tiktoken).
+const SAMPLE_BYTES: usize = 2 << 10;
 
-/// Reference counts of long prompts running at once, at most (one per core); others wait their
-/// turn off the request path.
-static DEFERRED: LazyLock<tokio::sync::Semaphore> = LazyLock::new(|| {
-    tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get))
+/// Long prompts waiting for their reference count, at most; past it a prompt's reference is its
+/// linear estimate (counted in `tollgate_ingress_reference_counts_skipped_total`), so a flood of
+/// huge prompts cannot hold their bodies in memory without bound.
+const DEFERRED_QUEUE: usize = 256;
+
+type CountJob = Box<dyn FnOnce() + Send>;
+
+/// The threads that count long prompts: one per core, at the lowest CPU priority (nice 19), so
+/// that the request path, at normal priority, is never slowed by a 0.45 s count beside it on a
+/// busy core; they still get their share when the machine is loaded.
+static COUNTERS: LazyLock<std::sync::mpsc::SyncSender<CountJob>> = LazyLock::new(|| {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<CountJob>(DEFERRED_QUEUE);
+    let rx = Arc::new(Mutex::new(rx));
+    for i in 0..std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get) {
+        let rx = Arc::clone(&rx);
+        let spawned = std::thread::Builder::new().name(format!("tollgate-count-{i}")).spawn(move || {
+            // On Linux this sets the calling thread's own nice value.
+            if let Err(e) = rustix::process::setpriority_process(None, 19) {
+                tracing::debug!(error = %e, "reference counting thread keeps its priority");
+            }
+            loop {
+                let job = rx.lock().unwrap_or_else(PoisonError::into_inner).recv();
+                match job {
+                    Ok(job) => job(),
+                    Err(_) => return,
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "reference counting thread not started");
+        }
+    }
+    tx
 });
 
-/// A prompt's reference (tiktoken) input count: known, or being counted beside the upstream call.
+/// A prompt's reference input: tiktoken's count and its length in characters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Count {
+    pub tokens: i64,
+    pub chars: i64,
+}
+
+/// A prompt's reference count: known, or being counted beside the upstream call.
 #[derive(Clone)]
 pub enum Reference {
-    Counted(i64),
-    Deferred(Shared<BoxFuture<'static, i64>>),
+    Counted(Count),
+    Deferred(Shared<BoxFuture<'static, Count>>),
 }
 
 impl Reference {
     /// The count if it is known now.
-    pub fn now(&self) -> Option<i64> {
+    pub fn now(&self) -> Option<Count> {
         match self {
             Reference::Counted(n) => Some(*n),
             Reference::Deferred(f) => f.peek().copied(),
@@ -132,40 +170,41 @@ impl Reference {
 #[derive(Clone)]
 pub struct InputEstimate {
     /// The reference count when the prompt was short enough to count inline; otherwise a
-    /// linear estimate from its first [`INLINE_BYTES`] (for the gate and for intake records).
+    /// linear estimate (for the gate and for intake records).
     pub tokens: i64,
-    pub chars: i64,
+    /// Bytes of prompt text (the intake record's stand-in for characters while they are counted).
+    pub bytes: i64,
     pub reference: Reference,
 }
 
+impl InputEstimate {
+    /// The reference count if known, else the estimate.
+    pub fn best_now(&self) -> Count {
+        self.reference.now().unwrap_or(Count { tokens: self.tokens, chars: self.bytes })
+    }
+}
+
 /// Estimates a prompt's input without spending more than [`INLINE_BYTES`] of tiktoken on the
-/// request path; must run inside a Tokio runtime when the prompt is longer (the exact count is
-/// spawned onto the blocking pool).
+/// request path; a longer prompt's exact count goes to the counting threads.
 pub fn estimate_input_bounded(model: &str, body: &Arc<Value>) -> InputEstimate {
     let mut bytes = 0usize;
-    let mut chars = 0i64;
     let mut messages = 0i64;
-    walk_texts(
-        body,
-        &mut |t| {
-            bytes += t.len();
-            chars += i64::try_from(t.chars().count()).unwrap_or(i64::MAX);
-        },
-        &mut messages,
-    );
-    if bytes <= INLINE_BYTES || tokio::runtime::Handle::try_current().is_err() {
+    walk_texts(body, &mut |t| bytes += t.len(), &mut messages);
+    let as_i64 = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+    if bytes <= INLINE_BYTES {
         let (tokens, chars) = estimate_input(model, body);
-        return InputEstimate { tokens, chars, reference: Reference::Counted(tokens) };
+        let count = Count { tokens, chars };
+        return InputEstimate { tokens, bytes: as_i64(bytes), reference: Reference::Counted(count) };
     }
     // Count a prefix of the text exactly and scale it by bytes: tokens per byte vary little
     // within one prompt, and the exact count follows.
     let bpe = encoding_for(model);
-    let mut prefix = String::with_capacity(INLINE_BYTES);
+    let mut prefix = String::with_capacity(SAMPLE_BYTES);
     let mut ignored = 0;
     walk_texts(
         body,
         &mut |t| {
-            let room = INLINE_BYTES - prefix.len();
+            let room = SAMPLE_BYTES - prefix.len();
             if room > 0 {
                 let mut end = room.min(t.len());
                 while !t.is_char_boundary(end) {
@@ -179,20 +218,25 @@ pub fn estimate_input_bounded(model: &str, body: &Arc<Value>) -> InputEstimate {
     let prefix_tokens = count_text(bpe, &prefix);
     let scaled = (i128::from(prefix_tokens) * bytes as i128 / prefix.len().max(1) as i128) as i64;
     let tokens = scaled.saturating_add(chat_overhead(messages));
-    crate::metrics::reference_count_deferred();
-    let (model, body) = (model.to_owned(), Arc::clone(body));
-    let counting = tokio::spawn(async move {
-        let _permit = DEFERRED.acquire().await.ok();
-        tokio::task::spawn_blocking(move || estimate_input(&model, &body).0).await
+    let (job_model, job_body) = (model.to_owned(), Arc::clone(body));
+    let (done, counted) = tokio::sync::oneshot::channel();
+    let job: CountJob = Box::new(move || {
+        let (tokens, chars) = estimate_input(&job_model, &job_body);
+        let _ = done.send(Count { tokens, chars });
     });
-    let reference = async move {
-        match counting.await {
-            Ok(Ok(n)) => n,
-            // The count panicked or the runtime is shutting down: the estimate stands in.
-            _ => tokens,
-        }
-    };
-    InputEstimate { tokens, chars, reference: Reference::Deferred(reference.boxed().shared()) }
+    let estimate =
+        InputEstimate { tokens, bytes: as_i64(bytes), reference: Reference::Counted(Count { tokens, chars: 0 }) };
+    if COUNTERS.try_send(job).is_err() {
+        crate::metrics::reference_count_skipped();
+        let mut chars = 0;
+        walk_texts(body, &mut |t| chars += as_i64(t.chars().count()), &mut ignored);
+        return InputEstimate { reference: Reference::Counted(Count { tokens, chars }), ..estimate };
+    }
+    crate::metrics::reference_count_deferred();
+    // A count that never reports (its thread gone) leaves the estimate in its place.
+    let fallback = estimate.best_now();
+    let reference = async move { counted.await.unwrap_or(fallback) };
+    InputEstimate { reference: Reference::Deferred(reference.boxed().shared()), ..estimate }
 }
 
 /// Calls `f` on every prompt text of a request body (Anthropic's `system`, embeddings'
@@ -280,16 +324,16 @@ mod tests {
         let body = Arc::new(json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": long}]}));
         let est = estimate_input_bounded("gpt-4o-mini", &body);
         let (exact, chars) = estimate_input("gpt-4o-mini", &body);
-        assert_eq!(est.chars, chars);
         assert!(matches!(est.reference, Reference::Deferred(_)), "a long prompt is counted beside");
         if let Reference::Deferred(f) = est.reference.clone() {
-            assert_eq!(f.await, exact);
+            assert_eq!(f.await, Count { tokens: exact, chars });
         }
         // A repeated sentence scales exactly, up to the cut at the prefix's end.
         assert!((est.tokens - exact).abs() * 1000 <= exact, "{} vs {exact}", est.tokens);
         let short = Arc::new(json!({"messages": [{"role": "user", "content": "hello there"}]}));
         let est = estimate_input_bounded("gpt-4o-mini", &short);
-        assert_eq!(est.reference.now(), Some(estimate_input("gpt-4o-mini", &short).0));
+        let (tokens, chars) = estimate_input("gpt-4o-mini", &short);
+        assert_eq!(est.reference.now(), Some(Count { tokens, chars }));
     }
 
     #[test]

@@ -140,6 +140,10 @@ pub fn describe() {
         "tollgate_ingress_reference_counts_deferred_total",
         "Prompts too long to count on the request path: the reference count ran beside the upstream call"
     );
+    describe_counter!(
+        "tollgate_ingress_reference_counts_skipped_total",
+        "Long prompts whose reference count was skipped (the counting queue was full): the linear estimate stands"
+    );
 }
 
 /// `endpoint` is one of [`ENDPOINTS`].
@@ -228,6 +232,10 @@ pub fn intake_interrupted(n: u64) {
 
 pub fn intake_depth(bytes: u64) {
     gauge!("tollgate_ingress_intake_bytes").set(bytes as f64);
+}
+
+pub fn reference_count_skipped() {
+    counter!("tollgate_ingress_reference_counts_skipped_total").increment(1);
 }
 
 pub fn reference_count_deferred() {

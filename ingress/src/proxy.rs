@@ -317,7 +317,7 @@ async fn serve(
                 intake: None,
             };
             record.journal_intake();
-            let outcome = match call(endpoint, app, &live, provider, target, &req, stream, first_byte).await {
+            let outcome = match call(endpoint, app, &live, provider, target, &req, &bytes, stream, first_byte).await {
                 Ok(resp) if stream => {
                     let cuts = std::mem::take(&mut cuts);
                     Ok(stream_response(endpoint, resp, provider.kind, client_wants_usage, record, cuts))
@@ -426,22 +426,27 @@ fn fail(record: RequestRecord, e: &IngressError) {
     record.finish(Outcome::failed(status, e.status_code().as_u16(), e.to_string(), e.may_be_billed()));
 }
 
-/// The provider path and body for this endpoint and provider kind.
+/// The provider path and body bytes for this endpoint and provider kind: the client's bytes
+/// with the concrete model when the formats match (`raw`), a translation when they do not.
 fn upstream(
     endpoint: Endpoint,
     kind: ProviderKind,
     req: &Value,
+    raw: &[u8],
     model: &str,
     stream: bool,
-) -> Result<(&'static str, Value), IngressError> {
+) -> Result<(&'static str, Vec<u8>), IngressError> {
+    let translated = |v: Value| v.to_string().into_bytes();
     Ok(match (endpoint, kind) {
-        (Endpoint::Chat, ProviderKind::Openai) => ("/chat/completions", openai::upstream_body(req, model, stream)),
-        (Endpoint::Chat, ProviderKind::Anthropic) => ("/messages", anthropic::from_openai_request(req, model, stream)?),
-        (Endpoint::Messages, ProviderKind::Anthropic) => ("/messages", anthropic::upstream_body(req, model)),
-        (Endpoint::Messages, ProviderKind::Openai) => {
-            ("/chat/completions", openai::from_anthropic_request(req, model, stream))
+        (Endpoint::Chat, ProviderKind::Openai) => ("/chat/completions", openai::upstream_body(req, raw, model, stream)),
+        (Endpoint::Chat, ProviderKind::Anthropic) => {
+            ("/messages", translated(anthropic::from_openai_request(req, model, stream)?))
         }
-        (Endpoint::Embeddings, ProviderKind::Openai) => ("/embeddings", openai::upstream_body(req, model, false)),
+        (Endpoint::Messages, ProviderKind::Anthropic) => ("/messages", anthropic::upstream_body(req, raw, model)),
+        (Endpoint::Messages, ProviderKind::Openai) => {
+            ("/chat/completions", translated(openai::from_anthropic_request(req, model, stream)))
+        }
+        (Endpoint::Embeddings, ProviderKind::Openai) => ("/embeddings", openai::upstream_body(req, raw, model, false)),
         (Endpoint::Embeddings, ProviderKind::Anthropic) => {
             return Err(IngressError::InvalidRequest("Anthropic has no embeddings API".into()));
         }
@@ -457,16 +462,18 @@ async fn call(
     provider: &ProviderConfig,
     target: &Target,
     req: &Value,
+    raw: &[u8],
     stream: bool,
     first_byte: Duration,
 ) -> Result<reqwest::Response, IngressError> {
-    let (path, body) = upstream(endpoint, provider.kind, req, &target.model, stream)?;
+    let (path, body) = upstream(endpoint, provider.kind, req, raw, &target.model, stream)?;
     let url = live
         .url(&provider.name, path)
         .cloned()
         .ok_or_else(|| IngressError::Internal(format!("provider {} has no URL for {path}", provider.name)))?;
     let credential = live.credentials.get(&provider.name).and_then(Option::as_ref);
-    let mut builder = app.http.post(url).json(&body);
+    let mut builder =
+        app.http.post(url).header(header::CONTENT_TYPE, HeaderValue::from_static("application/json")).body(body);
     match provider.kind {
         ProviderKind::Openai => {
             if let Some(c) = credential {

@@ -6,7 +6,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tollgate_schemas::price::ModelPrice;
 use tollgate_schemas::usage::{ApiFormat, AppliedDecision, Envelope, Status, TokenSource, UsageEvent};
 
-use crate::count::{self, InputEstimate, Reference};
+use crate::count::{self, Count, InputEstimate, Reference};
 use crate::decisions::Ticket;
 use crate::intake::Hold;
 use crate::metrics;
@@ -89,7 +89,7 @@ impl RequestRecord {
             "the ingress stopped before this attempt ended; input estimated, output unknown".into(),
             true,
         );
-        let event = self.event(&interrupted, self.started_at_us, self.input.as_ref().map(|i| i.tokens));
+        let event = self.event(&interrupted, self.started_at_us, self.input.as_ref().map(InputEstimate::best_now));
         self.intake = self.publisher.begin(&event);
     }
 
@@ -111,13 +111,13 @@ impl RequestRecord {
                 });
             }
             _ => {
-                let reference = self.input.as_ref().map(|i| i.reference.now().unwrap_or(i.tokens));
+                let reference = self.input.as_ref().map(InputEstimate::best_now);
                 self.publish(&o, ended_at_us, reference);
             }
         }
     }
 
-    fn publish(mut self, o: &Outcome, ended_at_us: i64, reference: Option<i64>) {
+    fn publish(mut self, o: &Outcome, ended_at_us: i64, reference: Option<Count>) {
         let event = self.event(o, ended_at_us, reference);
         metrics::usage(
             &self.virtual_model,
@@ -135,9 +135,9 @@ impl RequestRecord {
     }
 
     /// The attempt's usage event for outcome `o`, with `reference` as its reference input count.
-    fn event(&self, o: &Outcome, ended_at_us: i64, reference: Option<i64>) -> UsageEvent {
+    fn event(&self, o: &Outcome, ended_at_us: i64, reference: Option<Count>) -> UsageEvent {
         let ok = (200..300).contains(&o.http_status);
-        let estimated_input = Usage { input: reference.unwrap_or(0), ..Usage::default() };
+        let estimated_input = Usage { input: reference.map_or(0, |r| r.tokens), ..Usage::default() };
         let (usage, source) = match o.usage {
             Some(u) if o.usage_complete => (u, TokenSource::Provider),
             partial if ok => {
@@ -178,8 +178,8 @@ impl RequestRecord {
             cached_input_tokens: usage.cached_read,
             cache_write_tokens: usage.cache_write,
             reasoning_tokens: usage.reasoning,
-            reference_input_tokens: reference,
-            input_chars: self.input.as_ref().map_or(0, |i| i.chars),
+            reference_input_tokens: reference.map(|r| r.tokens),
+            input_chars: reference.map_or(0, |r| r.chars),
             token_source: source,
             cost_nanos,
             price_card_version: self.price_card_version.clone(),

@@ -5,7 +5,8 @@ Each line of results.jsonl is one measurement (written by tests/bench/run):
   {"kind": "latency", "target": T, "mode": "non-stream"|"stream", "load": RATE|"sat", ...}
       with "measure" ("latency", "ttft" or "last"), p50_us/p90_us/p99_us/max_us,
       achieved_rps, sent, errors (or "skipped": reason);
-  {"kind": "memory", ...}, {"kind": "meter", ...}, {"kind": "enforcer", ...}.
+  {"kind": "memory", ...}, {"kind": "idle", ...}, {"kind": "big_prompt", ...}, {"kind": "meter", ...},
+  {"kind": "enforcer", ...}.
 RUN_DIR/meta.json holds the run's context (date, commit, machine, pinning, load).
 """
 
@@ -119,7 +120,7 @@ def main():
         if r["kind"] == "memory":
             w(f"| memory | {r['label']} | ingress | VmRSS | {r['value']} | | | | | {r.get('errors', '')} | {r.get('note', '')} |")
     for r in rows:
-        if r["kind"] in ("idle", "meter", "enforcer"):
+        if r["kind"] in ("idle", "big_prompt", "meter", "enforcer"):
             w(f"| {r['kind']} | {r.get('label', '')} | {r.get('target', '')} | {r.get('measure', '')} | {r['value']} | | | | | {r.get('errors', '')} | {r.get('note', '')} |")
     sys.stdout.write("\n".join(out) + "\n")
 

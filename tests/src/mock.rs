@@ -2,7 +2,7 @@
 //!
 //! Endpoints: `POST /v1/chat/completions` (OpenAI Chat Completions), `POST /v1/messages`
 //! (Anthropic Messages), `POST /v1/embeddings` (OpenAI embeddings), `GET /healthz`, and
-//! `GET /_mock/stats` (requests received per endpoint).
+//! `GET /_mock/stats` (requests received per endpoint, and when the last one arrived).
 //!
 //! The mock sits behind the gateway, where headers do not pass through, so it is scripted
 //! in band: any line of message text whose first word is `#mock` is a directive line, and the
@@ -27,7 +27,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
@@ -91,11 +91,14 @@ fn build(opts: MockOptions, stop: CancellationToken) -> Router {
         chat_completions: AtomicU64::new(0),
         messages: AtomicU64::new(0),
         embeddings: AtomicU64::new(0),
+        last_request_at_us: AtomicI64::new(0),
     });
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/messages", post(messages))
         .route("/v1/embeddings", post(embeddings))
+        // Stamps each API request's arrival (its head, before the body is read).
+        .route_layer(axum::middleware::from_fn_with_state(shared.clone(), stamp_arrival))
         .route("/healthz", get(|| async { "ok" }))
         .route("/_mock/stats", get(stats))
         .layer(DefaultBodyLimit::disable())
@@ -111,6 +114,14 @@ struct Shared {
     chat_completions: AtomicU64,
     messages: AtomicU64,
     embeddings: AtomicU64,
+    /// When the last API request's head arrived, µs since the Unix epoch.
+    last_request_at_us: AtomicI64,
+}
+
+async fn stamp_arrival(State(shared): AppState, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros());
+    shared.last_request_at_us.store(i64::try_from(now).unwrap_or(i64::MAX), Ordering::Relaxed);
+    next.run(req).await
 }
 
 impl Shared {
@@ -906,6 +917,7 @@ async fn stats(State(shared): AppState) -> Json<Value> {
         "chat_completions": shared.chat_completions.load(Ordering::Relaxed),
         "messages": shared.messages.load(Ordering::Relaxed),
         "embeddings": shared.embeddings.load(Ordering::Relaxed),
+        "last_request_at_us": shared.last_request_at_us.load(Ordering::Relaxed),
     }))
 }
 

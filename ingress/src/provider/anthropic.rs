@@ -180,10 +180,12 @@ impl ToOpenAiStream {
 }
 
 /// The body to send upstream for an Anthropic client: the client's, with the concrete model.
-pub fn upstream_body(client: &Value, model: &str) -> Value {
-    let mut body = client.clone();
-    body["model"] = json!(model);
-    body
+pub fn upstream_body(client: &Value, raw: &[u8], model: &str) -> Vec<u8> {
+    super::with_fields(raw, &[("model", json!(model))]).unwrap_or_else(|| {
+        let mut body = client.clone();
+        body["model"] = json!(model);
+        body.to_string().into_bytes()
+    })
 }
 
 /// Records what one stream event says (model, usage, text, end) and returns its type.

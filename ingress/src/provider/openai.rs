@@ -26,17 +26,20 @@ fn usage_fields(u: &Value) -> Usage {
 
 /// The body to send upstream: the client's, with the concrete model, and with usage requested
 /// on streams (the extra chunk is hidden again from clients that did not ask for it).
-pub fn upstream_body(client: &Value, model: &str, stream: bool) -> Value {
-    let mut body = client.clone();
-    body["model"] = json!(model);
+pub fn upstream_body(client: &Value, raw: &[u8], model: &str, stream: bool) -> Vec<u8> {
+    let mut set = vec![("model", json!(model))];
     if stream {
-        let opts = body.get_mut("stream_options").filter(|o| o.is_object());
-        match opts {
-            Some(o) => o["include_usage"] = json!(true),
-            None => body["stream_options"] = json!({"include_usage": true}),
-        }
+        let mut opts = client.get("stream_options").filter(|o| o.is_object()).cloned().unwrap_or_else(|| json!({}));
+        opts["include_usage"] = json!(true);
+        set.push(("stream_options", opts));
     }
-    body
+    super::with_fields(raw, &set).unwrap_or_else(|| {
+        let mut body = client.clone();
+        for (k, v) in set {
+            body[k] = v;
+        }
+        body.to_string().into_bytes()
+    })
 }
 
 /// Output text of a non-streaming response (for estimates when a provider reports no usage).
@@ -337,9 +340,23 @@ mod tests {
 
     #[test]
     fn asks_for_stream_usage_and_hides_it() {
-        let b = upstream_body(&json!({"model": "intent-fast", "stream": true}), "gpt-4o-mini", true);
-        assert_eq!(b["stream_options"]["include_usage"], json!(true));
-        assert_eq!(b["model"], json!("gpt-4o-mini"));
+        for client in [
+            json!({"model": "intent-fast", "stream": true}),
+            json!({"model": "intent-fast", "stream": true, "stream_options": {"include_usage": false, "x": 1}}),
+        ] {
+            // From the client's bytes, and from its tree when the bytes cannot be spliced.
+            for raw in [client.to_string().into_bytes(), br#"{"mod\u0065l": "intent-fast"}"#.to_vec()] {
+                let b: Value = serde_json::from_slice(&upstream_body(&client, &raw, "gpt-4o-mini", true)).unwrap();
+                assert_eq!(b["stream_options"]["include_usage"], json!(true));
+                assert_eq!(b["model"], json!("gpt-4o-mini"));
+            }
+        }
+        let raw = br#"{"model":"a","messages":[{"role":"user","content":"caf\u00e9 \"q\""}],"n":1.50}"#;
+        let spliced = String::from_utf8(upstream_body(&Value::Null, raw, "b", false)).unwrap();
+        assert_eq!(
+            spliced, r#"{"messages":[{"role":"user","content":"caf\u00e9 \"q\""}],"model":"b","n":1.50}"#,
+            "copied verbatim"
+        );
         let mut acct = StreamAccounting::default();
         let last = json!({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 3}});
         assert!(!passthrough_chunk(&last, &mut acct, false));

@@ -46,6 +46,28 @@ enum Cmd {
     Hold(HoldArgs),
     /// Create the usage and breaches topics and seed the breaches topic with decisions.
     PrepareKafka(KafkaArgs),
+    /// Time from sending a (large) request to its first byte at the mock provider, through a
+    /// gateway (`--url`) and to the mock directly (`--direct`).
+    BigPrompt(BigPromptArgs),
+}
+
+#[derive(Debug, ClapArgs)]
+struct BigPromptArgs {
+    #[command(flatten)]
+    target: Target,
+    /// The mock provider's own chat completions URL.
+    #[arg(long)]
+    direct: String,
+    /// The mock provider's `/_mock/stats` URL (its `last_request_at_us`).
+    #[arg(long)]
+    stats: String,
+    /// Measured requests per target.
+    #[arg(long, default_value_t = 20)]
+    runs: usize,
+    /// Unmeasured requests per target first (the first one after a start also pays for the
+    /// tokenizer's tables and the allocator's first large pages; it is reported as `cold_ms`).
+    #[arg(long, default_value_t = 5)]
+    warmup: usize,
 }
 
 #[derive(Debug, ClapArgs)]
@@ -490,6 +512,55 @@ async fn prepare_kafka(args: KafkaArgs) -> anyhow::Result<()> {
     out(&json!({"usage_topic": args.usage_topic, "breaches_topic": args.breaches_topic, "decisions": args.decisions}))
 }
 
+/// Microseconds since the Unix epoch: the mock stamps arrivals on the same clock.
+fn unix_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
+async fn big_prompt(a: BigPromptArgs) -> anyhow::Result<()> {
+    let client = client(4)?;
+    let via = Request::new(&a.target, client.clone())?;
+    let direct = Request { url: a.direct.clone(), ..Request::new(&a.target, client.clone())? };
+    let mut res = serde_json::Map::new();
+    let mut prompt_tokens = Value::Null;
+    for (name, req) in [("direct", &direct), ("gateway", &via)] {
+        let mut samples = Vec::with_capacity(a.runs);
+        let mut cold = None;
+        for i in 0..a.warmup + a.runs {
+            let sent_at = unix_us();
+            let resp = req.client.post(&req.url).headers(req.headers.clone()).body(req.body.clone()).send().await?;
+            let status = resp.status();
+            let answer: Value = resp.json().await.context("the answer is not JSON")?;
+            if !status.is_success() {
+                bail!("{name} answered {status}: {answer}");
+            }
+            prompt_tokens = answer["usage"]["prompt_tokens"].clone();
+            let stats: Value = client.get(&a.stats).send().await?.json().await?;
+            let arrived = stats["last_request_at_us"].as_i64().context("the mock has no last_request_at_us")?;
+            let ms = (arrived - sent_at) as f64 / 1000.0;
+            cold.get_or_insert(ms);
+            if i >= a.warmup {
+                samples.push(ms);
+            }
+        }
+        samples.sort_by(f64::total_cmp);
+        let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+        res.insert(
+            name.into(),
+            json!({"cold_ms": cold, "min_ms": at(0.0), "p50_ms": at(0.5), "p90_ms": at(0.9), "max_ms": at(1.0)}),
+        );
+    }
+    let p50 = |name: &str| res[name]["p50_ms"].as_f64().unwrap_or(f64::NAN);
+    let added = p50("gateway") - p50("direct");
+    res.insert("added_p50_ms".into(), json!(added));
+    res.insert("body_bytes".into(), json!(via.body.len()));
+    res.insert("prompt_tokens".into(), prompt_tokens);
+    res.insert("runs".into(), json!(a.runs));
+    out(&Value::Object(res))
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -497,6 +568,7 @@ async fn main() -> ExitCode {
         Cmd::Stream(a) => stream(a).await,
         Cmd::Hold(a) => hold(a).await,
         Cmd::PrepareKafka(a) => prepare_kafka(a).await,
+        Cmd::BigPrompt(a) => big_prompt(a).await,
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
