@@ -107,10 +107,13 @@ pub const INLINE_BYTES: usize = 8 << 10;
 /// Text sampled for a long prompt's linear estimate (~0.3 ms of tiktoken).
 const SAMPLE_BYTES: usize = 2 << 10;
 
-/// Long prompts waiting for their reference count, at most; past it a prompt's reference is its
-/// linear estimate (counted in `tollgate_ingress_reference_counts_skipped_total`), so a flood of
-/// huge prompts cannot hold their bodies in memory without bound.
+/// Long prompts waiting for their reference count, at most, and their text in bytes; past
+/// either a prompt's reference is its linear estimate (counted in
+/// `tollgate_ingress_reference_counts_skipped_total`), so a flood of huge prompts cannot hold
+/// their bodies in memory without bound.
 const DEFERRED_QUEUE: usize = 256;
+const DEFERRED_BYTES: usize = 256 << 20;
+static DEFERRED_HELD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 type CountJob = Box<dyn FnOnce() + Send>;
 
@@ -223,10 +226,13 @@ pub fn estimate_input_bounded(model: &str, body: &Arc<Value>) -> InputEstimate {
     let job: CountJob = Box::new(move || {
         let (tokens, chars) = estimate_input(&job_model, &job_body);
         let _ = done.send(Count { tokens, chars });
+        DEFERRED_HELD.fetch_sub(bytes, std::sync::atomic::Ordering::Relaxed);
     });
     let estimate =
         InputEstimate { tokens, bytes: as_i64(bytes), reference: Reference::Counted(Count { tokens, chars: 0 }) };
-    if COUNTERS.try_send(job).is_err() {
+    let held = DEFERRED_HELD.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+    if held + bytes > DEFERRED_BYTES || COUNTERS.try_send(job).is_err() {
+        DEFERRED_HELD.fetch_sub(bytes, std::sync::atomic::Ordering::Relaxed);
         crate::metrics::reference_count_skipped();
         let mut chars = 0;
         walk_texts(body, &mut |t| chars += as_i64(t.chars().count()), &mut ignored);
