@@ -1579,7 +1579,10 @@ mod tests {
         assert!(v["error"]["message"].as_str().unwrap().contains("prompt_tokns"));
 
         // Every request is counted, valid or not.
-        let stats = get_json(&app, "/_mock/stats").await;
+        let before = std::time::SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_micros();
+        let mut stats = get_json(&app, "/_mock/stats").await;
+        let last = stats.as_object_mut().unwrap().remove("last_request_at_us").unwrap().as_u64().unwrap();
+        assert!(u128::from(last) <= before && u128::from(last) + 60_000_000 > before, "stamped at arrival: {last}");
         assert_eq!(stats, json!({"chat_completions": 4, "messages": 2, "embeddings": 0}));
     }
 
