@@ -34,9 +34,9 @@ use tollgate_schemas::policy::{ApiKey, Policy, Target, VirtualModel};
 use tollgate_schemas::rules::{Action, FallbackTarget, Rule};
 use tollgate_schemas::usage::{AppliedDecision, Envelope};
 
+use crate::clock::now_us;
 use crate::decisions::{DecisionCache, Entry, StreamCut, Ticket, WatchHold};
 use crate::metrics;
-use crate::record::now_us;
 
 /// A request refused by a breach decision: what the 429 body and the usage event say.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -401,7 +401,8 @@ pub async fn gate(
                 metrics::breach_action(&queued.rule.id, "queue_then_429");
                 return Err(Refusal { applied: blocked.applied(queued.entry.decision.version), blocked });
             };
-            waiting = Some((slot, now, now + Duration::from_millis(queued.rule.queue_timeout_ms)));
+            let deadline = crate::clock::later(now.into_std(), Duration::from_millis(queued.rule.queue_timeout_ms));
+            waiting = Some((slot, now, tokio::time::Instant::from_std(deadline)));
         }
         let (since, deadline) = waiting.as_ref().map_or((now, now), |(_, s, d)| (*s, *d));
         held_by = Some(queued.applied("queue_then_429:released".into()));

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use tollgate_schemas::policy::CircuitBreakerConfig;
 
+use crate::clock::later;
 use crate::metrics;
 
 #[derive(Debug)]
@@ -47,7 +48,9 @@ impl Breakers {
         match state {
             State::Closed { .. } => Admit::Yes,
             State::Open { until } if now < *until => Admit::No { retry_after: *until - now },
-            State::HalfOpen { since } if now < *since + cooldown => Admit::No { retry_after: *since + cooldown - now },
+            State::HalfOpen { since } if now < later(*since, cooldown) => {
+                Admit::No { retry_after: later(*since, cooldown) - now }
+            }
             State::Open { .. } | State::HalfOpen { .. } => {
                 *state = State::HalfOpen { since: now };
                 metrics::breaker_state(target, 2);
@@ -62,14 +65,16 @@ impl Breakers {
         let state = states.entry(target.to_owned()).or_insert_with(|| State::Closed { failures: VecDeque::new() });
         let next = match state {
             State::HalfOpen { .. } if ok => Some(State::Closed { failures: VecDeque::new() }),
-            State::HalfOpen { .. } => Some(State::Open { until: now + Duration::from_secs(cfg.cooldown_seconds) }),
+            State::HalfOpen { .. } => {
+                Some(State::Open { until: later(now, Duration::from_secs(cfg.cooldown_seconds)) })
+            }
             State::Closed { failures } if !ok => {
                 failures.push_back(now);
                 while failures.front().is_some_and(|t| now.duration_since(*t) > window) {
                     failures.pop_front();
                 }
                 (failures.len() >= cfg.failure_threshold.max(1) as usize)
-                    .then(|| State::Open { until: now + Duration::from_secs(cfg.cooldown_seconds) })
+                    .then(|| State::Open { until: later(now, Duration::from_secs(cfg.cooldown_seconds)) })
             }
             State::Closed { .. } | State::Open { .. } => None,
         };
@@ -126,5 +131,14 @@ mod tests {
         assert_eq!(b.admit("a/m", &cfg(), probe_at), Admit::Probe);
         b.record("a/m", &cfg(), false, probe_at);
         assert!(matches!(b.admit("a/m", &cfg(), probe_at + Duration::from_secs(1)), Admit::No { .. }));
+    }
+
+    #[test]
+    fn a_cooldown_of_u64_max_keeps_the_breaker_open_without_panicking() {
+        let b = Breakers::default();
+        let huge = CircuitBreakerConfig { failure_threshold: 1, window_seconds: u64::MAX, cooldown_seconds: u64::MAX };
+        let t0 = Instant::now();
+        b.record("a/m", &huge, false, t0);
+        assert!(matches!(b.admit("a/m", &huge, t0 + Duration::from_secs(86_400)), Admit::No { .. }));
     }
 }

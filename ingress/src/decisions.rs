@@ -407,7 +407,7 @@ impl Ticket {
         if self.settled.swap(true, Ordering::AcqRel) {
             return;
         }
-        let ended_at = crate::record::now_us();
+        let ended_at = crate::clock::now_us();
         for h in &self.holds {
             let (delta, amount) = match h.entry.decision.measure {
                 Measure::Requests => (0, h.admitted),
@@ -851,7 +851,7 @@ impl Task {
                     Some(bytes) => match self.codec.decode::<BreachDecision>(bytes) {
                         // Versions are the enforcer's clock in microseconds: one far ahead of
                         // ours could never be superseded, so it would pin its key for good.
-                        Ok(d) if d.version > crate::record::now_us().saturating_add(MAX_VERSION_AHEAD_US) => {
+                        Ok(d) if d.version > crate::clock::now_us().saturating_add(MAX_VERSION_AHEAD_US) => {
                             metrics::decision_ignored("future_version");
                             warn!(
                                 key,
@@ -880,7 +880,7 @@ impl Task {
                     Applied::Stored | Applied::Removed | Applied::Absent => {
                         metrics::decision_applied(state);
                         if let (true, Some(at)) = (live, decided_at_us) {
-                            let delay_us = crate::record::now_us().saturating_sub(at).max(0);
+                            let delay_us = crate::clock::now_us().saturating_sub(at).max(0);
                             metrics::decision_delay(delay_us as f64 / 1e6);
                         }
                         debug!(key, state, "breach decision applied");
@@ -980,13 +980,13 @@ mod tests {
         assert_eq!(cache.get(KEY).unwrap().local(), 3, "settling changes nothing for a request count");
         // A newer decision that has not seen these requests' events yet keeps them counted…
         let mut stale = decision(DecisionState::Watch, Measure::Requests, 3, 2);
-        stale.covered_until_us = crate::record::now_us() - 60_000_000;
+        stale.covered_until_us = crate::clock::now_us() - 60_000_000;
         cache.apply(KEY, Some(stale));
         assert_eq!(cache.get(KEY).unwrap().local(), 3, "not covered yet: still counted here");
         assert!(cache.get(KEY).unwrap().breached());
         // …one that covers them starts the count afresh.
         let mut fresh = decision(DecisionState::Watch, Measure::Requests, 3, 3);
-        fresh.covered_until_us = crate::record::now_us();
+        fresh.covered_until_us = crate::clock::now_us();
         cache.apply(KEY, Some(fresh));
         assert_eq!(cache.get(KEY).unwrap().local(), 0, "covered by the enforcer: dropped here");
         assert!(!cache.get(KEY).unwrap().breached());
@@ -998,7 +998,7 @@ mod tests {
         cache.apply(KEY, Some(decision(DecisionState::Watch, Measure::CostNanos, 1_000, 1)));
         let in_flight = cache.admit(&watch_of(&cache, false), 0).unwrap();
         let mut next = decision(DecisionState::Watch, Measure::CostNanos, 1_000, 2);
-        next.covered_until_us = crate::record::now_us();
+        next.covered_until_us = crate::clock::now_us();
         cache.apply(KEY, Some(next));
         in_flight.settle(0, 1_200);
         assert_eq!(cache.get(KEY).unwrap().local(), 1_200, "settled into the key, not the replaced entry");

@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod breach;
 pub mod breaker;
+pub mod clock;
 pub mod count;
 pub mod decisions;
 pub mod envelope;

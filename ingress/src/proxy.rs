@@ -26,11 +26,12 @@ use tracing::{debug, warn};
 
 use crate::breach::{self, Blocked, Reroute};
 use crate::breaker::Admit;
+use crate::clock::now_us;
 use crate::count::InputEstimate;
 use crate::decisions::StreamCut;
 use crate::error::IngressError;
 use crate::provider::{StreamAccounting, anthropic, openai};
-use crate::record::{Outcome, RequestRecord, now_us};
+use crate::record::{Outcome, RequestRecord};
 use crate::route::Attempt;
 use crate::{App, Live, auth, count, envelope, metrics, route};
 

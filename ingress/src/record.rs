@@ -1,7 +1,7 @@
 //! Turns what one request did into its usage event: tokens, estimates, price, and publishing.
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use tollgate_schemas::price::ModelPrice;
 use tollgate_schemas::usage::{ApiFormat, AppliedDecision, Envelope, Status, TokenSource, UsageEvent};
@@ -12,10 +12,6 @@ use crate::intake::Hold;
 use crate::metrics;
 use crate::provider::Usage;
 use crate::publish::Publisher;
-
-pub fn now_us() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
-}
 
 /// Everything known about an upstream attempt once its target is chosen; finished into one event.
 pub struct RequestRecord {

@@ -16,7 +16,11 @@ impl Builder {
         let mut problems: Vec<(Origin, String, String)> = Vec::new();
         let mut seen: BTreeMap<String, ()> = BTreeMap::new();
         let mut unique = |id: &str, at: &Origin, field: String, problems: &mut Vec<(Origin, String, String)>| {
-            if seen.insert(id.to_owned(), ()).is_some() {
+            if id.is_empty() || id.contains('/') {
+                // A decision's key is `rule_id/scope`, split at the first `/`: such an id would
+                // load and never be enforced.
+                problems.push((at.clone(), field, format!("rule id {id:?} must be non-empty and without '/'")));
+            } else if seen.insert(id.to_owned(), ()).is_some() {
                 problems.push((at.clone(), field, format!("rule id {id:?} is used by another rule, budget or guard")));
             }
         };

@@ -197,7 +197,7 @@ fn the_reference_rules_compile_as_written() {
 
 #[test]
 fn rule_errors_name_the_field() {
-    let text = "type: gateway-rate-limit-config\nname: x\nrules:\n  - id: a\n    when: {metadata: {X-Nope: 1}, subjects: {kind: user}}\n    limit: {tokens: 5, window: 1h, scope: planet}\n    on_breach: explode\n  - id: a\n    limit: {requests: 5, window: 1h}\n    on_breach: fallback_to_unicorn\n---\ntype: gateway-budget-config\nname: b\nbudgets:\n  - id: b1\n    scope: {metadata: {X-TFY-Project: p}}\n    ceiling_usd: 10\n    window: monthly\n    timezone: Mars/Olympus\n    alerts: [{at_pct: 50, notify: [\"slack:#nowhere\"]}]\n    on_exceed: hard_block\n";
+    let text = "type: gateway-rate-limit-config\nname: x\nrules:\n  - id: a\n    when: {metadata: {X-Nope: 1}, subjects: {kind: user}}\n    limit: {tokens: 5, window: 1h, scope: planet}\n    on_breach: explode\n  - id: a\n    limit: {requests: 5, window: 1h}\n    on_breach: fallback_to_unicorn\n  - id: team/a\n    limit: {requests: 5, window: 1h}\n    on_breach: hard_block\n---\ntype: gateway-budget-config\nname: b\nbudgets:\n  - id: b1\n    scope: {metadata: {X-TFY-Project: p}}\n    ceiling_usd: 10\n    window: monthly\n    timezone: Mars/Olympus\n    alerts: [{at_pct: 50, notify: [\"slack:#nowhere\"]}]\n    on_exceed: hard_block\n";
     let err = Policy::from_sources([(Path::new("r.yaml"), text)]).unwrap_err().to_string();
     for want in [
         "r.yaml:1: rules[0].when.metadata.X-Nope: not an envelope header",
@@ -206,8 +206,9 @@ fn rule_errors_name_the_field() {
         "r.yaml:1: rules[0].on_breach: unknown action \"explode\"",
         "r.yaml:1: rules[1].id: rule id \"a\" is used by another",
         "r.yaml:1: rules[1].on_breach: fallback_to_unicorn: no virtual model",
-        "r.yaml:12: budgets[0].timezone: unknown time zone \"Mars/Olympus\"",
-        "r.yaml:12: budgets[0].alerts[0].notify[0]: no channel \"slack:#nowhere\"",
+        "r.yaml:1: rules[2].id: rule id \"team/a\" must be non-empty and without '/'",
+        "r.yaml:15: budgets[0].timezone: unknown time zone \"Mars/Olympus\"",
+        "r.yaml:15: budgets[0].alerts[0].notify[0]: no channel \"slack:#nowhere\"",
     ] {
         assert!(err.contains(want), "missing {want:?} in:\n{err}");
     }
