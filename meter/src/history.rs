@@ -27,6 +27,8 @@ pub struct HistoryConfig {
     pub kafka_extra: Vec<(String, String)>,
     pub batch_max_rows: usize,
     pub batch_max_wait: Duration,
+    /// How long the last write at shutdown may retry while ClickHouse is away.
+    pub final_flush_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Row, Serialize)]
@@ -212,7 +214,9 @@ pub async fn run(config: HistoryConfig, ch: Client, shutdown: CancellationToken)
             deadline = None;
         }
     }
-    write(&ch, &mut breaches, &mut alerts, &CancellationToken::new()).await;
+    if !write(&ch, &mut breaches, &mut alerts, &tollgate_runtime::cancelled_after(config.final_flush_timeout)).await {
+        warn!("clickhouse unavailable at shutdown; the next start reads the last decisions and alerts again");
+    }
     Ok(())
 }
 

@@ -72,6 +72,9 @@ impl ClickHouseConfig {
     }
 }
 
+/// Default of `Config::final_flush_timeout`.
+pub const FINAL_FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub brokers: String,
@@ -91,6 +94,9 @@ pub struct Config {
     /// The enforcer's (breaches, alerts) topics, kept in `breach_history` and `alert_history`;
     /// `None`: not kept.
     pub history: Option<(String, String)>,
+    /// How long the last write at shutdown may retry while ClickHouse is away; what it could
+    /// not write is read again from the checkpoints by the next start.
+    pub final_flush_timeout: Duration,
 }
 
 /// How meters share the usage topic's partitions.
@@ -118,6 +124,7 @@ impl Config {
             kafka_extra: Vec::new(),
             metrics: None,
             history: Some((tollgate_schemas::topics::BREACHES.into(), tollgate_schemas::topics::ALERTS.into())),
+            final_flush_timeout: FINAL_FLUSH_TIMEOUT,
         }
     }
 }
@@ -140,6 +147,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
             kafka_extra: config.kafka_extra.clone(),
             batch_max_rows: 10_000,
             batch_max_wait: config.batch_max_wait,
+            final_flush_timeout: config.final_flush_timeout,
         };
         tokio::spawn(history::run(hc, config.clickhouse.client(), shutdown.clone()))
     });
@@ -254,7 +262,13 @@ async fn consume(config: &Config, shutdown: &CancellationToken) -> anyhow::Resul
     };
     // Shutting down: write what was read; if ClickHouse is away, it is read again next start.
     if stopped_cleanly && !meter.batch.is_empty() {
-        meter.flush(&CancellationToken::new()).await;
+        let rows = meter.batch.len();
+        if !meter.flush(&tollgate_runtime::cancelled_after(config.final_flush_timeout)).await {
+            warn!(
+                rows,
+                "clickhouse unavailable at shutdown; the next start reads these rows again from the checkpoints"
+            );
+        }
     }
     // Nothing reads the rebalance queue from here: the callback answers librdkafka itself while
     // the consumer closes (revoke, leave the group), and what is queued is answered now.

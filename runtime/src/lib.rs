@@ -130,6 +130,18 @@ where
     }
 }
 
+/// A token that cancels itself after `limit`: the bound of a last attempt at shutdown (a final
+/// flush that retries while a server is away must end some time).
+pub fn cancelled_after(limit: std::time::Duration) -> CancellationToken {
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(limit).await;
+        cancel.cancel();
+    });
+    token
+}
+
 /// The partitions `md` lists for `topic`; empty when the topic is missing or has an error.
 pub fn partitions_in(md: &rdkafka::metadata::Metadata, topic: &str) -> Vec<i32> {
     md.topics()

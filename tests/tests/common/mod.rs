@@ -2,6 +2,8 @@
 //! `compose/local/infra.sh`), each test on its own topic and database, services in-process.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod forwarder;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
