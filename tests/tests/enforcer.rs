@@ -210,10 +210,10 @@ async fn a_restart_mid_window_neither_forgets_nor_double_counts() {
     produce_usage(&t.usage, &rest).await;
 
     let mut enforcer = spawn_enforcer(dir.path(), &t, logs.path(), 2);
-    log.wait_for(key, |d| d.version > before && d.state == DecisionState::Breached).await;
-    // A breached scope's count is republished at most once a second.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let d = log.latest(key).unwrap();
+    // A breached scope's count is republished at most once a second: wait for the one that has
+    // read everything (or more, which the assertion below refuses).
+    let d =
+        log.wait_for(key, |d| d.version > before && d.state == DecisionState::Breached && d.observed >= 210_000).await;
     // 170 from ClickHouse (up to the meter's checkpoints) + 40 from Kafka after them. Counting
     // from the topic's start as well would give 380,000; forgetting ClickHouse, 40,000.
     assert_eq!((d.state, d.observed), (DecisionState::Breached, 210_000), "{d:?}");
@@ -369,8 +369,14 @@ async fn a_changed_policy_is_enforced_at_once_and_a_broken_one_changes_nothing()
     // A broken edit: the enforcer keeps the policy it has.
     let budgets = dir.path().join("budgets.yaml");
     let good = std::fs::read_to_string(&budgets).unwrap();
+    let invalid = || common::metric(&common::metrics().render(), "tollgate_policy_reloads_total{outcome=\"invalid\"}");
+    let invalid_before = invalid();
     std::fs::write(&budgets, good.replace("ceiling_usd: 500", "ceiling_usd: lots")).unwrap();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Waits for the reload to have been tried and refused, then checks that it changed nothing.
+    assert!(
+        common::eventually(Duration::from_secs(30), || async { invalid() > invalid_before }).await,
+        "the broken policy was read and refused"
+    );
     assert_eq!(log.latest(key).unwrap().version, d.version, "nothing new from a policy that does not load");
 
     // The interns' cap cut to $300: the $400 already spent breaches it.
