@@ -113,7 +113,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     };
     notifier.shutdown(Duration::from_secs(10)).await;
     shutdown.cancel();
-    let _ = http.await;
+    tollgate_runtime::log_ops_server_end("enforcer", http).await;
     info!("enforcer stopped");
     result
 }
@@ -379,9 +379,15 @@ async fn usage_consumer(config: &Config, covered: &BTreeMap<i32, i64>, quiet: bo
     }
     let consumer: StreamConsumer = cc.create().context("creating the usage consumer")?;
     let topic = config.usage_topic.clone();
-    let md = consumer
-        .fetch_metadata(Some(&topic), Duration::from_secs(10))
-        .with_context(|| format!("reading metadata of {topic}"))?;
+    // A metadata request blocks its thread for up to its timeout: off the async workers.
+    let asked = topic.clone();
+    let (consumer, md) = tokio::task::spawn_blocking(move || {
+        let md = consumer.fetch_metadata(Some(&asked), Duration::from_secs(10));
+        (consumer, md)
+    })
+    .await
+    .context("the metadata request's thread failed")?;
+    let md = md.with_context(|| format!("reading metadata of {topic}"))?;
     let partitions = tollgate_runtime::partitions_in(&md, &topic);
     let mut tpl = TopicPartitionList::new();
     for p in &partitions {

@@ -160,7 +160,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
             Ok(Ok(())) => {}
         }
     }
-    let _ = http.await;
+    tollgate_runtime::log_ops_server_end("meter", http).await;
     result
 }
 

@@ -130,6 +130,16 @@ where
     }
 }
 
+/// Waits for a service's ops HTTP server (metrics, health) and logs how it ended, instead of
+/// dropping its error: a server that failed is visible in the log.
+pub async fn log_ops_server_end(service: &str, server: tokio::task::JoinHandle<std::io::Result<()>>) {
+    match server.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "{service}: the ops HTTP server (metrics, health) failed"),
+        Err(e) => tracing::error!(error = %e, "{service}: the ops HTTP server's task failed"),
+    }
+}
+
 /// A token that cancels itself after `limit`: the bound of a last attempt at shutdown (a final
 /// flush that retries while a server is away must end some time).
 pub fn cancelled_after(limit: std::time::Duration) -> CancellationToken {
