@@ -110,14 +110,16 @@ impl Sliding {
         if self.expires_at_s(idx) <= now_us.div_euclid(US) {
             return; // already outside the window
         }
-        self.total += amount;
+        // Amounts come from the usage topic: a sum saturates rather than wrap (release) or
+        // panic (debug) on an absurd figure.
+        self.total = self.total.saturating_add(amount);
         match self.buckets.back_mut() {
-            Some(back) if back.0 == idx => back.1 += amount,
+            Some(back) if back.0 == idx => back.1 = back.1.saturating_add(amount),
             Some(back) if back.0 > idx => {
                 // Out of order (a late event): keep the deque sorted.
                 let pos = self.buckets.partition_point(|(i, _)| *i < idx);
                 match self.buckets.get_mut(pos) {
-                    Some(b) if b.0 == idx => b.1 += amount,
+                    Some(b) if b.0 == idx => b.1 = b.1.saturating_add(amount),
                     _ => self.buckets.insert(pos, (idx, amount)),
                 }
             }
@@ -172,7 +174,7 @@ impl Calendar {
     pub fn add(&mut self, at_us: i64, amount: i64, now_us: i64) {
         self.roll(now_us.max(at_us));
         if (self.start_us..self.end_us).contains(&at_us) {
-            self.total += amount;
+            self.total = self.total.saturating_add(amount);
         }
     }
 
@@ -234,6 +236,19 @@ mod tests {
         assert_eq!(s.value(t0 + H + 59 * US), 15, "the first minute's bucket still overlaps the window");
         assert_eq!(s.value(t0 + H + 60 * US), 5);
         assert_eq!(s.value(t0 + H + 31 * 60 * US), 0);
+    }
+
+    #[test]
+    fn absurd_amounts_saturate_instead_of_overflowing() {
+        let t0 = 1_000 * H;
+        let mut s = Sliding::new(3600);
+        s.add(t0, i64::MAX, t0);
+        s.add(t0 + US, 5, t0 + US);
+        assert_eq!(s.value(t0 + US), i64::MAX);
+        let mut c = Calendar::new(Period::Daily, "UTC");
+        c.add(t0, i64::MAX, t0);
+        c.add(t0 + US, 5, t0 + US);
+        assert_eq!(c.value(t0 + US), i64::MAX);
     }
 
     #[test]

@@ -132,15 +132,16 @@ pub struct Totals {
 
 impl Totals {
     fn add(&mut self, r: &UsageRow) {
-        self.requests += 1;
-        self.errors += i64::from(r.status != "ok");
-        self.input_tokens += r.input_tokens;
-        self.output_tokens += r.output_tokens;
-        self.cached_input_tokens += r.cached_input_tokens;
-        self.cache_write_tokens += r.cache_write_tokens;
-        self.reasoning_tokens += r.reasoning_tokens;
-        self.cost_nanos += r.cost_nanos;
-        self.latency_us_sum += (r.ended_at_us - r.started_at_us).max(0);
+        // Figures come from the usage topic: sums saturate rather than wrap or panic.
+        self.requests = self.requests.saturating_add(1);
+        self.errors = self.errors.saturating_add(i64::from(r.status != "ok"));
+        self.input_tokens = self.input_tokens.saturating_add(r.input_tokens);
+        self.output_tokens = self.output_tokens.saturating_add(r.output_tokens);
+        self.cached_input_tokens = self.cached_input_tokens.saturating_add(r.cached_input_tokens);
+        self.cache_write_tokens = self.cache_write_tokens.saturating_add(r.cache_write_tokens);
+        self.reasoning_tokens = self.reasoning_tokens.saturating_add(r.reasoning_tokens);
+        self.cost_nanos = self.cost_nanos.saturating_add(r.cost_nanos);
+        self.latency_us_sum = self.latency_us_sum.saturating_add(r.ended_at_us.saturating_sub(r.started_at_us).max(0));
     }
 }
 
@@ -385,10 +386,10 @@ impl Windows {
                 dirty: false,
             });
             if r.kafka_offset > e.covered {
-                e.totals.requests += 1;
-                e.totals.input_tokens += r.input_tokens;
-                e.totals.output_tokens += r.output_tokens;
-                e.totals.cost_nanos += r.cost_nanos;
+                e.totals.requests = e.totals.requests.saturating_add(1);
+                e.totals.input_tokens = e.totals.input_tokens.saturating_add(r.input_tokens);
+                e.totals.output_tokens = e.totals.output_tokens.saturating_add(r.output_tokens);
+                e.totals.cost_nanos = e.totals.cost_nanos.saturating_add(r.cost_nanos);
                 e.covered = r.kafka_offset;
                 e.dirty = true;
             }
