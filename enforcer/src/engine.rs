@@ -413,20 +413,7 @@ fn clear_for_removed(rule_id: &str, scope: &str, now_us: i64, version: i64) -> B
     }
 }
 
-/// `$3,200.00`.
-pub fn usd(nanos: i64) -> String {
-    let cents = nanos / 10_000_000;
-    let (d, c) = (cents / 100, (cents % 100).abs());
-    let digits = d.abs().to_string();
-    let mut grouped = String::new();
-    for (i, ch) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            grouped.push(',');
-        }
-        grouped.push(ch);
-    }
-    format!("{}${grouped}.{c:02}", if nanos < 0 { "-" } else { "" })
-}
+pub use tollgate_schemas::price::usd;
 
 fn summary(rule: &Rule, scope: &str, pct: u32, observed: i64) -> String {
     let (obs, lim) = match rule.measure {

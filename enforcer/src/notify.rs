@@ -35,6 +35,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tollgate_schemas::decision::{Alert, AlertKind, Measure, Severity};
 use tollgate_schemas::policy::{AlertChannel, ChannelKind};
+use tollgate_schemas::price::{group_thousands, usd};
 use tracing::{error, info, warn};
 
 /// `source` of every PagerDuty event.
@@ -671,42 +672,20 @@ fn alert_id_header(alert_id: &str) -> HeaderValue {
 
 /// `value` of `measure` for people: nano-USD as dollars (`$1,234.57`, or four decimals under
 /// a dollar), tokens and requests as whole numbers with thousands separators.
+/// `-1,234` style.
+fn signed_thousands(v: i64) -> String {
+    format!("{}{}", if v < 0 { "-" } else { "" }, group_thousands(v.unsigned_abs()))
+}
+
 pub fn format_amount(measure: Measure, value: i64) -> String {
     match measure {
-        Measure::CostNanos => format_usd(value),
-        Measure::Tokens => format!("{} tokens", group_thousands(value.unsigned_abs(), value < 0)),
+        Measure::CostNanos => usd(value),
+        Measure::Tokens => format!("{} tokens", signed_thousands(value)),
         Measure::Requests => {
             let noun = if value == 1 { "request" } else { "requests" };
-            format!("{} {noun}", group_thousands(value.unsigned_abs(), value < 0))
+            format!("{} {noun}", signed_thousands(value))
         }
     }
-}
-
-fn format_usd(nanos: i64) -> String {
-    let sign = if nanos < 0 { "-" } else { "" };
-    let abs = nanos.unsigned_abs();
-    // Ten-thousandths of a dollar, rounded half up.
-    let tenk = (abs + 50_000) / 100_000;
-    if tenk < 10_000 && abs != 0 {
-        return format!("{sign}${}.{:04}", tenk / 10_000, tenk % 10_000);
-    }
-    let cents = (abs + 5_000_000) / 10_000_000;
-    format!("{sign}${}.{:02}", group_thousands(cents / 100, false), cents % 100)
-}
-
-fn group_thousands(n: u64, negative: bool) -> String {
-    let digits = n.to_string();
-    let mut out = String::with_capacity(digits.len() + digits.len() / 3 + 1);
-    if negative {
-        out.push('-');
-    }
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }
 
 /// `observed` as a whole percentage of `limit`, when there is a limit.
@@ -1039,9 +1018,9 @@ mod tests {
     fn amounts_read_as_dollars_and_whole_numbers() {
         assert_eq!(format_amount(Measure::CostNanos, 812_400_000_000), "$812.40");
         assert_eq!(format_amount(Measure::CostNanos, 1_000_000_000_000), "$1,000.00");
-        assert_eq!(format_amount(Measure::CostNanos, 1_234_567_891_000_000), "$1,234,567.89");
+        assert_eq!(format_amount(Measure::CostNanos, 1_234_567_891_000_000), "$1,234,567.891");
         assert_eq!(format_amount(Measure::CostNanos, 4_200_000), "$0.0042");
-        assert_eq!(format_amount(Measure::CostNanos, 999_990_000), "$1.00");
+        assert_eq!(format_amount(Measure::CostNanos, 999_990_000), "$0.99999", "exact, never rounded");
         assert_eq!(format_amount(Measure::CostNanos, 0), "$0.00");
         assert_eq!(format_amount(Measure::CostNanos, -2_500_000_000), "-$2.50");
         assert_eq!(format_amount(Measure::Tokens, 1_234_567), "1,234,567 tokens");

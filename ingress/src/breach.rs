@@ -100,15 +100,7 @@ impl Blocked {
     }
 }
 
-/// `$12.5` style: exact decimal dollars from nano-USD, at least two decimals.
-pub fn usd(nanos: i64) -> String {
-    let sign = if nanos < 0 { "-" } else { "" };
-    let n = nanos.unsigned_abs();
-    let frac = format!("{:09}", n % 1_000_000_000);
-    let frac = frac.trim_end_matches('0');
-    let frac = if frac.len() < 2 { format!("{frac:0<2}") } else { frac.to_owned() };
-    format!("{sign}${}.{frac}", n / 1_000_000_000)
-}
+pub use tollgate_schemas::price::usd;
 
 /// Seconds until `window_end_us`, rounded up, at least 1.
 pub fn retry_after_secs(window_end_us: i64, now_us: i64) -> u64 {

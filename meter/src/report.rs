@@ -187,12 +187,8 @@ pub fn fmt_time(secs: i64) -> String {
     DateTime::from_timestamp(secs, 0).map_or_else(|| secs.to_string(), |t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
 }
 
-/// Nano-USD as exact decimal dollars: `12345678901` → `12.345678901`.
-pub fn format_usd(nanos: i64) -> String {
-    let sign = if nanos < 0 { "-" } else { "" };
-    let n = nanos.unsigned_abs();
-    format!("{sign}{}.{:09}", n / 1_000_000_000, n % 1_000_000_000)
-}
+/// Nano-USD as exact decimal dollars: `12345678901` → `12.345678901` (`price::usd_decimal`).
+pub use tollgate_schemas::price::usd_decimal as format_usd;
 
 fn ratio(num: f64, den: f64) -> f64 {
     if den > 0.0 { num / den } else { 0.0 }
@@ -978,16 +974,6 @@ fn total_row(keys: usize, figures: Vec<Cell>) -> Vec<Cell> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-
-    #[test]
-    fn usd_is_printed_exactly_from_nanos() {
-        assert_eq!(format_usd(12_345_678_901), "12.345678901");
-        assert_eq!(format_usd(0), "0.000000000");
-        assert_eq!(format_usd(5), "0.000000005");
-        assert_eq!(format_usd(-1_500_000_000), "-1.500000000");
-        assert_eq!(format_usd(i64::MAX), "9223372036.854775807");
-        assert_eq!(format_usd(i64::MIN), "-9223372036.854775808");
-    }
 
     #[test]
     fn months_and_bounds_are_half_open_utc() {

@@ -39,6 +39,38 @@ pub fn parse_usd_nanos(text: &str) -> Result<i64, String> {
         .ok_or_else(|| format!("{text:?} is too large"))
 }
 
+/// Nano-USD as people read money, exactly: thousands grouped, every non-zero decimal, at least
+/// two: `$4,000.00`, `$0.0013`, `$12,345.6789`, `-$2.50`. The one money format of alerts,
+/// decisions, error bodies and consoles (nothing is rounded: a $0.0013 alert never reads $0.00).
+pub fn usd(nanos: i64) -> String {
+    let sign = if nanos < 0 { "-" } else { "" };
+    let n = nanos.unsigned_abs();
+    let frac = format!("{:09}", n % 1_000_000_000);
+    let frac = frac.trim_end_matches('0');
+    format!("{sign}${}.{frac:0<2}", group_thousands(n / 1_000_000_000))
+}
+
+/// Nano-USD as a plain exact decimal for tables and files: `12.345678901`, nine decimals, no
+/// symbol or grouping (the reports' CSV, TSV and JSON `cost_usd`).
+pub fn usd_decimal(nanos: i64) -> String {
+    let sign = if nanos < 0 { "-" } else { "" };
+    let n = nanos.unsigned_abs();
+    format!("{sign}{}.{:09}", n / 1_000_000_000, n % 1_000_000_000)
+}
+
+/// `1234567` → `1,234,567`.
+pub fn group_thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, ch) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}
+
 /// Deserializes a USD amount written as a YAML string or number into nano-USD.
 pub fn de_usd_nanos<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
     #[derive(Deserialize)]
@@ -137,6 +169,25 @@ impl ModelPrice {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn money_is_printed_exactly_in_one_format() {
+        assert_eq!(usd(4_000_000_000_000), "$4,000.00");
+        assert_eq!(usd(1_289_000), "$0.001289");
+        assert_eq!(usd(12_345_678_900_000), "$12,345.6789");
+        assert_eq!(usd(500_123_000_000), "$500.123");
+        assert_eq!(usd(1), "$0.000000001");
+        assert_eq!(usd(0), "$0.00");
+        assert_eq!(usd(-2_500_000_000), "-$2.50");
+        assert_eq!(usd(i64::MIN), "-$9,223,372,036.854775808");
+        assert_eq!(usd_decimal(12_345_678_901), "12.345678901");
+        assert_eq!(usd_decimal(0), "0.000000000");
+        assert_eq!(usd_decimal(-1_500_000_000), "-1.500000000");
+        assert_eq!(usd_decimal(i64::MAX), "9223372036.854775807");
+        assert_eq!(usd_decimal(i64::MIN), "-9223372036.854775808");
+        assert_eq!(group_thousands(1_234_567), "1,234,567");
+        assert_eq!(group_thousands(999), "999");
+    }
 
     #[test]
     fn parses_decimal_usd_exactly() {

@@ -164,6 +164,6 @@ fn a_restarted_engine_repeats_nothing_and_versions_move_forward() {
 #[test]
 fn usd_formats_money() {
     assert_eq!(usd(4_000_000_000_000), "$4,000.00");
-    assert_eq!(usd(1_289_000), "$0.00");
-    assert_eq!(usd(12_345_678_900_000), "$12,345.67");
+    assert_eq!(usd(1_289_000), "$0.001289", "exact: a small spend is not $0.00");
+    assert_eq!(usd(12_345_678_900_000), "$12,345.6789");
 }
