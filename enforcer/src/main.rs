@@ -52,7 +52,7 @@ struct Args {
     #[arg(long, default_value_t = 10)]
     evaluate_every_ms: u64,
     /// Extra librdkafka settings, `key=value`, repeatable.
-    #[arg(long = "kafka-option", value_parser = parse_kv)]
+    #[arg(long = "kafka-option", visible_alias = "kafka-set", value_name = "KEY=VALUE", value_parser = tollgate_runtime::parse_key_value)]
     kafka_options: Vec<(String, String)>,
     /// Address for /healthz and /metrics.
     #[arg(long, env = "TOLLGATE_ENFORCER_LISTEN", default_value = "127.0.0.1:9102")]
@@ -67,10 +67,6 @@ enum Command {
         #[arg(long, env = "TOLLGATE_POLICY_DIR")]
         policy_dir: PathBuf,
     },
-}
-
-fn parse_kv(s: &str) -> Result<(String, String), String> {
-    s.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())).ok_or_else(|| format!("expected key=value, got {s:?}"))
 }
 
 #[tokio::main]

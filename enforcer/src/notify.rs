@@ -482,18 +482,7 @@ enum AttemptError {
     Transport(reqwest::Error),
 }
 
-/// An error and its sources, `outer: inner: root`, as reqwest's own message is only the
-/// outermost ("error sending request").
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
+use tollgate_runtime::error_chain;
 
 impl AttemptError {
     /// Whether another attempt may succeed.

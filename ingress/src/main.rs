@@ -39,8 +39,8 @@ struct Args {
     /// (repeatable; e.g. security.protocol, sasl.*). The producer's defaults are acks=all,
     /// idempotence, linger.ms=10 and compression.type=none (set lz4 where bytes cost more
     /// than CPU).
-    #[arg(long = "kafka-set", value_parser = parse_kv)]
-    kafka_set: Vec<(String, String)>,
+    #[arg(long = "kafka-option", visible_alias = "kafka-set", value_name = "KEY=VALUE", value_parser = tollgate_runtime::parse_key_value)]
+    kafka_options: Vec<(String, String)>,
     /// Largest request body accepted, in bytes.
     #[arg(long, default_value_t = 8 << 20)]
     max_body_bytes: usize,
@@ -109,10 +109,6 @@ fn check_config(dir: &std::path::Path) -> ExitCode {
     }
 }
 
-fn parse_kv(s: &str) -> Result<(String, String), String> {
-    s.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())).ok_or_else(|| format!("expected key=value, got {s:?}"))
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
@@ -130,7 +126,7 @@ async fn main() -> ExitCode {
     };
     let mut config = Config::new(
         policy_dir,
-        KafkaConfig { brokers: args.kafka_brokers, usage_topic: args.usage_topic, extra: args.kafka_set },
+        KafkaConfig { brokers: args.kafka_brokers, usage_topic: args.usage_topic, extra: args.kafka_options },
     );
     config.max_body_bytes = args.max_body_bytes;
     config.spool_dir = args.spool_dir;

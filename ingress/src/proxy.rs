@@ -19,6 +19,7 @@ use eventsource_stream::{Event, EventStreamError, Eventsource};
 use futures::{Stream, StreamExt};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
+use tollgate_runtime::error_chain;
 use tollgate_schemas::decision::RuleKind;
 use tollgate_schemas::policy::{ApiKey, Policy, ProviderConfig, ProviderKind, Target, VirtualModel};
 use tollgate_schemas::usage::{ApiFormat, AppliedDecision, Envelope, Status};
@@ -513,17 +514,6 @@ async fn call(
     let content_type = resp.headers().get(header::CONTENT_TYPE).cloned();
     let body = read_limited(resp, 1 << 20).await.unwrap_or_default();
     Err(IngressError::ProviderStatus { provider: provider_name(), status, body, content_type })
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(inner) = cur {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        cur = inner.source();
-    }
-    s
 }
 
 async fn read_limited(resp: reqwest::Response, limit: usize) -> Result<Bytes, String> {

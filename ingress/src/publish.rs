@@ -135,7 +135,7 @@ impl Publisher {
             .set("linger.ms", "10")
             // Uncompressed: at 10 ms of linger a batch holds a few dozen ~600-byte events, and
             // LZ4's per-batch set-up cost the ingress ~15% of its CPU per request on a loaded
-            // 2-core machine (tests/bench/profile). `--kafka-set compression.type=lz4` for
+            // 2-core machine (tests/bench/profile). `--kafka-option compression.type=lz4` for
             // links where bytes cost more than CPU.
             .set("compression.type", "none")
             // Failures surface within seconds, so the spool takes over instead of memory.

@@ -88,7 +88,7 @@ struct RunArgs {
     #[arg(long)]
     group: bool,
     /// A librdkafka setting for the meter's Kafka clients, `KEY=VALUE`; repeatable.
-    #[arg(long = "kafka-option", value_name = "KEY=VALUE", value_parser = key_value)]
+    #[arg(long = "kafka-option", visible_alias = "kafka-set", value_name = "KEY=VALUE", value_parser = tollgate_runtime::parse_key_value)]
     kafka_options: Vec<(String, String)>,
     /// Address for /healthz and /metrics.
     #[arg(long, env = "TOLLGATE_METER_LISTEN", default_value = "127.0.0.1:9101")]
@@ -149,13 +149,6 @@ async fn run(args: RunArgs) -> ExitCode {
     config.metrics = Some(metrics);
     let shutdown = tollgate_runtime::shutdown_on_signal();
     tollgate_runtime::exit_code("meter", tollgate_meter::run(config, listener, shutdown).await)
-}
-
-fn key_value(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
-        _ => Err(format!("expected KEY=VALUE, got `{s}`")),
-    }
 }
 
 /// Writes the price card's model tiers for the frontier-share report. Needs migration 0003, so

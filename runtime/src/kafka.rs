@@ -20,7 +20,7 @@
 //! (`tests/bench/idle`); under traffic a decision reaches every ingress within about two short
 //! waits.
 //!
-//! Every consumer's settings still take the operator's `--kafka-set key=value` last, so a
+//! Every consumer's settings still take the operator's `--kafka-option key=value` last, so a
 //! deployment on Apache Kafka may shorten or lengthen any of them.
 
 use std::sync::Arc;

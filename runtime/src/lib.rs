@@ -130,6 +130,27 @@ where
     }
 }
 
+/// An error and its sources, `outer: inner: root` (reqwest's own message is only the outermost,
+/// "error sending request").
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// A `--kafka-option KEY=VALUE` argument (every service's flag for extra librdkafka settings).
+pub fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
+        _ => Err(format!("expected KEY=VALUE, got `{s}`")),
+    }
+}
+
 /// Waits for a service's ops HTTP server (metrics, health) and logs how it ended, instead of
 /// dropping its error: a server that failed is visible in the log.
 pub async fn log_ops_server_end(service: &str, server: tokio::task::JoinHandle<std::io::Result<()>>) {
@@ -159,4 +180,37 @@ pub fn partitions_in(md: &rdkafka::metadata::Metadata, topic: &str) -> Vec<i32> 
         .filter(|t| t.name() == topic && t.error().is_none())
         .flat_map(|t| t.partitions().iter().map(|p| p.id()))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kafka_options_are_key_equals_value() {
+        assert_eq!(parse_key_value("linger.ms=5"), Ok(("linger.ms".into(), "5".into())));
+        assert_eq!(parse_key_value(" sasl.password =a=b"), Ok(("sasl.password".into(), "a=b".into())));
+        assert!(parse_key_value("=5").is_err());
+        assert!(parse_key_value("linger.ms").is_err());
+    }
+
+    #[test]
+    fn an_error_chain_names_every_source() {
+        let inner = std::io::Error::other("connection refused");
+        let outer = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, inner);
+        assert_eq!(error_chain(&outer), "connection refused");
+        #[derive(Debug)]
+        struct Wrap(std::io::Error);
+        impl std::fmt::Display for Wrap {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("error sending request")
+            }
+        }
+        impl std::error::Error for Wrap {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        assert_eq!(error_chain(&Wrap(std::io::Error::other("reset"))), "error sending request: reset");
+    }
 }
