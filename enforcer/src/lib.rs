@@ -22,7 +22,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use metrics_exporter_prometheus::PrometheusHandle;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -87,14 +87,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let http = tokio::spawn(async move { http.await });
 
-    let mut cc = ClientConfig::new();
-    cc.set("bootstrap.servers", &config.brokers)
-        .set("acks", "all")
-        .set("linger.ms", "1")
-        .set("message.timeout.ms", "30000");
-    for (k, v) in &config.kafka_extra {
-        cc.set(k, v);
-    }
+    let settings = [("acks", "all"), ("linger.ms", "1"), ("message.timeout.ms", "30000")];
+    let cc = tollgate_runtime::kafka::client_config(&config.brokers, &settings, None, &config.kafka_extra);
     let producer = Producer::new(&cc, Awaited).context("creating the Kafka producer")?;
     let notifier =
         Notifier::new(&policy.alert_channels, notify::NotifyConfig::default()).context("setting up alert channels")?;
@@ -368,15 +362,10 @@ async fn replay_own_history(config: &Config) -> anyhow::Result<(Vec<BreachDecisi
 /// The usage consumer, each partition at its offset in `covered` (from the beginning when absent),
 /// with the quiet or the active fetch wait (`tollgate_runtime::kafka::Follow::Usage`).
 async fn usage_consumer(config: &Config, covered: &BTreeMap<i32, i64>, quiet: bool) -> anyhow::Result<StreamConsumer> {
-    let mut cc = ClientConfig::new();
-    cc.set("bootstrap.servers", &config.brokers)
-        .set("group.id", "tollgate-enforcer")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false");
-    tollgate_runtime::kafka::follow(&mut cc, tollgate_runtime::kafka::Follow::Usage, quiet);
-    for (k, v) in &config.kafka_extra {
-        cc.set(k, v);
-    }
+    let settings =
+        [("group.id", "tollgate-enforcer"), ("enable.auto.commit", "false"), ("enable.partition.eof", "false")];
+    let fetch = Some((tollgate_runtime::kafka::Follow::Usage, quiet));
+    let cc = tollgate_runtime::kafka::client_config(&config.brokers, &settings, fetch, &config.kafka_extra);
     let consumer: StreamConsumer = cc.create().context("creating the usage consumer")?;
     let topic = config.usage_topic.clone();
     // A metadata request blocks its thread for up to its timeout: off the async workers.

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::{Message, Offset, TopicPartitionList};
 
 /// Calls `f(key, payload)` for every record of `topic` from the beginning up to the high
 /// watermarks read when it starts, in partition order. Blocks: run it on a blocking thread.
@@ -15,15 +15,10 @@ pub fn read_to_end(
     deadline: Duration,
     mut f: impl FnMut(Option<&[u8]>, Option<&[u8]>),
 ) -> anyhow::Result<u64> {
-    let mut cc = ClientConfig::new();
-    cc.set("bootstrap.servers", brokers)
-        .set("group.id", "tollgate-enforcer-replay")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false");
-    tollgate_runtime::kafka::follow(&mut cc, tollgate_runtime::kafka::Follow::History, false);
-    for (k, v) in extra {
-        cc.set(k, v);
-    }
+    let settings =
+        [("group.id", "tollgate-enforcer-replay"), ("enable.auto.commit", "false"), ("enable.partition.eof", "false")];
+    let fetch = Some((tollgate_runtime::kafka::Follow::History, false));
+    let cc = tollgate_runtime::kafka::client_config(brokers, &settings, fetch, extra);
     let consumer: BaseConsumer = cc.create().context("creating a replay consumer")?;
     let started = Instant::now();
     let left = || deadline.saturating_sub(started.elapsed()).max(Duration::from_millis(1));

@@ -521,23 +521,7 @@ impl Follower {
         cfg: &FollowConfig,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<Follower> {
-        let mut cc = ClientConfig::new();
-        cc.set("bootstrap.servers", &cfg.brokers)
-            // Never joins or commits: a group id only keeps librdkafka's consumer queue in use.
-            .set("group.id", "tollgate-ingress-decisions")
-            .set("client.id", "tollgate-ingress-decisions")
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("enable.partition.eof", "true")
-            .set("auto.offset.reset", "earliest")
-            .set("fetch.error.backoff.ms", "100")
-            .set("reconnect.backoff.max.ms", "2000");
-        let base = cc.clone();
-        tollgate_runtime::kafka::follow(&mut cc, tollgate_runtime::kafka::Follow::Decisions, false);
-        for (k, v) in &cfg.extra {
-            cc.set(k, v);
-        }
-        let consumer: StreamConsumer = cc.create()?;
+        let consumer: StreamConsumer = follower_config(&cfg.brokers, false, &cfg.extra).create()?;
         metrics::decisions_ready(false);
         let (tx, rx) = oneshot::channel();
         let last_error = Arc::new(Mutex::new(None::<String>));
@@ -546,7 +530,7 @@ impl Follower {
         let stop = CancellationToken::new();
         let task = Task {
             consumer: Arc::new(consumer),
-            client_config: base,
+            brokers: cfg.brokers.clone(),
             extra: cfg.extra.clone(),
             quiet: false,
             cache: Arc::clone(&cache),
@@ -609,7 +593,7 @@ struct Task {
     consumer: Arc<StreamConsumer>,
     /// The consumer's settings but its fetch wait and the operator's own (`extra`), to re-create
     /// it with the other wait.
-    client_config: ClientConfig,
+    brokers: String,
     extra: Vec<(String, String)>,
     /// Whether the consumer has its quiet fetch wait (no request for `QUIET_AFTER`).
     quiet: bool,
@@ -799,12 +783,7 @@ impl Task {
     /// old one was, and returns the old one; on failure keeps the old one.
     fn switch_wait(&mut self, partitions: &[i32], quiet: bool) -> Option<Arc<StreamConsumer>> {
         let positions = self.positions();
-        let mut cc = self.client_config.clone();
-        tollgate_runtime::kafka::follow(&mut cc, tollgate_runtime::kafka::Follow::Decisions, quiet);
-        for (k, v) in &self.extra {
-            cc.set(k, v);
-        }
-        let fresh: StreamConsumer = match cc.create() {
+        let fresh: StreamConsumer = match follower_config(&self.brokers, quiet, &self.extra).create() {
             Ok(c) => c,
             Err(e) => {
                 self.note_error("re-creating the consumer", &e);
@@ -906,6 +885,22 @@ impl Task {
     }
 }
 
+/// The decision follower's consumer: it never joins or commits (a group id only keeps
+/// librdkafka's consumer queue in use), and fetches with the quiet or the active wait.
+fn follower_config(brokers: &str, quiet: bool, extra: &[(String, String)]) -> ClientConfig {
+    let settings = [
+        ("group.id", "tollgate-ingress-decisions"),
+        ("client.id", "tollgate-ingress-decisions"),
+        ("enable.auto.commit", "false"),
+        ("enable.auto.offset.store", "false"),
+        ("enable.partition.eof", "true"),
+        ("auto.offset.reset", "earliest"),
+        ("fetch.error.backoff.ms", "100"),
+        ("reconnect.backoff.max.ms", "2000"),
+    ];
+    let fetch = Some((tollgate_runtime::kafka::Follow::Decisions, quiet));
+    tollgate_runtime::kafka::client_config(brokers, &settings, fetch, extra)
+}
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]

@@ -125,24 +125,22 @@ impl Publisher {
     /// Opens the spool (recovering what an earlier run left), builds the idempotent producer
     /// (`acks=all`) and starts its task. Fails if the spool directory cannot be used.
     pub fn start(cfg: &KafkaConfig, capacity: usize, spool: SpoolConfig) -> anyhow::Result<(Publisher, PublisherTask)> {
-        let mut cc = ClientConfig::new();
-        cc.set("bootstrap.servers", &cfg.brokers)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
+        let settings = [
+            ("enable.idempotence", "true"),
+            ("acks", "all"),
             // Events wait up to 10 ms to share a produce request: fewer, larger batches cost
             // the broker thread less per event, and 10 ms is small beside the enforcer's
             // 250 ms budget from usage to decision.
-            .set("linger.ms", "10")
+            ("linger.ms", "10"),
             // Uncompressed: at 10 ms of linger a batch holds a few dozen ~600-byte events, and
             // LZ4's per-batch set-up cost the ingress ~15% of its CPU per request on a loaded
             // 2-core machine (tests/bench/profile). `--kafka-option compression.type=lz4` for
             // links where bytes cost more than CPU.
-            .set("compression.type", "none")
+            ("compression.type", "none"),
             // Failures surface within seconds, so the spool takes over instead of memory.
-            .set("message.timeout.ms", "10000");
-        for (k, v) in &cfg.extra {
-            cc.set(k, v);
-        }
+            ("message.timeout.ms", "10000"),
+        ];
+        let cc = tollgate_runtime::kafka::client_config(&cfg.brokers, &settings, None, &cfg.extra);
         let (delivered_tx, delivered) = mpsc::unbounded_channel();
         let producer = new_producer(&cc, &delivered_tx)?;
         let codec = Arc::new(UsageEvent::codec()?);

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clickhouse::{Client, Row};
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::Serialize;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -149,15 +149,10 @@ pub async fn run(config: HistoryConfig, ch: Client, shutdown: CancellationToken)
     else {
         return Ok(());
     };
-    let mut cc = ClientConfig::new();
-    cc.set("bootstrap.servers", &config.brokers)
-        .set("group.id", "tollgate-meter-history")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false");
-    tollgate_runtime::kafka::follow(&mut cc, tollgate_runtime::kafka::Follow::History, false);
-    for (k, v) in &config.kafka_extra {
-        cc.set(k, v);
-    }
+    let settings =
+        [("group.id", "tollgate-meter-history"), ("enable.auto.commit", "false"), ("enable.partition.eof", "false")];
+    let fetch = Some((tollgate_runtime::kafka::Follow::History, false));
+    let cc = tollgate_runtime::kafka::client_config(&config.brokers, &settings, fetch, &config.kafka_extra);
     let consumer: std::sync::Arc<StreamConsumer> =
         std::sync::Arc::new(cc.create().context("creating the history consumer")?);
     let mut tpl = TopicPartitionList::new();

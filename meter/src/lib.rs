@@ -24,7 +24,7 @@ use clickhouse::Client;
 use metrics_exporter_prometheus::PrometheusHandle;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::BorrowedMessage;
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -165,17 +165,15 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
 }
 
 async fn consume(config: &Config, shutdown: &CancellationToken) -> anyhow::Result<()> {
-    let mut cc = ClientConfig::new();
-    cc.set("bootstrap.servers", &config.brokers)
-        .set("group.id", &config.group_id)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("enable.partition.eof", "false");
-    tollgate_runtime::kafka::follow(&mut cc, tollgate_runtime::kafka::Follow::Metering, false);
-    for (k, v) in &config.kafka_extra {
-        cc.set(k, v);
-    }
+    let settings = [
+        ("group.id", config.group_id.as_str()),
+        ("enable.auto.commit", "false"),
+        ("enable.auto.offset.store", "false"),
+        ("auto.offset.reset", "earliest"),
+        ("enable.partition.eof", "false"),
+    ];
+    let fetch = Some((tollgate_runtime::kafka::Follow::Metering, false));
+    let cc = tollgate_runtime::kafka::client_config(&config.brokers, &settings, fetch, &config.kafka_extra);
     let topic = config.usage_topic.clone();
     let (context, mut rebalances) = MeterContext::new(&topic);
     let consumer: Arc<StreamConsumer<MeterContext>> =
@@ -475,11 +473,8 @@ struct DeadLetters {
 
 impl DeadLetters {
     fn new(config: &Config) -> anyhow::Result<Self> {
-        let mut cc = ClientConfig::new();
-        cc.set("bootstrap.servers", &config.brokers).set("enable.idempotence", "true").set("acks", "all");
-        for (k, v) in &config.kafka_extra {
-            cc.set(k, v);
-        }
+        let settings = [("enable.idempotence", "true"), ("acks", "all")];
+        let cc = tollgate_runtime::kafka::client_config(&config.brokers, &settings, None, &config.kafka_extra);
         Ok(Self {
             producer: Producer::new(&cc, Awaited).context("creating the dead-letter producer")?,
             topic: config.dead_letter_topic.clone(),

@@ -98,6 +98,29 @@ pub fn quiet_gauge(follow: Follow, quiet: bool) {
     metrics::gauge!("tollgate_kafka_consumer_quiet", "consumer" => consumer).set(if quiet { 1.0 } else { 0.0 });
 }
 
+/// Every Tollgate Kafka client's configuration, built one way: the brokers, the client's own
+/// `settings`, a consumer's fetch waits (`fetch`: what it follows, and whether quietly), then the
+/// operator's `--kafka-option`s, which win over everything before them.
+pub fn client_config(
+    brokers: &str,
+    settings: &[(&str, &str)],
+    fetch: Option<(Follow, bool)>,
+    operator: &[(String, String)],
+) -> ClientConfig {
+    let mut cc = ClientConfig::new();
+    cc.set("bootstrap.servers", brokers);
+    for (k, v) in settings {
+        cc.set(*k, *v);
+    }
+    if let Some((f, quiet)) = fetch {
+        follow(&mut cc, f, quiet);
+    }
+    for (k, v) in operator {
+        cc.set(k, v);
+    }
+    cc
+}
+
 /// Sets the fetch waits of `follow` on `cc`, quiet or active (call it before applying the
 /// operator's own settings, which win).
 pub fn follow(cc: &mut ClientConfig, follow: Follow, quiet: bool) -> &mut ClientConfig {
@@ -246,6 +269,19 @@ pub async fn dead_letter(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_client_config_takes_the_operators_options_last() {
+        let operator = [("fetch.wait.max.ms".to_owned(), "7".to_owned()), ("acks".to_owned(), "1".to_owned())];
+        let cc =
+            client_config("b:9092", &[("acks", "all"), ("linger.ms", "10")], Some((Follow::Usage, false)), &operator);
+        assert_eq!(cc.get("bootstrap.servers"), Some("b:9092"));
+        assert_eq!(cc.get("linger.ms"), Some("10"));
+        assert_eq!(cc.get("acks"), Some("1"), "the operator's option wins over the client's own");
+        assert_eq!(cc.get("fetch.wait.max.ms"), Some("7"), "and over the fetch wait");
+        let plain = client_config("b:9092", &[], None, &[]);
+        assert_eq!(plain.get("fetch.wait.max.ms"), None);
+    }
 
     #[test]
     fn the_decision_path_waits_less_than_its_budget_while_traffic_flows() {
