@@ -12,6 +12,7 @@ pub mod history;
 pub mod metrics;
 pub mod migrate;
 pub mod report;
+pub mod rows;
 pub mod sink;
 pub mod window;
 

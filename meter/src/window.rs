@@ -7,10 +7,8 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use clickhouse::Row;
-use serde::{Deserialize, Serialize};
-
-use crate::sink::UsageRow;
+use crate::rows::UsageRow;
+pub use crate::rows::{SessionRow, WindowRow};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Granularity {
@@ -170,52 +168,6 @@ struct Entry<T> {
     totals: T,
     covered: i64,
     dirty: bool,
-}
-
-/// One row of `usage_windows`.
-#[derive(Debug, Clone, PartialEq, Eq, Row, Serialize, Deserialize)]
-pub struct WindowRow {
-    pub granularity: String,
-    pub window_start: u32,
-    pub project: String,
-    pub team: String,
-    pub user_id: String,
-    pub cost_center: String,
-    pub workflow_tag: String,
-    pub environment: String,
-    pub api_key_id: String,
-    pub virtual_model: String,
-    pub provider: String,
-    pub model: String,
-    pub model_version: String,
-    pub kafka_partition: i32,
-    pub requests: i64,
-    pub errors: i64,
-    pub input_tokens: i64,
-    pub output_tokens: i64,
-    pub cached_input_tokens: i64,
-    pub cache_write_tokens: i64,
-    pub reasoning_tokens: i64,
-    pub cost_nanos: i64,
-    pub latency_us_sum: i64,
-    pub version: u64,
-}
-
-/// One row of `session_hours`.
-#[derive(Debug, Clone, PartialEq, Eq, Row, Serialize, Deserialize)]
-pub struct SessionRow {
-    pub hour: u32,
-    pub workflow_tag: String,
-    pub session_id: String,
-    pub project: String,
-    pub team: String,
-    pub user_id: String,
-    pub kafka_partition: i32,
-    pub requests: i64,
-    pub input_tokens: i64,
-    pub output_tokens: i64,
-    pub cost_nanos: i64,
-    pub version: u64,
 }
 
 /// Open windows in memory. Anything not in memory is loaded from ClickHouse before use, so

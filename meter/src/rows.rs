@@ -1,0 +1,165 @@
+//! The rows the meter writes to ClickHouse, one type per table: `usage_events`, `usage_windows`,
+//! `session_hours` and `meter_checkpoints`. The sink writes them and the windows build them;
+//! neither owns them.
+
+use clickhouse::Row;
+use serde::{Deserialize, Serialize};
+use tollgate_schemas::usage::UsageEvent;
+
+/// One row of `usage_events` (every column but `inserted_at`, which defaults to now()).
+#[derive(Debug, Clone, Row, Serialize)]
+pub struct UsageRow {
+    pub event_id: String,
+    pub started_at: u32,
+    pub started_at_us: i64,
+    pub first_token_at_us: Option<i64>,
+    pub ended_at: u32,
+    pub ended_at_us: i64,
+    pub project: String,
+    pub team: String,
+    pub user_id: String,
+    pub session_id: String,
+    pub workflow_tag: String,
+    pub environment: String,
+    pub cost_center: String,
+    pub api_key_id: String,
+    pub api_format: &'static str,
+    pub virtual_model: String,
+    pub provider: String,
+    pub model: String,
+    pub model_version: String,
+    pub attempt: i32,
+    pub fallback_path: Vec<String>,
+    pub status: &'static str,
+    pub http_status: i32,
+    pub error: String,
+    pub streamed: u8,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub cached_input_tokens: i64,
+    pub cache_write_tokens: i64,
+    pub reasoning_tokens: i64,
+    pub reference_input_tokens: Option<i64>,
+    pub input_chars: i64,
+    pub token_source: &'static str,
+    pub cost_nanos: i64,
+    pub price_card_version: String,
+    pub decision_rule_id: String,
+    pub decision_scope: String,
+    pub decision_action: String,
+    pub decision_version: i64,
+    pub kafka_topic: String,
+    pub kafka_partition: i32,
+    pub kafka_offset: i64,
+}
+
+fn secs(us: i64) -> u32 {
+    u32::try_from(us.div_euclid(1_000_000)).unwrap_or(0)
+}
+
+impl UsageRow {
+    pub fn new(ev: UsageEvent, topic: &str, partition: i32, offset: i64) -> Self {
+        let e = ev.envelope;
+        let d = ev.decision;
+        UsageRow {
+            started_at: secs(ev.started_at_us),
+            ended_at: secs(ev.ended_at_us),
+            event_id: ev.event_id,
+            started_at_us: ev.started_at_us,
+            first_token_at_us: ev.first_token_at_us,
+            ended_at_us: ev.ended_at_us,
+            project: e.project.unwrap_or_default(),
+            team: e.team.unwrap_or_default(),
+            user_id: e.user_id.unwrap_or_default(),
+            session_id: e.session_id.unwrap_or_default(),
+            workflow_tag: e.workflow_tag.unwrap_or_default(),
+            environment: e.environment.unwrap_or_default(),
+            cost_center: e.cost_center.unwrap_or_default(),
+            api_key_id: ev.api_key_id.unwrap_or_default(),
+            api_format: ev.api_format.as_str(),
+            virtual_model: ev.virtual_model,
+            provider: ev.provider,
+            model: ev.model,
+            model_version: ev.model_version.unwrap_or_default(),
+            attempt: ev.attempt,
+            fallback_path: ev.fallback_path,
+            status: ev.status.as_str(),
+            http_status: ev.http_status,
+            error: ev.error.unwrap_or_default(),
+            streamed: u8::from(ev.streamed),
+            input_tokens: ev.input_tokens,
+            output_tokens: ev.output_tokens,
+            cached_input_tokens: ev.cached_input_tokens,
+            cache_write_tokens: ev.cache_write_tokens,
+            reasoning_tokens: ev.reasoning_tokens,
+            reference_input_tokens: ev.reference_input_tokens,
+            input_chars: ev.input_chars,
+            token_source: match ev.token_source {
+                tollgate_schemas::usage::TokenSource::Provider => "provider",
+                tollgate_schemas::usage::TokenSource::Estimated => "estimated",
+            },
+            cost_nanos: ev.cost_nanos,
+            price_card_version: ev.price_card_version,
+            decision_rule_id: d.as_ref().map(|d| d.rule_id.clone()).unwrap_or_default(),
+            decision_scope: d.as_ref().map(|d| d.scope.clone()).unwrap_or_default(),
+            decision_action: d.as_ref().map(|d| d.action.clone()).unwrap_or_default(),
+            decision_version: d.map_or(0, |d| d.version),
+            kafka_topic: topic.to_owned(),
+            kafka_partition: partition,
+            kafka_offset: offset,
+        }
+    }
+}
+
+/// One row of `usage_windows`.
+#[derive(Debug, Clone, PartialEq, Eq, Row, Serialize, Deserialize)]
+pub struct WindowRow {
+    pub granularity: String,
+    pub window_start: u32,
+    pub project: String,
+    pub team: String,
+    pub user_id: String,
+    pub cost_center: String,
+    pub workflow_tag: String,
+    pub environment: String,
+    pub api_key_id: String,
+    pub virtual_model: String,
+    pub provider: String,
+    pub model: String,
+    pub model_version: String,
+    pub kafka_partition: i32,
+    pub requests: i64,
+    pub errors: i64,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub cached_input_tokens: i64,
+    pub cache_write_tokens: i64,
+    pub reasoning_tokens: i64,
+    pub cost_nanos: i64,
+    pub latency_us_sum: i64,
+    pub version: u64,
+}
+
+/// One row of `session_hours`.
+#[derive(Debug, Clone, PartialEq, Eq, Row, Serialize, Deserialize)]
+pub struct SessionRow {
+    pub hour: u32,
+    pub workflow_tag: String,
+    pub session_id: String,
+    pub project: String,
+    pub team: String,
+    pub user_id: String,
+    pub kafka_partition: i32,
+    pub requests: i64,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub cost_nanos: i64,
+    pub version: u64,
+}
+
+#[derive(Debug, Clone, Row, Serialize)]
+pub struct CheckpointRow {
+    pub topic: String,
+    pub kafka_partition: i32,
+    pub next_offset: u64,
+}
