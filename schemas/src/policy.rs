@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
+pub use crate::names::{Subject, SubjectKind, Target};
 use crate::price::ModelPrice;
 
 /// One problem in a policy directory, located as precisely as the parser allows.
@@ -162,19 +163,6 @@ pub enum LbRuleType {
     PriorityBased,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Target {
-    pub provider: String,
-    pub model: String,
-}
-
-impl fmt::Display for Target {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.provider, self.model)
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LbRule {
@@ -238,31 +226,6 @@ impl VirtualModel {
         match &self.fallback_on {
             Some(list) => list.contains(&status),
             None => status == 429 || status >= 500,
-        }
-    }
-}
-
-/// Who an API key belongs to (`when: {subjects: {type: user}}` matches on it).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Subject {
-    #[serde(rename = "type")]
-    pub kind: SubjectKind,
-    pub id: String,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SubjectKind {
-    User,
-    Team,
-}
-
-impl SubjectKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SubjectKind::User => "user",
-            SubjectKind::Team => "team",
         }
     }
 }

@@ -5,7 +5,7 @@
 use std::fmt;
 
 use crate::decision::{Measure, RuleKind};
-use crate::policy::{Subject, SubjectKind, Target};
+use crate::names::{Subject, SubjectKind, Target};
 use crate::usage::Envelope;
 
 /// A field of the identity envelope.
