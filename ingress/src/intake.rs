@@ -195,38 +195,16 @@ impl Drop for Hold {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use tollgate_schemas::usage::{Envelope, Status, TokenSource};
+    use tollgate_schemas::usage::{Status, TokenSource};
 
     fn event(id: &str) -> UsageEvent {
         UsageEvent {
-            event_id: id.into(),
-            started_at_us: 1,
-            first_token_at_us: None,
-            ended_at_us: 1,
-            envelope: Envelope::default(),
-            api_key_id: None,
-            api_format: tollgate_schemas::usage::ApiFormat::OpenAi,
-            virtual_model: "vm".into(),
-            provider: "p".into(),
-            model: "m".into(),
-            model_version: None,
-            attempt: 1,
-            fallback_path: vec![],
             status: Status::Interrupted,
-            http_status: 0,
-            error: None,
-            streamed: false,
             input_tokens: 10,
-            output_tokens: 0,
-            cached_input_tokens: 0,
-            cache_write_tokens: 0,
-            reasoning_tokens: 0,
             reference_input_tokens: Some(10),
-            input_chars: 40,
             token_source: TokenSource::Estimated,
             cost_nanos: 5,
-            price_card_version: String::new(),
-            decision: None,
+            ..UsageEvent::example(id.into(), None, 1)
         }
     }
 

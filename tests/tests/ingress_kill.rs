@@ -154,16 +154,30 @@ async fn settled_rows(db: &str, quiet: Duration, deadline: Duration) -> u64 {
     last.0
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn events_spooled_before_a_kill_9_reach_clickhouse_after_restart() {
-    let topic = common::unique("usage_kill");
-    let db = common::unique("tollgate_kill");
+/// What each test here starts from: a topic and a database of its own, the mock provider, a
+/// policy in front of it, a spool directory and a directory for the ingress's logs.
+struct Rig {
+    topic: String,
+    db: String,
+    mock: common::Service,
+    policy: tempfile::TempDir,
+    spool: tempfile::TempDir,
+    logs: tempfile::TempDir,
+}
+
+async fn rig(name: &str) -> Rig {
+    let topic = common::unique(&format!("usage_{name}"));
+    let db = common::unique(&format!("tollgate_{name}"));
     common::create_topic(&topic, 3).await;
     let mock = common::start_mock().await;
     let policy = tempfile::tempdir().unwrap();
     common::write_policy(policy.path(), mock.addr);
-    let spool = tempfile::tempdir().unwrap();
-    let logs = tempfile::tempdir().unwrap();
+    Rig { topic, db, mock, policy, spool: tempfile::tempdir().unwrap(), logs: tempfile::tempdir().unwrap() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn events_spooled_before_a_kill_9_reach_clickhouse_after_restart() {
+    let Rig { topic, db, mock, policy, spool, logs } = rig("kill").await;
 
     // Run 1: nothing listens on the broker address, so events can only be in the spool.
     let dead = format!("127.0.0.1:{}", free_port());
@@ -219,14 +233,7 @@ async fn events_spooled_before_a_kill_9_reach_clickhouse_after_restart() {
 /// the requests that were answered before the kill keep their own rows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn requests_in_flight_at_a_kill_9_become_interrupted_rows() {
-    let topic = common::unique("usage_inflight");
-    let db = common::unique("tollgate_inflight");
-    common::create_topic(&topic, 3).await;
-    let mock = common::start_mock().await;
-    let policy = tempfile::tempdir().unwrap();
-    common::write_policy(policy.path(), mock.addr);
-    let spool = tempfile::tempdir().unwrap();
-    let logs = tempfile::tempdir().unwrap();
+    let Rig { topic, db, mock, policy, spool, logs } = rig("inflight").await;
     let meter = common::start_meter(common::meter_config(&topic, &db)).await;
     let brokers = common::kafka_brokers();
     let mut run1 = Ingress::start(policy.path(), &brokers, &topic, spool.path(), logs.path().join("run1.log")).await;
@@ -346,14 +353,7 @@ async fn requests_in_flight_at_a_kill_9_become_interrupted_rows() {
 #[ignore = "measurement: several kill -9 rounds under load (~1 min)"]
 async fn kill_9_under_load_measurement() {
     let rounds: u64 = std::env::var("TOLLGATE_KILL_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
-    let topic = common::unique("usage_kill_load");
-    let db = common::unique("tollgate_kill_load");
-    common::create_topic(&topic, 3).await;
-    let mock = common::start_mock().await;
-    let policy = tempfile::tempdir().unwrap();
-    common::write_policy(policy.path(), mock.addr);
-    let spool = tempfile::tempdir().unwrap();
-    let logs = tempfile::tempdir().unwrap();
+    let Rig { topic, db, mock, policy, spool, logs } = rig("kill_load").await;
     let meter = common::start_meter(common::meter_config(&topic, &db)).await;
     let brokers = common::kafka_brokers();
 

@@ -181,11 +181,7 @@ impl ToOpenAiStream {
 
 /// The body to send upstream for an Anthropic client: the client's, with the concrete model.
 pub fn upstream_body(client: &Value, raw: &[u8], model: &str) -> Vec<u8> {
-    super::with_fields(raw, &[("model", json!(model))]).unwrap_or_else(|| {
-        let mut body = client.clone();
-        body["model"] = json!(model);
-        body.to_string().into_bytes()
-    })
+    super::with_fields(client, raw, vec![("model", json!(model))])
 }
 
 /// Records what one stream event says (model, usage, text, end) and returns its type.

@@ -9,12 +9,22 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 use tollgate_schemas::price::TokenCounts;
 
-/// The client's own request bytes with some top-level fields set to new values; every other
-/// value is copied verbatim, never parsed into a tree or escaped again. Serializing a parsed
-/// 3.6 MB prompt back to JSON took ~4 ms, most of a big request's time in the gateway; this
-/// is a copy. `None` when the bytes are not a flat-keyed JSON object (a key with escapes), and
-/// the caller serializes its tree instead.
-pub fn with_fields(raw: &[u8], set: &[(&str, Value)]) -> Option<Vec<u8>> {
+/// The client's request with some top-level fields set to new values, as bytes: the client's
+/// own bytes with every other value copied verbatim, never parsed into a tree or escaped again
+/// (serializing a parsed 3.6 MB prompt back to JSON took ~4 ms, most of a big request's time in
+/// the gateway; this is a copy). When the bytes cannot be spliced (a key with escapes), the
+/// parsed `client` tree with the fields set is serialized instead.
+pub fn with_fields(client: &Value, raw: &[u8], set: Vec<(&str, Value)>) -> Vec<u8> {
+    splice(raw, &set).unwrap_or_else(|| {
+        let mut body = client.clone();
+        for (k, v) in set {
+            body[k] = v;
+        }
+        body.to_string().into_bytes()
+    })
+}
+
+fn splice(raw: &[u8], set: &[(&str, Value)]) -> Option<Vec<u8>> {
     let mut fields: BTreeMap<&str, &RawValue> = serde_json::from_slice(raw).ok()?;
     let values: Vec<Box<RawValue>> =
         set.iter().map(|(_, v)| serde_json::value::to_raw_value(v)).collect::<Result<_, _>>().ok()?;

@@ -33,13 +33,7 @@ pub fn upstream_body(client: &Value, raw: &[u8], model: &str, stream: bool) -> V
         opts["include_usage"] = json!(true);
         set.push(("stream_options", opts));
     }
-    super::with_fields(raw, &set).unwrap_or_else(|| {
-        let mut body = client.clone();
-        for (k, v) in set {
-            body[k] = v;
-        }
-        body.to_string().into_bytes()
-    })
+    super::with_fields(client, raw, set)
 }
 
 /// Output text of a non-streaming response (for estimates when a provider reports no usage).
