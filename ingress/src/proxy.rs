@@ -31,7 +31,7 @@ use crate::clock::now_us;
 use crate::count::InputEstimate;
 use crate::decisions::StreamCut;
 use crate::error::IngressError;
-use crate::provider::{StreamAccounting, anthropic, openai};
+use crate::provider::{StreamAccounting, UpstreamBody, anthropic, openai};
 use crate::record::{Outcome, RequestRecord};
 use crate::route::Attempt;
 use crate::{App, Live, auth, count, envelope, metrics, route};
@@ -434,11 +434,11 @@ fn upstream(
     endpoint: Endpoint,
     kind: ProviderKind,
     req: &Value,
-    raw: &[u8],
+    raw: &Bytes,
     model: &str,
     stream: bool,
-) -> Result<(&'static str, Vec<u8>), IngressError> {
-    let translated = |v: Value| v.to_string().into_bytes();
+) -> Result<(&'static str, UpstreamBody), IngressError> {
+    let translated = |v: Value| UpstreamBody::from(v.to_string().into_bytes());
     Ok(match (endpoint, kind) {
         (Endpoint::Chat, ProviderKind::Openai) => ("/chat/completions", openai::upstream_body(req, raw, model, stream)),
         (Endpoint::Chat, ProviderKind::Anthropic) => {
@@ -464,7 +464,7 @@ async fn call(
     provider: &ProviderConfig,
     target: &Target,
     req: &Value,
-    raw: &[u8],
+    raw: &Bytes,
     stream: bool,
     first_byte: Duration,
 ) -> Result<reqwest::Response, IngressError> {
@@ -474,8 +474,11 @@ async fn call(
         .cloned()
         .ok_or_else(|| IngressError::Internal(format!("provider {} has no URL for {path}", provider.name)))?;
     let credential = live.credentials.get(&provider.name).and_then(Option::as_ref);
-    let mut builder =
-        app.http.post(url).header(header::CONTENT_TYPE, HeaderValue::from_static("application/json")).body(body);
+    let mut builder = app
+        .http
+        .post(url)
+        .header(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))
+        .body(reqwest::Body::wrap(body));
     match provider.kind {
         ProviderKind::Openai => {
             if let Some(c) = credential {

@@ -1,5 +1,6 @@
 //! Anthropic Messages: usage, and translation from and to OpenAI Chat Completions (streams too).
 
+use bytes::Bytes;
 use serde_json::{Map, Value, json};
 
 use super::{StreamAccounting, Usage, int};
@@ -180,7 +181,7 @@ impl ToOpenAiStream {
 }
 
 /// The body to send upstream for an Anthropic client: the client's, with the concrete model.
-pub fn upstream_body(client: &Value, raw: &[u8], model: &str) -> Vec<u8> {
+pub fn upstream_body(client: &Value, raw: &Bytes, model: &str) -> super::UpstreamBody {
     super::with_fields(client, raw, vec![("model", json!(model))])
 }
 

@@ -2,6 +2,7 @@
 
 use std::borrow::Cow;
 
+use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -26,7 +27,7 @@ fn usage_fields(u: &Value) -> Usage {
 
 /// The body to send upstream: the client's, with the concrete model, and with usage requested
 /// on streams (the extra chunk is hidden again from clients that did not ask for it).
-pub fn upstream_body(client: &Value, raw: &[u8], model: &str, stream: bool) -> Vec<u8> {
+pub fn upstream_body(client: &Value, raw: &Bytes, model: &str, stream: bool) -> super::UpstreamBody {
     let mut set = vec![("model", json!(model))];
     if stream {
         let mut opts = client.get("stream_options").filter(|o| o.is_object()).cloned().unwrap_or_else(|| json!({}));
@@ -340,13 +341,15 @@ mod tests {
         ] {
             // From the client's bytes, and from its tree when the bytes cannot be spliced.
             for raw in [client.to_string().into_bytes(), br#"{"mod\u0065l": "intent-fast"}"#.to_vec()] {
-                let b: Value = serde_json::from_slice(&upstream_body(&client, &raw, "gpt-4o-mini", true)).unwrap();
+                let b = upstream_body(&client, &Bytes::from(raw), "gpt-4o-mini", true).to_vec();
+                let b: Value = serde_json::from_slice(&b).unwrap();
                 assert_eq!(b["stream_options"]["include_usage"], json!(true));
                 assert_eq!(b["model"], json!("gpt-4o-mini"));
             }
         }
-        let raw = br#"{"model":"a","messages":[{"role":"user","content":"caf\u00e9 \"q\""}],"n":1.50}"#;
-        let spliced = String::from_utf8(upstream_body(&Value::Null, raw, "b", false)).unwrap();
+        let raw =
+            Bytes::from_static(br#"{"model":"a","messages":[{"role":"user","content":"caf\u00e9 \"q\""}],"n":1.50}"#);
+        let spliced = String::from_utf8(upstream_body(&Value::Null, &raw, "b", false).to_vec()).unwrap();
         assert_eq!(
             spliced, r#"{"messages":[{"role":"user","content":"caf\u00e9 \"q\""}],"model":"b","n":1.50}"#,
             "copied verbatim"
