@@ -26,12 +26,12 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tollgate_meter::ClickHouseConfig;
 use tollgate_runtime::kafka::{Awaited, Outgoing, Producer};
 use tollgate_schemas::avro::AvroCodec;
 use tollgate_schemas::decision::{Alert, BreachDecision};
 use tollgate_schemas::policy::Policy;
 use tollgate_schemas::usage::UsageEvent;
+use tollgate_store::ClickHouseConfig;
 use tracing::{debug, error, info, warn};
 
 use engine::{Engine, Usage};
@@ -152,7 +152,7 @@ async fn enforce(
         "clickhouse",
         "reading the meter's checkpoints",
         |_: &clickhouse::error::Error| {},
-        || tollgate_meter::sink::checkpoints(&ch, &config.usage_topic),
+        || tollgate_store::checkpoints(&ch, &config.usage_topic),
     )
     .await
     else {

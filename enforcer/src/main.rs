@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use tollgate_enforcer::Config;
-use tollgate_meter::ClickHouseConfig;
+use tollgate_store::ClickHouseConfig;
 
 /// Tollgate enforcer: rate limits, budgets and anomaly guards over the usage stream.
 ///

@@ -13,6 +13,7 @@ use tollgate_schemas::policy::Policy;
 use tollgate_schemas::rules::Window;
 use tollgate_schemas::usage::Envelope;
 use tollgate_schemas::usage::sql::{PROMPT_TOKENS, TOTAL_TOKENS};
+use tollgate_store::tables::{SESSION_HOURS, USAGE_EVENTS};
 
 use crate::engine::{Engine, Usage};
 use crate::window::{Counter, bucket_seconds};
@@ -151,7 +152,7 @@ fn query(covered: &BTreeMap<i32, i64>, from_s: i64, to_s: i64, bucket_s: i64) ->
          intDiv(ended_at_us, {bucket_us}) * {bucket_s} AS bucket, count() AS requests, \
          sum({TOTAL_TOKENS}) AS tokens, \
          sum(cost_nanos) AS cost \
-         FROM usage_events FINAL \
+         FROM {USAGE_EVENTS} FINAL \
          WHERE kafka_topic = ? AND ended_at_us >= {from_us} AND ended_at_us < {to_us} \
          AND status != 'rejected' AND ({offsets}) \
          GROUP BY project, team, user_id, session_id, workflow_tag, environment, cost_center, api_key_id, bucket",
@@ -253,7 +254,7 @@ fn guard_queries(covered: &BTreeMap<i32, i64>, lookback_s: i64, now_us: i64) -> 
          sumIf({PROMPT_TOKENS}, isNotNull(reference_input_tokens)) AS referenced_prompt_tokens, \
          sum(ifNull(reference_input_tokens, 0)) AS reference_tokens, sum(cost_nanos) AS cost"
     );
-    let from = format!("FROM usage_events FINAL WHERE kafka_topic = ? AND status != 'rejected' AND ({offsets})");
+    let from = format!("FROM {USAGE_EVENTS} FINAL WHERE kafka_topic = ? AND status != 'rejected' AND ({offsets})");
     [
         // Loop guards: this hour per session (only session and workflow matter).
         format!(
@@ -297,7 +298,7 @@ fn baseline_query(percentile: u32, days: u32, now_us: i64) -> String {
     let since = this_hour - i64::from(days) * 86_400;
     format!(
         "SELECT workflow_tag, toInt64(quantileExact({level})(t)) AS p, count() AS n FROM (\
-         SELECT hour, workflow_tag, session_id, sum({TOTAL_TOKENS}) AS t FROM session_hours FINAL \
+         SELECT hour, workflow_tag, session_id, sum({TOTAL_TOKENS}) AS t FROM {SESSION_HOURS} FINAL \
          WHERE hour >= toDateTime({since}) AND hour < toDateTime({this_hour}) GROUP BY hour, workflow_tag, session_id) \
          GROUP BY workflow_tag",
         level = f64::from(percentile.clamp(1, 100)) / 100.0,

@@ -7,14 +7,15 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clickhouse::{Client, Row};
+use clickhouse::Client;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
-use serde::Serialize;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tollgate_schemas::avro::AvroCodec;
 use tollgate_schemas::decision::{Alert, BreachDecision};
+use tollgate_store::rows::{AlertRow, BreachRow};
+use tollgate_store::tables;
 use tracing::{info, warn};
 
 use crate::metrics;
@@ -29,106 +30,6 @@ pub struct HistoryConfig {
     pub batch_max_wait: Duration,
     /// How long the last write at shutdown may retry while ClickHouse is away.
     pub final_flush_timeout: Duration,
-}
-
-#[derive(Debug, Clone, Row, Serialize)]
-pub struct BreachRow {
-    rule_id: String,
-    rule_kind: &'static str,
-    scope: String,
-    state: &'static str,
-    action: String,
-    audit: u8,
-    cut_streams: u8,
-    measure: &'static str,
-    limit_value: i64,
-    observed: i64,
-    headroom: i64,
-    window_start_us: i64,
-    window_end_us: i64,
-    decided_at: u32,
-    decided_at_us: i64,
-    version: i64,
-    kafka_topic: String,
-    kafka_partition: i32,
-    kafka_offset: i64,
-}
-
-impl BreachRow {
-    fn new(d: BreachDecision, topic: &str, partition: i32, offset: i64) -> Self {
-        BreachRow {
-            rule_kind: d.rule_kind.as_str(),
-            state: d.state.as_str(),
-            audit: u8::from(d.audit),
-            cut_streams: u8::from(d.cut_streams),
-            measure: d.measure.as_str(),
-            limit_value: d.limit,
-            observed: d.observed,
-            headroom: d.headroom,
-            window_start_us: d.window_start_us,
-            window_end_us: d.window_end_us,
-            decided_at: seconds(d.decided_at_us),
-            decided_at_us: d.decided_at_us,
-            version: d.version,
-            rule_id: d.rule_id,
-            scope: d.scope,
-            action: d.action,
-            kafka_topic: topic.to_owned(),
-            kafka_partition: partition,
-            kafka_offset: offset,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Row, Serialize)]
-pub struct AlertRow {
-    alert_id: String,
-    rule_id: String,
-    kind: &'static str,
-    severity: &'static str,
-    scope: String,
-    threshold_pct: i32,
-    measure: &'static str,
-    limit_value: i64,
-    observed: i64,
-    window_start_us: i64,
-    window_end_us: i64,
-    raised_at: u32,
-    raised_at_us: i64,
-    summary: String,
-    notify: Vec<String>,
-    kafka_topic: String,
-    kafka_partition: i32,
-    kafka_offset: i64,
-}
-
-impl AlertRow {
-    fn new(a: Alert, topic: &str, partition: i32, offset: i64) -> Self {
-        AlertRow {
-            kind: a.kind.as_str(),
-            severity: a.severity.as_str(),
-            threshold_pct: a.threshold_pct,
-            measure: a.measure.as_str(),
-            limit_value: a.limit,
-            observed: a.observed,
-            window_start_us: a.window_start_us,
-            window_end_us: a.window_end_us,
-            raised_at: seconds(a.raised_at_us),
-            raised_at_us: a.raised_at_us,
-            alert_id: a.alert_id,
-            rule_id: a.rule_id,
-            scope: a.scope,
-            summary: a.summary,
-            notify: a.notify,
-            kafka_topic: topic.to_owned(),
-            kafka_partition: partition,
-            kafka_offset: offset,
-        }
-    }
-}
-
-fn seconds(us: i64) -> u32 {
-    u32::try_from(us.div_euclid(1_000_000)).unwrap_or(0)
 }
 
 /// Where each (topic, partition) resumes: one past the highest offset the tables hold.
@@ -238,12 +139,12 @@ async fn write(
     stop: &CancellationToken,
 ) -> bool {
     if crate::retry_clickhouse(stop, "writing breach history", || {
-        crate::sink::insert_rows(ch, "breach_history", breaches)
+        tollgate_store::insert_rows(ch, tables::BREACH_HISTORY, breaches)
     })
     .await
     .is_none()
         || crate::retry_clickhouse(stop, "writing alert history", || {
-            crate::sink::insert_rows(ch, "alert_history", alerts)
+            tollgate_store::insert_rows(ch, tables::ALERT_HISTORY, alerts)
         })
         .await
         .is_none()

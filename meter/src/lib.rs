@@ -10,9 +10,7 @@
 pub mod group;
 pub mod history;
 pub mod metrics;
-pub mod migrate;
 pub mod report;
-pub mod rows;
 pub mod sink;
 pub mod window;
 
@@ -35,43 +33,10 @@ use tollgate_schemas::usage::UsageEvent;
 use tracing::{debug, error, info, warn};
 
 use group::{MeterContext, Rebalance};
-use sink::UsageRow;
+use tollgate_store::rows::{CheckpointRow, UsageRow};
+use tollgate_store::tables;
+use tollgate_store::{ClickHouseConfig, migrate};
 use window::Windows;
-
-#[derive(Debug, Clone)]
-pub struct ClickHouseConfig {
-    pub url: String,
-    pub database: String,
-    pub user: Option<String>,
-    pub password: Option<String>,
-}
-
-impl ClickHouseConfig {
-    /// A client for this server and database. Validation is off because ClickHouse 18.16 does
-    /// not know `RowBinaryWithNamesAndTypes`; compression is off because with LZ4 a SELECT on
-    /// 18.16 came back empty without an error.
-    pub fn client(&self) -> Client {
-        let mut c = Client::default()
-            .with_url(&self.url)
-            .with_database(&self.database)
-            .with_validation(false)
-            .with_compression(clickhouse::Compression::None);
-        if let Some(u) = &self.user {
-            c = c.with_user(u);
-        }
-        if let Some(p) = &self.password {
-            c = c.with_password(p);
-        }
-        c
-    }
-
-    /// A client with no default database, for statements that create it.
-    pub fn server_client(&self) -> Client {
-        let mut cfg = self.clone();
-        cfg.database = "default".into();
-        cfg.client()
-    }
-}
 
 /// Default of `Config::final_flush_timeout`.
 pub const FINAL_FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -196,7 +161,8 @@ async fn consume(config: &Config, shutdown: &CancellationToken) -> anyhow::Resul
                 return Ok(());
             };
             let stored =
-                retry_clickhouse(shutdown, "reading checkpoints", || sink::checkpoints(&meter.ch, &topic)).await;
+                retry_clickhouse(shutdown, "reading checkpoints", || tollgate_store::checkpoints(&meter.ch, &topic))
+                    .await;
             let Some(stored) = stored else { return Ok(()) };
             // One meter reads every partition, from where ClickHouse's windows end (not from the
             // group's committed offsets, which are written for monitoring only). Raw rows past it
@@ -325,7 +291,7 @@ impl Meter {
     async fn assign(&mut self, partitions: Vec<i32>, shutdown: &CancellationToken) -> bool {
         metrics::rebalance("assign");
         let (ch, topic) = (&self.ch, &self.topic);
-        let stored = retry_clickhouse(shutdown, "reading checkpoints", || sink::checkpoints(ch, topic)).await;
+        let stored = retry_clickhouse(shutdown, "reading checkpoints", || tollgate_store::checkpoints(ch, topic)).await;
         let Some(stored) = stored else {
             // Shutting down: librdkafka still waits for the call, and the consumer closes next.
             let _ = group::assign(&*self.consumer, &group::list(&self.topic, &partitions));
@@ -415,12 +381,16 @@ impl Meter {
             }
             windows.apply(rows);
             let (w, s) = windows.dirty();
-            if retry_clickhouse(shutdown, "writing windows", || sink::insert_rows(ch, "usage_windows", &w))
+            if retry_clickhouse(shutdown, "writing windows", || {
+                tollgate_store::insert_rows(ch, tables::USAGE_WINDOWS, &w)
+            })
+            .await
+            .is_none()
+                || retry_clickhouse(shutdown, "writing session hours", || {
+                    tollgate_store::insert_rows(ch, tables::SESSION_HOURS, &s)
+                })
                 .await
                 .is_none()
-                || retry_clickhouse(shutdown, "writing session hours", || sink::insert_rows(ch, "session_hours", &s))
-                    .await
-                    .is_none()
             {
                 return false;
             }
@@ -429,17 +399,19 @@ impl Meter {
             debug!(rows = rows.len(), windows = w.len(), sessions = s.len(), "batch written");
         }
         batch.clear();
-        let marks: Vec<sink::CheckpointRow> = last
+        let marks: Vec<CheckpointRow> = last
             .iter()
-            .map(|(p, o)| sink::CheckpointRow {
+            .map(|(p, o)| CheckpointRow {
                 topic: topic.clone(),
                 kafka_partition: *p,
                 next_offset: u64::try_from(o + 1).unwrap_or(0),
             })
             .collect();
-        if retry_clickhouse(shutdown, "writing checkpoints", || sink::insert_rows(ch, "meter_checkpoints", &marks))
-            .await
-            .is_none()
+        if retry_clickhouse(shutdown, "writing checkpoints", || {
+            tollgate_store::insert_rows(ch, tables::METER_CHECKPOINTS, &marks)
+        })
+        .await
+        .is_none()
         {
             return false;
         }

@@ -5,8 +5,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use tollgate_meter::Config;
 use tollgate_meter::report::{self, Dimension, Format, Output, Period, Reporter};
-use tollgate_meter::{ClickHouseConfig, Config};
+use tollgate_store::ClickHouseConfig;
 
 /// Tollgate meter: usage events from Kafka into ClickHouse, exactly once.
 #[derive(Parser, Debug)]
@@ -107,7 +108,7 @@ async fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Migrate(ch) => {
             let cfg = ch.config();
-            let result = tollgate_meter::migrate::apply(&cfg.server_client(), &cfg.database).await.map(|n| {
+            let result = tollgate_store::migrate::apply(&cfg.server_client(), &cfg.database).await.map(|n| {
                 tracing::info!(applied = n, database = %cfg.database, "migrations done");
             });
             tollgate_runtime::exit_code("migration", result)
@@ -155,7 +156,7 @@ async fn run(args: RunArgs) -> ExitCode {
 /// migrations are applied first (`run` finds them current); a failure is logged, and `run`
 /// then reports the unreachable ClickHouse itself.
 async fn sync_tiers_at_start(cfg: &ClickHouseConfig, card: &tollgate_schemas::policy::PriceCard) {
-    if let Err(e) = tollgate_meter::migrate::apply(&cfg.server_client(), &cfg.database).await {
+    if let Err(e) = tollgate_store::migrate::apply(&cfg.server_client(), &cfg.database).await {
         tracing::warn!(error = format!("{e:#}"), "model tiers not synced: migrations failed");
         return;
     }

@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use tollgate_schemas::policy::PriceCard;
 
-use crate::ClickHouseConfig;
-use crate::migrate::check_database_name;
+use tollgate_store::ClickHouseConfig;
+use tollgate_store::migrate::check_database_name;
 
 /// Frontier-share symptom of the reference: more than half of a workflow's cost on frontier models.
 pub const DEFAULT_FRONTIER_SHARE: f64 = 0.5;

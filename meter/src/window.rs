@@ -7,8 +7,8 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use crate::rows::UsageRow;
-pub use crate::rows::{SessionRow, WindowRow};
+use tollgate_store::rows::UsageRow;
+pub use tollgate_store::rows::{SessionRow, WindowRow};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Granularity {

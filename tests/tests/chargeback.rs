@@ -11,10 +11,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::Value;
-use tollgate_meter::ClickHouseConfig;
 use tollgate_meter::report::{self, Dimension, Period, Reporter, Totals, format_usd};
-use tollgate_meter::sink::{self, UsageRow};
+use tollgate_meter::sink;
 use tollgate_schemas::usage::{ApiFormat, Envelope, Status, TokenSource, UsageEvent};
+use tollgate_store::ClickHouseConfig;
+use tollgate_store::rows::UsageRow;
 
 /// 2026-04-01T00:00:00Z and 2026-05-01T00:00:00Z.
 const APRIL: i64 = 1_775_001_600;
@@ -111,7 +112,7 @@ fn s(v: &Option<String>) -> String {
 async fn fresh_db(prefix: &str) -> ClickHouseConfig {
     let db = common::unique(prefix);
     let cfg = ClickHouseConfig { url: common::clickhouse_url(), database: db.clone(), user: None, password: None };
-    tollgate_meter::migrate::apply(&cfg.server_client(), &db).await.unwrap();
+    tollgate_store::migrate::apply(&cfg.server_client(), &db).await.unwrap();
     common::ch(&format!("SYSTEM STOP MERGES {db}.usage_events")).await;
     cfg
 }
@@ -833,7 +834,7 @@ async fn meter_run_writes_the_price_card_tiers_at_start() {
 #[test]
 fn report_queries_run_on_current_clickhouse() {
     let db = "tollgate_current";
-    let mut stmts: Vec<String> = tollgate_meter::migrate::statements(db).into_iter().map(|(_, s)| s).collect();
+    let mut stmts: Vec<String> = tollgate_store::migrate::statements(db).into_iter().map(|(_, s)| s).collect();
     let april2 = APRIL + DAY + 10 * HOUR;
     stmts.push(format!(
         "INSERT INTO {db}.usage_events (event_id, started_at, ended_at, project, team, user_id, session_id, workflow_tag, \

@@ -24,9 +24,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
-use tollgate_meter::sink::{self, CheckpointRow, UsageRow};
+use tollgate_meter::sink;
 use tollgate_meter::window::Windows;
 use tollgate_schemas::usage::UsageEvent;
+use tollgate_store::rows::{CheckpointRow, UsageRow};
+use tollgate_store::{insert_rows, tables};
 
 const PARTITIONS: i32 = 4;
 
@@ -52,7 +54,7 @@ impl Settings {
     fn from_env() -> Self {
         let defaults = tollgate_meter::Config::new(
             String::new(),
-            tollgate_meter::ClickHouseConfig {
+            tollgate_store::ClickHouseConfig {
                 url: String::new(),
                 database: String::new(),
                 user: None,
@@ -545,7 +547,7 @@ async fn meter_flush_steps() {
     let mut config = common::meter_config(&topic, &db);
     config.batch_max_rows = s.batch_max_rows;
     let ch = config.clickhouse.client();
-    tollgate_meter::migrate::apply(&config.clickhouse.server_client(), &db).await.unwrap();
+    tollgate_store::migrate::apply(&config.clickhouse.server_client(), &db).await.unwrap();
     let mut windows = Windows::default();
     let mut batches = 0;
     let mut window_rows = 0;
@@ -575,10 +577,10 @@ async fn meter_flush_steps() {
         record("8 windows: dirty rows", t.elapsed(), w.len() + ss.len());
         window_rows += w.len();
         let t = Instant::now();
-        sink::insert_rows(&ch, "usage_windows", &w).await.unwrap();
+        insert_rows(&ch, tables::USAGE_WINDOWS, &w).await.unwrap();
         record("9 insert window rows", t.elapsed(), w.len());
         let t = Instant::now();
-        sink::insert_rows(&ch, "session_hours", &ss).await.unwrap();
+        insert_rows(&ch, tables::SESSION_HOURS, &ss).await.unwrap();
         record("10 insert session rows", t.elapsed(), ss.len());
         windows.written();
 
@@ -591,7 +593,7 @@ async fn meter_flush_steps() {
             .map(|(p, o)| CheckpointRow { topic: topic.clone(), kafka_partition: *p, next_offset: (*o + 1) as u64 })
             .collect();
         let t = Instant::now();
-        sink::insert_rows(&ch, "meter_checkpoints", &marks).await.unwrap();
+        insert_rows(&ch, tables::METER_CHECKPOINTS, &marks).await.unwrap();
         record("11 insert checkpoint", t.elapsed(), marks.len());
     }
 

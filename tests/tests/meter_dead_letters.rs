@@ -39,13 +39,13 @@ async fn undecodable_events_are_dead_lettered_and_the_rest_counted() {
     // The enforcer reads the same topic and sets the same five records aside on its own. It
     // resumes where the meter's checkpoints end, so it starts before any record is written (on
     // the migrated, empty database).
-    let cfg = tollgate_meter::ClickHouseConfig {
+    let cfg = tollgate_store::ClickHouseConfig {
         url: common::clickhouse_url(),
         database: db.clone(),
         user: None,
         password: None,
     };
-    tollgate_meter::migrate::apply(&cfg.server_client(), &db).await.unwrap();
+    tollgate_store::migrate::apply(&cfg.server_client(), &db).await.unwrap();
     let policy = tempfile::tempdir().unwrap();
     common::write_policy(policy.path(), "127.0.0.1:1".parse().unwrap());
     let (breaches, alerts) = (common::unique("dlq_breaches"), common::unique("dlq_alerts"));

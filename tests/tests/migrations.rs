@@ -31,23 +31,23 @@ const CHARGEBACK_OBJECTS: &[&str] = &[
 #[tokio::test]
 async fn migrations_apply_once_on_the_local_server() {
     let db = common::unique("tollgate_mig");
-    let cfg = tollgate_meter::ClickHouseConfig {
+    let cfg = tollgate_store::ClickHouseConfig {
         url: common::clickhouse_url(),
         database: db.clone(),
         user: None,
         password: None,
     };
-    let applied = tollgate_meter::migrate::apply(&cfg.server_client(), &db).await.unwrap();
-    assert_eq!(applied, tollgate_meter::migrate::MIGRATIONS.len());
+    let applied = tollgate_store::migrate::apply(&cfg.server_client(), &db).await.unwrap();
+    assert_eq!(applied, tollgate_store::migrate::MIGRATIONS.len());
     assert_eq!(
-        tollgate_meter::migrate::apply(&cfg.server_client(), &db).await.unwrap(),
+        tollgate_store::migrate::apply(&cfg.server_client(), &db).await.unwrap(),
         0,
         "second run applies nothing"
     );
     let versions =
         common::ch(&format!("SELECT count(), max(version) FROM {db}.schema_migrations FORMAT TabSeparated")).await;
-    let last = tollgate_meter::migrate::MIGRATIONS.last().unwrap().0;
-    assert_eq!(versions.trim(), format!("{}\t{last}", tollgate_meter::migrate::MIGRATIONS.len()));
+    let last = tollgate_store::migrate::MIGRATIONS.last().unwrap().0;
+    assert_eq!(versions.trim(), format!("{}\t{last}", tollgate_store::migrate::MIGRATIONS.len()));
     let tables = common::ch(&format!(
         "SELECT name FROM system.tables WHERE database = '{db}' ORDER BY name FORMAT TabSeparated"
     ))
@@ -66,7 +66,7 @@ async fn migrations_apply_once_on_the_local_server() {
 fn migrations_run_on_current_clickhouse() {
     let db = "tollgate_current";
     let mut text = String::new();
-    for (_, stmt) in tollgate_meter::migrate::statements(db) {
+    for (_, stmt) in tollgate_store::migrate::statements(db) {
         text.push_str(&stmt);
         text.push_str("\n-- ;;\n");
     }

@@ -202,7 +202,7 @@ pub async fn start_ingress_with(config: tollgate_ingress::Config) -> Service {
 pub fn meter_config(topic: &str, database: &str) -> tollgate_meter::Config {
     let mut config = tollgate_meter::Config::new(
         kafka_brokers(),
-        tollgate_meter::ClickHouseConfig {
+        tollgate_store::ClickHouseConfig {
             url: clickhouse_url(),
             database: database.into(),
             user: None,
@@ -490,7 +490,7 @@ pub fn enforcer_config(
     let mut config = tollgate_enforcer::Config::new(
         policy_dir.to_path_buf(),
         kafka_brokers(),
-        tollgate_meter::ClickHouseConfig { url: clickhouse_url(), database: db.into(), user: None, password: None },
+        tollgate_store::ClickHouseConfig { url: clickhouse_url(), database: db.into(), user: None, password: None },
     );
     config.usage_topic = usage.into();
     config.breaches_topic = breaches.into();

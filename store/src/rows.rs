@@ -1,9 +1,10 @@
-//! The rows the meter writes to ClickHouse, one type per table: `usage_events`, `usage_windows`,
-//! `session_hours` and `meter_checkpoints`. The sink writes them and the windows build them;
-//! neither owns them.
+//! The rows written to ClickHouse, one type per table: `usage_events`, `usage_windows`,
+//! `session_hours`, `meter_checkpoints`, `breach_history` and `alert_history`. The meter writes
+//! them; the enforcer and the reports read the tables.
 
 use clickhouse::Row;
 use serde::{Deserialize, Serialize};
+use tollgate_schemas::decision::{Alert, BreachDecision};
 use tollgate_schemas::usage::UsageEvent;
 
 /// One row of `usage_events` (every column but `inserted_at`, which defaults to now()).
@@ -162,4 +163,102 @@ pub struct CheckpointRow {
     pub topic: String,
     pub kafka_partition: i32,
     pub next_offset: u64,
+}
+
+/// One row of `breach_history`: a breach decision and where it was read.
+#[derive(Debug, Clone, Row, Serialize)]
+pub struct BreachRow {
+    rule_id: String,
+    rule_kind: &'static str,
+    scope: String,
+    state: &'static str,
+    action: String,
+    audit: u8,
+    cut_streams: u8,
+    measure: &'static str,
+    limit_value: i64,
+    observed: i64,
+    headroom: i64,
+    window_start_us: i64,
+    window_end_us: i64,
+    decided_at: u32,
+    decided_at_us: i64,
+    version: i64,
+    kafka_topic: String,
+    kafka_partition: i32,
+    kafka_offset: i64,
+}
+
+impl BreachRow {
+    pub fn new(d: BreachDecision, topic: &str, partition: i32, offset: i64) -> Self {
+        BreachRow {
+            rule_kind: d.rule_kind.as_str(),
+            state: d.state.as_str(),
+            audit: u8::from(d.audit),
+            cut_streams: u8::from(d.cut_streams),
+            measure: d.measure.as_str(),
+            limit_value: d.limit,
+            observed: d.observed,
+            headroom: d.headroom,
+            window_start_us: d.window_start_us,
+            window_end_us: d.window_end_us,
+            decided_at: secs(d.decided_at_us),
+            decided_at_us: d.decided_at_us,
+            version: d.version,
+            rule_id: d.rule_id,
+            scope: d.scope,
+            action: d.action,
+            kafka_topic: topic.to_owned(),
+            kafka_partition: partition,
+            kafka_offset: offset,
+        }
+    }
+}
+
+/// One row of `alert_history`: an alert and where it was read.
+#[derive(Debug, Clone, Row, Serialize)]
+pub struct AlertRow {
+    alert_id: String,
+    rule_id: String,
+    kind: &'static str,
+    severity: &'static str,
+    scope: String,
+    threshold_pct: i32,
+    measure: &'static str,
+    limit_value: i64,
+    observed: i64,
+    window_start_us: i64,
+    window_end_us: i64,
+    raised_at: u32,
+    raised_at_us: i64,
+    summary: String,
+    notify: Vec<String>,
+    kafka_topic: String,
+    kafka_partition: i32,
+    kafka_offset: i64,
+}
+
+impl AlertRow {
+    pub fn new(a: Alert, topic: &str, partition: i32, offset: i64) -> Self {
+        AlertRow {
+            kind: a.kind.as_str(),
+            severity: a.severity.as_str(),
+            threshold_pct: a.threshold_pct,
+            measure: a.measure.as_str(),
+            limit_value: a.limit,
+            observed: a.observed,
+            window_start_us: a.window_start_us,
+            window_end_us: a.window_end_us,
+            raised_at: secs(a.raised_at_us),
+            raised_at_us: a.raised_at_us,
+            alert_id: a.alert_id,
+            rule_id: a.rule_id,
+            scope: a.scope,
+            summary: a.summary,
+            notify: a.notify,
+            kafka_topic: topic.to_owned(),
+            kafka_partition: partition,
+            kafka_offset: offset,
+        }
+    }
 }
