@@ -4,7 +4,8 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use super::{Builder, Guard, Mode, SubjectKind, Target, parse_window_seconds};
+use super::load::Builder;
+use super::{Guard, Mode, SubjectKind, Target, parse_window_seconds};
 use crate::decision::{Measure, RuleKind};
 use crate::rules::{Action, DEFAULT_QUEUE_TIMEOUT_MS, FallbackTarget, Field, Period, Rule, Scope, Threshold, Window};
 

@@ -1,4 +1,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+use std::path::Path;
+
 use super::*;
 
 fn demo_dir() -> PathBuf {
