@@ -6,7 +6,7 @@ mod common;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::http::StatusCode;
@@ -57,7 +57,7 @@ fn write_policy(dir: &std::path::Path, mock: SocketAddr, flaky: SocketAddr) {
             .map(|p| format!("  - {{provider: {p}, model: m, input_usd_per_mtok: 1, output_usd_per_mtok: 2}}\n"))
             .collect::<String>()
         + "  - {provider: claude, model: claude-haiku-4-5, input_usd_per_mtok: 1, output_usd_per_mtok: 5}\n";
-    let models = "name: split\ntype: gateway-load-balancing-config\nrule_type: weight-based\nrules:\n  - {id: a, weight: 90, target: {provider: heavy, model: m}}\n  - {id: b, weight: 10, target: {provider: light, model: m}}\n---\nname: chain\ntype: gateway-load-balancing-config\nrule_type: priority-based\nrules:\n  - {id: a, priority: 1, target: {provider: dead-a, model: m}}\nfallbacks:\n  - {provider: dead-b, model: m}\n  - {provider: claude, model: claude-haiku-4-5}\n  - {provider: heavy, model: m}\n---\nname: guarded\ntype: gateway-load-balancing-config\nrule_type: priority-based\nrules:\n  - {id: a, priority: 1, target: {provider: flaky, model: m}}\nfallbacks:\n  - {provider: heavy, model: m}\ncircuit_breaker: {failure_threshold: 3, window_seconds: 60, cooldown_seconds: 1}\n";
+    let models = "name: split\ntype: gateway-load-balancing-config\nrule_type: weight-based\nrules:\n  - {id: a, weight: 90, target: {provider: heavy, model: m}}\n  - {id: b, weight: 10, target: {provider: light, model: m}}\n---\nname: chain\ntype: gateway-load-balancing-config\nrule_type: priority-based\nrules:\n  - {id: a, priority: 1, target: {provider: dead-a, model: m}}\nfallbacks:\n  - {provider: dead-b, model: m}\n  - {provider: claude, model: claude-haiku-4-5}\n  - {provider: heavy, model: m}\n---\nname: guarded\ntype: gateway-load-balancing-config\nrule_type: priority-based\nrules:\n  - {id: a, priority: 1, target: {provider: flaky, model: m}}\nfallbacks:\n  - {provider: heavy, model: m}\ncircuit_breaker: {failure_threshold: 3, window_seconds: 60, cooldown_seconds: 5}\n";
     std::fs::write(dir.join("providers.yaml"), providers).unwrap();
     std::fs::write(dir.join("prices.yaml"), prices).unwrap();
     std::fs::write(dir.join("models.yaml"), models).unwrap();
@@ -181,6 +181,27 @@ async fn a_failing_primary_falls_back_in_order_across_providers() {
     s.stop().await;
 }
 
+/// Sends requests to `guarded` until the primary has been called `want` times (the half-open
+/// probe after the cooldown; the requests before it go to the fallback) and returns the last
+/// answer. Each request is counted in `sent`.
+async fn until_calls(
+    client: &reqwest::Client,
+    ingress: SocketAddr,
+    calls: &AtomicU64,
+    want: u64,
+    sent: &mut usize,
+) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = Value::Null;
+    while calls.load(Ordering::SeqCst) < want {
+        assert!(Instant::now() < deadline, "no half-open probe within 60 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        last = chat(client, ingress, "guarded", &format!("b{sent}")).await;
+        *sent += 1;
+    }
+    last
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_breaker_opens_after_the_threshold_and_closes_after_the_cooldown() {
     let s = stack("breaker").await;
@@ -199,26 +220,29 @@ async fn the_breaker_opens_after_the_threshold_and_closes_after_the_cooldown() {
         chat(&client, s.ingress.addr, "guarded", &format!("b{i}")).await;
     }
     assert_eq!(calls(), 3, "an open breaker keeps traffic off the failing target");
-    // After the cooldown one probe goes through; it fails, so the breaker opens again.
-    tokio::time::sleep(Duration::from_millis(1200)).await;
-    chat(&client, s.ingress.addr, "guarded", "b6").await;
-    chat(&client, s.ingress.addr, "guarded", "b7").await;
-    assert_eq!(calls(), 4, "exactly one half-open probe");
+    let mut sent = 6;
+    // The probe fails, so the breaker opens again: the next request does not reach the primary.
+    until_calls(&client, s.ingress.addr, &s.flaky.calls, 4, &mut sent).await;
+    chat(&client, s.ingress.addr, "guarded", &format!("b{sent}")).await;
+    sent += 1;
+    assert_eq!(calls(), 4, "exactly one half-open probe, and the breaker open again after it");
     // The target recovers: the next probe succeeds and closes the breaker.
     s.flaky.failing.store(false, Ordering::SeqCst);
-    tokio::time::sleep(Duration::from_millis(1200)).await;
-    for i in 8..11 {
-        let b = chat(&client, s.ingress.addr, "guarded", &format!("b{i}")).await;
+    let probe = until_calls(&client, s.ingress.addr, &s.flaky.calls, 5, &mut sent).await;
+    assert_eq!(served_by(&probe), "flaky-1", "the successful probe answers");
+    for _ in 0..3 {
+        let b = chat(&client, s.ingress.addr, "guarded", &format!("b{sent}")).await;
+        sent += 1;
         assert_eq!(served_by(&b), "flaky-1", "closed again: the primary serves");
     }
-    assert_eq!(calls(), 7);
-    // 11 answers and the 4 refused calls to the primary, each a row.
-    assert!(s.rows(15).await);
+    assert_eq!(calls(), 8);
+    // Every answer and the 4 refused calls to the primary, each a row.
+    assert!(s.rows(sent as u64 + 4).await);
     let by_provider = common::ch(&format!(
         "SELECT provider, status, count() FROM {}.usage_events FINAL GROUP BY provider, status ORDER BY provider, status FORMAT TabSeparated",
         s.db
     ))
     .await;
-    assert_eq!(by_provider, "flaky\tok\t3\nflaky\tprovider_error\t4\nheavy\tok\t8\n");
+    assert_eq!(by_provider, format!("flaky\tok\t4\nflaky\tprovider_error\t4\nheavy\tok\t{}\n", sent - 4));
     s.stop().await;
 }
