@@ -1,0 +1,83 @@
+//! The SQL every report runs, for a database `db` (checked by the caller) and a period.
+//! Each function returns one statement over `usage_events FINAL`; what it splices in is the
+//! database name, column names from [`Dimension`], and numbers (the [`Period`] bounds, `k`).
+
+use super::{Dimension, Period, key_columns};
+use tollgate_schemas::usage::sql::{PROMPT_TOKENS as PROMPT, TOTAL_TOKENS as TOKENS};
+
+pub fn chargeback(db: &str, dims: &[Dimension], p: &Period) -> String {
+    let cols = key_columns(dims);
+    let list = cols.join(", ");
+    format!(
+        "SELECT [{list}] AS keys, count() AS requests, countIf(status != 'ok') AS errors, \
+         sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens, \
+         sum(cached_input_tokens) AS cached_input_tokens, sum(cost_nanos) AS cost_nanos \
+         FROM {db}.usage_events FINAL WHERE {cond} GROUP BY {list} ORDER BY cost_nanos DESC, {list}",
+        cond = p.condition()
+    )
+}
+
+pub fn frontier_share(db: &str, p: &Period) -> String {
+    let frontier = format!("(provider, model) IN (SELECT provider, model FROM {db}.frontier_models)");
+    format!(
+        "SELECT workflow_tag, count() AS requests, countIf({frontier}) AS frontier_requests, \
+         sum(cost_nanos) AS all_cost, sumIf(cost_nanos, {frontier}) AS frontier_cost \
+         FROM {db}.usage_events FINAL WHERE {cond} GROUP BY workflow_tag ORDER BY workflow_tag",
+        cond = p.condition()
+    )
+}
+
+pub fn context_stuffing(db: &str, p: &Period) -> String {
+    format!(
+        "SELECT workflow_tag, count() AS requests, sum({PROMPT}) AS prompt_tokens, max({PROMPT}) AS max_prompt_tokens \
+         FROM {db}.usage_events FINAL WHERE status = 'ok' AND {cond} GROUP BY workflow_tag ORDER BY workflow_tag",
+        cond = p.condition()
+    )
+}
+
+/// Session-hours above `k` × the p95 session-hour of their workflow (over the same period).
+pub fn loops(db: &str, p: &Period, k: f64) -> String {
+    format!(
+        "SELECT workflow_tag, session_id, hour, requests, tokens, cost_nanos, workflow_p95_tokens FROM ( \
+           SELECT workflow_tag, groupArray(session_id) AS sessions, groupArray(hour) AS hours, \
+             groupArray(requests) AS requests_a, groupArray(tokens) AS tokens_a, groupArray(cost_nanos) AS cost_a, \
+             toFloat64(quantile(0.95)(tokens)) AS workflow_p95_tokens \
+           FROM ( \
+             SELECT workflow_tag, session_id, toStartOfHour(ended_at, 'UTC') AS hour, count() AS requests, \
+               sum({TOKENS}) AS tokens, sum(cost_nanos) AS cost_nanos \
+             FROM {db}.usage_events FINAL WHERE {cond} GROUP BY workflow_tag, session_id, hour \
+           ) GROUP BY workflow_tag \
+         ) ARRAY JOIN sessions AS session_id, hours AS hour, requests_a AS requests, tokens_a AS tokens, cost_a AS cost_nanos \
+         WHERE tokens > {k:?} * workflow_p95_tokens \
+         ORDER BY workflow_tag, session_id, hour",
+        cond = p.condition()
+    )
+}
+
+pub fn drift(db: &str, p: &Period) -> String {
+    format!(
+        "SELECT provider, model, model_version, min(ended_at) AS first_seen, max(ended_at) AS last_seen, \
+         count() AS requests, sum({PROMPT}) AS prompt_tokens, sum(assumeNotNull(reference_input_tokens)) AS reference_tokens \
+         FROM {db}.usage_events FINAL \
+         WHERE status = 'ok' AND token_source = 'provider' AND isNotNull(reference_input_tokens) \
+           AND assumeNotNull(reference_input_tokens) > 0 AND {cond} \
+         GROUP BY provider, model, model_version ORDER BY provider, model, first_seen, model_version",
+        cond = p.condition()
+    )
+}
+
+pub fn untagged(db: &str, p: &Period) -> String {
+    format!(
+        "SELECT arrayStringConcat(arrayFilter(x -> x != '', [if(project = '', 'project', ''), \
+           if(team = '', 'team', ''), if(cost_center = '', 'cost_center', '')]), ',') AS missing, \
+         api_key_id, workflow_tag, count() AS requests, sum(cost_nanos) AS cost_nanos \
+         FROM {db}.usage_events FINAL WHERE (project = '' OR team = '' OR cost_center = '') AND {cond} \
+         GROUP BY missing, api_key_id, workflow_tag ORDER BY cost_nanos DESC, missing, api_key_id, workflow_tag",
+        cond = p.condition()
+    )
+}
+
+/// All spend in the period (the denominator of the untagged share).
+pub fn total_cost(db: &str, p: &Period) -> String {
+    format!("SELECT sum(cost_nanos) FROM {db}.usage_events FINAL WHERE {cond}", cond = p.condition())
+}
