@@ -12,8 +12,8 @@ use std::sync::Arc;
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use serde_json::Value;
-use tollgate_ingress::breach::{self, Queue, RequestView};
 use tollgate_ingress::decisions::DecisionCache;
+use tollgate_ingress::gate::{self, Queue, RequestView};
 use tollgate_ingress::{auth, count, envelope};
 use tollgate_schemas::decision::{BreachDecision, DecisionState, decision_key};
 use tollgate_schemas::policy::Policy;
@@ -145,7 +145,7 @@ fn bench(c: &mut Criterion) {
             b.iter(|| {
                 let view = RequestView { envelope: &env, api_key: key, vm, target, stream: false };
                 let mut estimate = || 0;
-                rt.block_on(breach::gate(&cache, &policy, &view, &queue, &mut estimate)).is_ok()
+                rt.block_on(gate::gate(&cache, &policy, &view, &queue, &mut estimate)).is_ok()
             })
         });
     }

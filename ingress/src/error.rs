@@ -7,7 +7,7 @@ use serde_json::json;
 use tollgate_schemas::decision::RuleKind;
 use tollgate_schemas::usage::ApiFormat;
 
-use crate::breach::Blocked;
+use crate::gate::Blocked;
 
 /// Where an error came from, for the body's `type` and for logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,13 +6,13 @@
 //! routing, keys, prices, rules and provider credentials swap together in one step.
 
 pub mod auth;
-pub mod breach;
-pub mod breaker;
+pub mod circuit_breaker;
 pub mod clock;
 pub mod count;
 pub mod decisions;
 pub mod envelope;
 pub mod error;
+pub mod gate;
 pub mod intake;
 pub mod metrics;
 pub mod provider;
@@ -143,14 +143,14 @@ pub struct App {
     live: ArcSwap<Live>,
     http: reqwest::Client,
     publisher: Publisher,
-    breakers: breaker::Breakers,
+    breakers: circuit_breaker::Breakers,
     max_body_bytes: usize,
     max_header_bytes: usize,
     first_byte_timeout: Duration,
     metrics: Option<PrometheusHandle>,
     /// Breach decisions, kept current by the follower task.
     pub decisions: Arc<decisions::DecisionCache>,
-    queue: breach::Queue,
+    queue: gate::Queue,
 }
 
 impl App {
@@ -243,13 +243,13 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         live: ArcSwap::from_pointee(live),
         http,
         publisher,
-        breakers: breaker::Breakers::default(),
+        breakers: circuit_breaker::Breakers::default(),
         max_body_bytes: config.max_body_bytes,
         max_header_bytes: config.max_header_bytes,
         first_byte_timeout: config.first_byte_timeout,
         metrics: config.metrics.clone(),
         decisions: cache,
-        queue: breach::Queue::new(config.max_queued),
+        queue: gate::Queue::new(config.max_queued),
     });
     let reloads = config.reload.clone().map(|opts| {
         let policy = app.live().policy.as_ref().clone();

@@ -1,5 +1,5 @@
-//! What a request under a breach decision gets: a 429, a wait for headroom, another model, or
-//! (audit) a pass with a record of what would have happened.
+//! The request gate over breach decisions: what a request under one gets — a 429, a wait for
+//! headroom, another model, or (audit) a pass with a record of what would have happened.
 //!
 //! Every rule of the policy that applies to the request gives a scope value; the decision held
 //! for `rule_id/scope` is `Breached` (act), `Watch` (count what is admitted; act once the local
