@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use tollgate_schemas::decision::{Alert, AlertKind, DecisionState, Measure, Severity};
+use tollgate_schemas::measures;
 use tollgate_schemas::policy::{
     ContextStuffingGuard, FrontierCostShareGuard, Guard, LoopGuard, Policy, TokenizerDriftGuard, parse_window_seconds,
 };
@@ -28,16 +29,19 @@ pub struct Sample {
     pub provider: String,
     pub model: String,
     pub model_version: String,
+    /// Requests the context-stuffing measure counts.
     pub requests: i64,
-    /// Input plus output tokens (what `session_hours` sums, the loop guard's baseline).
+    /// Input plus output tokens of the requests the loop measure counts (what `session_hours`
+    /// sums, the loop guard's baseline).
     pub io_tokens: i64,
-    /// Everything the model read: input, cached reads, cache writes.
+    /// Everything the model read, of the requests the context-stuffing measure counts
+    /// (`requests` is how many those are).
     pub prompt_tokens: i64,
-    /// `prompt_tokens` of the requests that carried a reference estimate.
+    /// `prompt_tokens` of the requests the drift measure counts.
     pub referenced_prompt_tokens: i64,
     /// The tiktoken estimate of those prompts.
     pub reference_tokens: i64,
-    /// Requests that carried a reference estimate.
+    /// Requests the drift measure counts.
     pub referenced_requests: i64,
     pub cost_nanos: i64,
 }
@@ -47,6 +51,8 @@ impl Sample {
         if ev.status == Status::Rejected {
             return None;
         }
+        // Which requests each measure counts is `measures`' (shared with the views and reports).
+        let (stuffing, drift) = (measures::stuffing_counts(ev), measures::drift_counts(ev));
         Some(Sample {
             at_us: ev.ended_at_us,
             session_id: ev.envelope.session_id.clone().unwrap_or_default(),
@@ -54,12 +60,12 @@ impl Sample {
             provider: ev.provider.clone(),
             model: ev.model.clone(),
             model_version: ev.model_version.clone().unwrap_or_default(),
-            requests: 1,
-            io_tokens: ev.total_tokens(),
-            prompt_tokens: ev.prompt_tokens(),
-            referenced_prompt_tokens: if ev.reference_input_tokens.is_some() { ev.prompt_tokens() } else { 0 },
-            reference_tokens: ev.reference_input_tokens.unwrap_or(0),
-            referenced_requests: i64::from(ev.reference_input_tokens.is_some()),
+            requests: i64::from(stuffing),
+            io_tokens: if measures::loop_counts(ev) { ev.total_tokens() } else { 0 },
+            prompt_tokens: if stuffing { ev.prompt_tokens() } else { 0 },
+            referenced_prompt_tokens: if drift { ev.prompt_tokens() } else { 0 },
+            reference_tokens: if drift { ev.reference_input_tokens.unwrap_or(0) } else { 0 },
+            referenced_requests: i64::from(drift),
             cost_nanos: ev.cost_nanos,
         })
     }

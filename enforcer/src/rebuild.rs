@@ -9,6 +9,7 @@ use std::fmt::Write as _;
 use clickhouse::Client;
 use clickhouse::Row;
 use serde::Deserialize;
+use tollgate_schemas::measures::{self, DRIFT_ROWS, SESSION_HOUR_HAS_TOKENS, STUFFING_ROWS};
 use tollgate_schemas::policy::Policy;
 use tollgate_schemas::rules::Window;
 use tollgate_schemas::usage::Envelope;
@@ -248,11 +249,13 @@ fn guard_queries(covered: &BTreeMap<i32, i64>, lookback_s: i64, now_us: i64) -> 
     let hour_us = now_us / (3600 * US) * 3600 * US;
     let recent_us = now_us - lookback_s.min(86_400 * 7) * US;
     let bucket_us = 60 * US;
+    // Each measure's rows as `measures` defines them (as `guards::Sample::of` does, event by event).
     let sums = format!(
-        "count() AS requests, sum({TOTAL_TOKENS}) AS io_tokens, sum({PROMPT_TOKENS}) AS prompt_tokens, \
-         countIf(isNotNull(reference_input_tokens)) AS referenced_requests, \
-         sumIf({PROMPT_TOKENS}, isNotNull(reference_input_tokens)) AS referenced_prompt_tokens, \
-         sum(ifNull(reference_input_tokens, 0)) AS reference_tokens, sum(cost_nanos) AS cost"
+        "countIf({STUFFING_ROWS}) AS requests, sum({TOTAL_TOKENS}) AS io_tokens, \
+         sumIf({PROMPT_TOKENS}, {STUFFING_ROWS}) AS prompt_tokens, \
+         countIf({DRIFT_ROWS}) AS referenced_requests, \
+         sumIf({PROMPT_TOKENS}, {DRIFT_ROWS}) AS referenced_prompt_tokens, \
+         sumIf(ifNull(reference_input_tokens, 0), {DRIFT_ROWS}) AS reference_tokens, sum(cost_nanos) AS cost"
     );
     let from = format!("FROM {USAGE_EVENTS} FINAL WHERE kafka_topic = ? AND status != 'rejected' AND ({offsets})");
     [
@@ -266,8 +269,8 @@ fn guard_queries(covered: &BTreeMap<i32, i64>, lookback_s: i64, now_us: i64) -> 
         // Context stuffing and frontier share: per workflow and model, by minute.
         format!(
             "SELECT '' AS session_id, workflow_tag, provider, model, '' AS model_version, \
-             intDiv(ended_at_us, {bucket_us}) * {bucket_us} + {bucket_us} - 1 AS at_us, count() AS requests, \
-             toInt64(0) AS io_tokens, sum({PROMPT_TOKENS}) AS prompt_tokens, \
+             intDiv(ended_at_us, {bucket_us}) * {bucket_us} + {bucket_us} - 1 AS at_us, countIf({STUFFING_ROWS}) AS requests, \
+             toInt64(0) AS io_tokens, sumIf({PROMPT_TOKENS}, {STUFFING_ROWS}) AS prompt_tokens, \
              toUInt64(0) AS referenced_requests, toInt64(0) AS referenced_prompt_tokens, toInt64(0) AS reference_tokens, \
              sum(cost_nanos) AS cost {from} AND ended_at_us >= {recent_us} GROUP BY workflow_tag, provider, model, at_us"
         ),
@@ -297,11 +300,12 @@ fn baseline_query(percentile: u32, days: u32, now_us: i64) -> String {
     let this_hour = now_us / (3600 * US) * 3600;
     let since = this_hour - i64::from(days) * 86_400;
     format!(
-        "SELECT workflow_tag, toInt64(quantileExact({level})(t)) AS p, count() AS n FROM (\
-         SELECT hour, workflow_tag, session_id, sum({TOTAL_TOKENS}) AS t FROM {SESSION_HOURS} FINAL \
-         WHERE hour >= toDateTime({since}) AND hour < toDateTime({this_hour}) GROUP BY hour, workflow_tag, session_id) \
+        "SELECT workflow_tag, toInt64({quantile}) AS p, count() AS n FROM (\
+         SELECT hour, workflow_tag, session_id, sum({TOTAL_TOKENS}) AS tokens FROM {SESSION_HOURS} FINAL \
+         WHERE hour >= toDateTime({since}) AND hour < toDateTime({this_hour}) GROUP BY hour, workflow_tag, session_id \
+         HAVING {SESSION_HOUR_HAS_TOKENS}) \
          GROUP BY workflow_tag",
-        level = f64::from(percentile.clamp(1, 100)) / 100.0,
+        quantile = measures::session_hour_quantile(f64::from(percentile.clamp(1, 100)) / 100.0, "tokens"),
     )
 }
 

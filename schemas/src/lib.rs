@@ -2,6 +2,7 @@
 
 pub mod avro;
 pub mod decision;
+pub mod measures;
 pub mod names;
 pub mod policy;
 pub mod price;

@@ -13,6 +13,7 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
     (3, "chargeback", include_str!("../migrations/0003_chargeback.sql")),
     (4, "history", include_str!("../migrations/0004_history.sql")),
     (5, "one_token_definition", include_str!("../migrations/0005_one_token_definition.sql")),
+    (6, "one_measure_definition", include_str!("../migrations/0006_one_measure_definition.sql")),
 ];
 
 /// Statements that create the database and the version table, before any migration.
@@ -50,11 +51,21 @@ pub fn split_statements(sql: &str) -> Vec<String> {
     out
 }
 
-/// A migration's SQL for database `db`: `{db}` is the database, and `{prompt_tokens}` and
-/// `{total_tokens}` are the one definition of those quantities (`tollgate_schemas::usage::sql`).
+/// A migration's SQL for database `db`: `{db}` is the database; `{prompt_tokens}` and
+/// `{total_tokens}` are the one definition of those quantities (`tollgate_schemas::usage::sql`);
+/// `{stuffing_rows}`, `{drift_rows}`, `{loop_rows}`, `{session_hour_has_tokens}` and
+/// `{session_hour_p95}` are the failure-mode measures' (`tollgate_schemas::measures`).
 fn render(sql: &str, db: &str) -> String {
+    use tollgate_schemas::measures;
     use tollgate_schemas::usage::sql::{PROMPT_TOKENS, TOTAL_TOKENS};
-    sql.replace("{db}", db).replace("{prompt_tokens}", PROMPT_TOKENS).replace("{total_tokens}", TOTAL_TOKENS)
+    sql.replace("{db}", db)
+        .replace("{prompt_tokens}", PROMPT_TOKENS)
+        .replace("{total_tokens}", TOTAL_TOKENS)
+        .replace("{stuffing_rows}", measures::STUFFING_ROWS)
+        .replace("{drift_rows}", measures::DRIFT_ROWS)
+        .replace("{loop_rows}", measures::LOOP_ROWS)
+        .replace("{session_hour_has_tokens}", measures::SESSION_HOUR_HAS_TOKENS)
+        .replace("{session_hour_p95}", &measures::session_hour_quantile(0.95, "tokens"))
 }
 
 /// Every statement for database `db`, in order, with the version each belongs to (0: bootstrap).

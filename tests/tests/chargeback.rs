@@ -858,7 +858,7 @@ fn report_queries_run_on_current_clickhouse() {
         report::sql::chargeback(db, &[Dimension::CostCenter, Dimension::Workflow, Dimension::Model], &Period::ALL),
         report::sql::frontier_share(db, &april),
         report::sql::context_stuffing(db, &april),
-        report::sql::loops(db, &april, 1.0),
+        report::sql::loops(db, &april, 0.5),
         report::sql::drift(db, &april),
         report::sql::untagged(db, &april),
         report::sql::total_cost(db, &april),
@@ -866,7 +866,7 @@ fn report_queries_run_on_current_clickhouse() {
         format!(
             "SELECT workflow_tag, frontier_cost_nanos, frontier_share FROM {db}.frontier_share_by_workflow ORDER BY workflow_tag"
         ),
-        format!("SELECT session_id, tokens FROM {db}.loop_session_hours WHERE ratio_to_p95 > 1 ORDER BY session_id"),
+        format!("SELECT session_id, tokens FROM {db}.loop_session_hours WHERE ratio_to_p95 > 0.5 ORDER BY session_id"),
         format!(
             "SELECT model_version, prompt_tokens, reference_tokens FROM {db}.tokenizer_drift ORDER BY model_version"
         ),
@@ -897,7 +897,8 @@ fn report_queries_run_on_current_clickhouse() {
         "\"w2\",1,0,0,0",
         // context stuffing: successful requests only; e2's 100 cached tokens are inside its 500.
         "\"w1\",2,1500,1000",
-        // loops (k = 1): s1's hour is above w1's p95, s2's is not.
+        // loops (k = 0.5): w1's exact p95 is one of its two session-hours, s1's 1,100 tokens; s1
+        // is above half of it, s2 (550) is not.
         "\"w1\",\"s1\",\"2026-04-02 10:00:00\",1,1100,7500000001,",
         // drift.
         "\"anthropic\",\"claude-opus-4-7\",\"v1\",",

@@ -3,6 +3,7 @@
 //! database name, column names from [`Dimension`], and numbers (the [`Period`] bounds, `k`).
 
 use super::{Dimension, Period, key_columns};
+use tollgate_schemas::measures::{self, DRIFT_ROWS, LOOP_ROWS, SESSION_HOUR_HAS_TOKENS, STUFFING_ROWS};
 use tollgate_schemas::usage::sql::{PROMPT_TOKENS as PROMPT, TOTAL_TOKENS as TOKENS};
 
 pub fn chargeback(db: &str, dims: &[Dimension], p: &Period) -> String {
@@ -30,7 +31,7 @@ pub fn frontier_share(db: &str, p: &Period) -> String {
 pub fn context_stuffing(db: &str, p: &Period) -> String {
     format!(
         "SELECT workflow_tag, count() AS requests, sum({PROMPT}) AS prompt_tokens, max({PROMPT}) AS max_prompt_tokens \
-         FROM {db}.usage_events FINAL WHERE status = 'ok' AND {cond} GROUP BY workflow_tag ORDER BY workflow_tag",
+         FROM {db}.usage_events FINAL WHERE {STUFFING_ROWS} AND {cond} GROUP BY workflow_tag ORDER BY workflow_tag",
         cond = p.condition()
     )
 }
@@ -41,16 +42,18 @@ pub fn loops(db: &str, p: &Period, k: f64) -> String {
         "SELECT workflow_tag, session_id, hour, requests, tokens, cost_nanos, workflow_p95_tokens FROM ( \
            SELECT workflow_tag, groupArray(session_id) AS sessions, groupArray(hour) AS hours, \
              groupArray(requests) AS requests_a, groupArray(tokens) AS tokens_a, groupArray(cost_nanos) AS cost_a, \
-             toFloat64(quantile(0.95)(tokens)) AS workflow_p95_tokens \
+             toFloat64({p95}) AS workflow_p95_tokens \
            FROM ( \
              SELECT workflow_tag, session_id, toStartOfHour(ended_at, 'UTC') AS hour, count() AS requests, \
                sum({TOKENS}) AS tokens, sum(cost_nanos) AS cost_nanos \
-             FROM {db}.usage_events FINAL WHERE {cond} GROUP BY workflow_tag, session_id, hour \
+             FROM {db}.usage_events FINAL WHERE {LOOP_ROWS} AND {cond} GROUP BY workflow_tag, session_id, hour \
+             HAVING {SESSION_HOUR_HAS_TOKENS} \
            ) GROUP BY workflow_tag \
          ) ARRAY JOIN sessions AS session_id, hours AS hour, requests_a AS requests, tokens_a AS tokens, cost_a AS cost_nanos \
          WHERE tokens > {k:?} * workflow_p95_tokens \
          ORDER BY workflow_tag, session_id, hour",
-        cond = p.condition()
+        cond = p.condition(),
+        p95 = measures::session_hour_quantile(0.95, "tokens"),
     )
 }
 
@@ -59,8 +62,7 @@ pub fn drift(db: &str, p: &Period) -> String {
         "SELECT provider, model, model_version, min(ended_at) AS first_seen, max(ended_at) AS last_seen, \
          count() AS requests, sum({PROMPT}) AS prompt_tokens, sum(assumeNotNull(reference_input_tokens)) AS reference_tokens \
          FROM {db}.usage_events FINAL \
-         WHERE status = 'ok' AND token_source = 'provider' AND isNotNull(reference_input_tokens) \
-           AND assumeNotNull(reference_input_tokens) > 0 AND {cond} \
+         WHERE {DRIFT_ROWS} AND {cond} \
          GROUP BY provider, model, model_version ORDER BY provider, model, first_seen, model_version",
         cond = p.condition()
     )
