@@ -26,6 +26,7 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tollgate_runtime::error_chain;
 use tollgate_runtime::kafka::{Awaited, Outgoing, Producer};
 use tollgate_schemas::avro::AvroCodec;
 use tollgate_schemas::decision::{Alert, BreachDecision};
@@ -110,6 +111,19 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     tollgate_runtime::log_ops_server_end("enforcer", http).await;
     info!("enforcer stopped");
     result
+}
+
+/// Why a decision or an alert did not reach its topic (the engine republishes it).
+#[derive(Debug, thiserror::Error)]
+enum PublishError {
+    #[error("encoding it")]
+    Encode(#[from] tollgate_schemas::avro::CodecError),
+    #[error("sending it to {topic}")]
+    Send {
+        topic: String,
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
 }
 
 /// Why `enforce` returned.
@@ -439,8 +453,12 @@ impl<'a> Publisher<'a> {
             return;
         }
         let timeout = Duration::from_secs(10);
+        let sent_to = |topic: &str| {
+            let topic = topic.to_owned();
+            move |source| PublishError::Send { topic, source }
+        };
         let decisions = out.decisions.iter().map(|d| async move {
-            let payload = self.decision_codec.encode(d).map_err(|e| e.to_string())?;
+            let payload = self.decision_codec.encode(d)?;
             let key = d.key();
             let record = Outgoing {
                 topic: &self.breaches_topic,
@@ -448,17 +466,17 @@ impl<'a> Publisher<'a> {
                 payload: Some(&payload),
                 headers: None,
             };
-            self.producer.send_awaited(record, timeout).await.map(|_| ()).map_err(|e| e.to_string())
+            self.producer.send_awaited(record, timeout).await.map(|_| ()).map_err(sent_to(&self.breaches_topic))
         });
         let alerts = out.alerts.iter().map(|a| async move {
-            let payload = self.alert_codec.encode(a).map_err(|e| e.to_string())?;
+            let payload = self.alert_codec.encode(a)?;
             let record = Outgoing {
                 topic: &self.alerts_topic,
                 key: Some(a.alert_id.as_bytes()),
                 payload: Some(&payload),
                 headers: None,
             };
-            self.producer.send_awaited(record, timeout).await.map(|_| ()).map_err(|e| e.to_string())
+            self.producer.send_awaited(record, timeout).await.map(|_| ()).map_err(sent_to(&self.alerts_topic))
         });
         let (sent, raised) = futures::join!(futures::future::join_all(decisions), futures::future::join_all(alerts));
         for (d, r) in out.decisions.iter().zip(sent) {
@@ -469,7 +487,7 @@ impl<'a> Publisher<'a> {
                 }
                 Err(e) => {
                     metrics::publish_error("decision");
-                    warn!(key = %d.key(), error = %e, "decision not published; will retry");
+                    warn!(key = %d.key(), error = %error_chain(&e), "decision not published; will retry");
                     engine.unpublish(d);
                 }
             }
@@ -483,7 +501,7 @@ impl<'a> Publisher<'a> {
                 }
                 Err(e) => {
                     metrics::publish_error("alert");
-                    warn!(alert = %a.alert_id, error = %e, "alert not published; will retry");
+                    warn!(alert = %a.alert_id, error = %error_chain(&e), "alert not published; will retry");
                     engine.unalert(a);
                 }
             }

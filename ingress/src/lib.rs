@@ -116,15 +116,37 @@ pub struct Live {
 /// The provider API paths the ingress calls.
 pub(crate) const PROVIDER_PATHS: [&str; 3] = ["/chat/completions", "/messages", "/embeddings"];
 
+/// Why a valid policy cannot be served: what [`Live::new`] needs beyond the policy's own checks.
+#[derive(Debug, thiserror::Error)]
+pub enum LiveError {
+    #[error("provider {provider}: base_url {base_url} is not a URL")]
+    BaseUrl {
+        provider: String,
+        base_url: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("provider {provider}: the credential in ${env} is not a valid header value")]
+    Credential {
+        provider: String,
+        env: String,
+        #[source]
+        source: http::header::InvalidHeaderValue,
+    },
+}
+
 impl Live {
-    pub fn new(policy: Arc<Policy>) -> anyhow::Result<Live> {
+    pub fn new(policy: Arc<Policy>) -> Result<Live, LiveError> {
         let mut urls = HashMap::new();
         for (name, p) in &policy.providers {
             let base = p.base_url.trim_end_matches('/');
             let mut by_path = HashMap::new();
             for path in PROVIDER_PATHS {
-                let url = reqwest::Url::parse(&format!("{base}{path}"))
-                    .with_context(|| format!("provider {name}: base_url {} is not a URL", p.base_url))?;
+                let url = reqwest::Url::parse(&format!("{base}{path}")).map_err(|e| LiveError::BaseUrl {
+                    provider: name.clone(),
+                    base_url: p.base_url.clone(),
+                    source: Box::new(e),
+                })?;
                 by_path.insert(path, url);
             }
             urls.insert(name.clone(), by_path);
@@ -160,7 +182,7 @@ impl App {
     }
 }
 
-fn credentials(policy: &Policy) -> anyhow::Result<HashMap<String, Option<HeaderValue>>> {
+fn credentials(policy: &Policy) -> Result<HashMap<String, Option<HeaderValue>>, LiveError> {
     let mut out = HashMap::new();
     for p in policy.providers.values() {
         let value = match &p.api_key_env {
@@ -171,8 +193,11 @@ fn credentials(policy: &Policy) -> anyhow::Result<HashMap<String, Option<HeaderV
                         ProviderKind::Openai => format!("Bearer {secret}"),
                         ProviderKind::Anthropic => secret,
                     };
-                    let mut v = HeaderValue::from_str(&text)
-                        .with_context(|| format!("credential in ${var} is not a valid header value"))?;
+                    let mut v = HeaderValue::from_str(&text).map_err(|source| LiveError::Credential {
+                        provider: p.name.clone(),
+                        env: var.clone(),
+                        source,
+                    })?;
                     v.set_sensitive(true);
                     Some(v)
                 }
@@ -236,7 +261,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         Ok(f) => f,
         Err(e) => {
             task.shutdown().await;
-            return Err(e);
+            return Err(e.into());
         }
     };
     let app = Arc::new(App {
@@ -314,7 +339,9 @@ async fn swap_on_reload(app: Arc<App>, mut policies: tokio::sync::watch::Receive
                 app.live.store(Arc::new(live));
                 info!("ingress now serves the reloaded policy");
             }
-            Err(e) => error!(error = format!("{e:#}"), "reloaded policy not applied; keeping the current one"),
+            Err(e) => {
+                error!(error = %tollgate_runtime::error_chain(&e), "reloaded policy not applied; keeping the current one")
+            }
         }
     }
 }

@@ -78,8 +78,9 @@ impl Follower {
         cache: Arc<DecisionCache>,
         cfg: &FollowConfig,
         shutdown: &CancellationToken,
-    ) -> anyhow::Result<Follower> {
-        let consumer: StreamConsumer = follower_config(&cfg.brokers, false, &cfg.extra).create()?;
+    ) -> Result<Follower, FollowError> {
+        let consumer: StreamConsumer =
+            follower_config(&cfg.brokers, false, &cfg.extra).create().map_err(FollowError::Consumer)?;
         metrics::decisions_ready(false);
         let (tx, rx) = oneshot::channel();
         let last_error = Arc::new(Mutex::new(None::<String>));
@@ -93,7 +94,7 @@ impl Follower {
             quiet: false,
             cache: Arc::clone(&cache),
             topic: cfg.topic.clone(),
-            codec: BreachDecision::codec()?,
+            codec: BreachDecision::codec().map_err(FollowError::Codec)?,
             catch_up: CatchUp { tx: Some(tx), behind: HashMap::new() },
             last_error: Arc::clone(&last_error),
             stop: stop.clone(),
@@ -117,10 +118,12 @@ impl Follower {
                         .unwrap_or_else(|| "the topic was not read up to its end in time".into());
                     if cfg.required {
                         follower.stop().await;
-                        anyhow::bail!(
-                            "breach decisions of topic {} not loaded within {} s from {}: {cause}",
-                            cfg.topic, cfg.start_timeout.as_secs(), cfg.brokers
-                        );
+                        return Err(FollowError::NotLoaded {
+                            topic: cfg.topic.clone(),
+                            secs: cfg.start_timeout.as_secs(),
+                            brokers: cfg.brokers.clone(),
+                            cause,
+                        });
                     }
                     error!(
                         topic = %cfg.topic, brokers = %cfg.brokers, error = %cause,
@@ -139,6 +142,18 @@ impl Follower {
             warn!(error = %e, "decision follower task failed");
         }
     }
+}
+
+/// Why the decision follower did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum FollowError {
+    #[error("creating the breaches consumer")]
+    Consumer(#[source] rdkafka::error::KafkaError),
+    #[error("the breach decision codec")]
+    Codec(#[source] tollgate_schemas::avro::CodecError),
+    /// `required` and the topic was not read up to its end before the deadline.
+    #[error("breach decisions of topic {topic} not loaded within {secs} s from {brokers}: {cause}")]
+    NotLoaded { topic: String, secs: u64, brokers: String, cause: String },
 }
 
 /// Partitions still to be read up to their start-time high watermark.

@@ -8,4 +8,4 @@ mod follower;
 mod tests;
 
 pub use cache::{Applied, DecisionCache, Entry, LocalCount, StreamCut, Ticket, WatchHold};
-pub use follower::{FollowConfig, Follower};
+pub use follower::{FollowConfig, FollowError, Follower};
