@@ -196,8 +196,10 @@ async fn killing_the_broker_mid_run_loses_no_usage_event() {
             .join("\n")
     );
     eprintln!("all rows in ClickHouse {:.1} s after the load ended", waited.elapsed().as_secs_f64());
-    // Nothing more arrives later: one row per attempt, each once.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Nothing more arrives later: with the ingress stopped and the meter through the whole
+    // topic, one row per attempt, each once.
+    ingress.stop().await;
+    common::meter_finished_on(&brokers, &db, &topic).await;
     assert_eq!(common::ch_count(&rows_sql).await, rows, "rows with FINAL");
     assert_eq!(
         common::ch_count(&format!("SELECT uniqExact(session_id) FROM {db}.usage_events FINAL")).await,
@@ -228,7 +230,6 @@ async fn killing_the_broker_mid_run_loses_no_usage_event() {
     assert!(resent > 0, "events were sent again from the spool");
     assert_eq!(dropped, 0, "nothing dropped");
 
-    ingress.stop().await;
     meter.stop().await;
     mock.stop().await;
     assert_eq!(common::ch_count(&rows_sql).await, rows, "still one row per attempt after shutdown");

@@ -129,16 +129,6 @@ async fn the_reference_policy_governs_requests_through_the_ingress() {
         eventually(Duration::from_secs(30), || async { webhooks(mock.addr).await.len() >= 4 }).await,
         "alerts at 80% and 100% on Slack and PagerDuty"
     );
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let hooks = webhooks(mock.addr).await;
-    let mut ids: Vec<String> = hooks
-        .iter()
-        .map(|h| format!("{}:{}", h["channel"].as_str().unwrap(), h["alert_id"].as_str().unwrap()))
-        .collect();
-    ids.sort();
-    assert_eq!(ids.len(), 4, "exactly once each: {ids:#?}");
-    assert!(ids[0].starts_with("pagerduty:platform-search-monthly/") && ids[0].ends_with("/100"), "{ids:?}");
-    assert!(ids[1].ends_with("/80") && ids[2].ends_with("/100") && ids[3].ends_with("/80"), "{ids:?}");
 
     // 4. classify-intent over 100,000 requests in an hour falls back to Haiku. 99,999 of them
     // are produced straight to the usage topic (as other ingresses would), the rest is real.
@@ -200,6 +190,16 @@ async fn the_reference_policy_governs_requests_through_the_ingress() {
     drop(log);
     ingress.stop().await;
     enforcer.stop().await;
+    // Exactly once: stopped, the enforcer has delivered all it ever will.
+    let hooks = webhooks(mock.addr).await;
+    let mut ids: Vec<String> = hooks
+        .iter()
+        .map(|h| format!("{}:{}", h["channel"].as_str().unwrap(), h["alert_id"].as_str().unwrap()))
+        .collect();
+    ids.sort();
+    assert_eq!(ids.len(), 4, "exactly once each: {ids:#?}");
+    assert!(ids[0].starts_with("pagerduty:platform-search-monthly/") && ids[0].ends_with("/100"), "{ids:?}");
+    assert!(ids[1].ends_with("/80") && ids[2].ends_with("/100") && ids[3].ends_with("/80"), "{ids:?}");
     meter.stop().await;
     mock.stop().await;
 }

@@ -81,7 +81,7 @@ async fn undecodable_events_are_dead_lettered_and_the_rest_counted() {
     let meter = common::start_meter(common::meter_config(&topic, &db)).await;
     let sql = format!("SELECT count() FROM {db}.usage_events FINAL");
     common::wait_for_count(&sql, good, Duration::from_secs(60)).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    common::meter_finished(&db, &topic).await;
     meter.stop().await;
     assert_eq!(common::ch_count(&sql).await, good, "every countable event, once");
     assert_eq!(common::ch_count(&format!("SELECT count() FROM {db}.usage_events WHERE cost_nanos < 0")).await, 0);

@@ -357,7 +357,9 @@ async fn official_sdks_stream_and_complete_through_the_ingress() {
     let count_sql = format!("SELECT count() FROM {db}.usage_events FINAL");
     let arrived = common::until_at_least(n, Duration::from_secs(60), || common::ch_count(&count_sql)).await.is_ok();
     assert!(arrived, "only {} of {n} rows reached ClickHouse", common::ch_count(&count_sql).await);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Final: the ingress stopped and the meter through the whole topic.
+    ingress.stop().await;
+    common::meter_finished(&db, &topic).await;
     let rows = stored_rows(&db).await;
     assert_eq!(
         rows.len() as u64,
@@ -375,7 +377,6 @@ async fn official_sdks_stream_and_complete_through_the_ingress() {
     );
 
     meter.stop().await;
-    ingress.stop().await;
     mock.stop().await;
     assert_eq!(common::ch_count(&format!("SELECT count() FROM {db}.usage_events FINAL")).await, n);
     common::ch(&format!("DROP DATABASE IF EXISTS {db}")).await;

@@ -441,6 +441,40 @@ pub async fn checkpointed(db: &str) -> u64 {
     .unwrap_or(0)
 }
 
+/// The end of `topic` on `brokers`: the sum over its partitions of their high watermarks.
+pub async fn topic_end(brokers: &str, topic: &str) -> u64 {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let (brokers, topic) = (brokers.to_owned(), topic.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let c: BaseConsumer =
+            ClientConfig::new().set("bootstrap.servers", &brokers).set("group.id", unique("end")).create().unwrap();
+        let md = c.fetch_metadata(Some(&topic), Duration::from_secs(10)).unwrap();
+        let partitions = md.topics().first().map_or(0, |t| t.partitions().len());
+        (0..partitions)
+            .map(|p| {
+                let (_, high) = c.fetch_watermarks(&topic, i32::try_from(p).unwrap(), Duration::from_secs(10)).unwrap();
+                u64::try_from(high).unwrap()
+            })
+            .sum()
+    })
+    .await
+    .unwrap()
+}
+
+/// Waits until the meter has finished with every event `topic` holds now: its checkpoints in
+/// `db` reach the topic's end. Once nothing produces to `topic` any more, ClickHouse then holds
+/// all it ever will, so a count taken after this is final (no fixed wait for stragglers).
+pub async fn meter_finished_on(brokers: &str, db: &str, topic: &str) {
+    let end = topic_end(brokers, topic).await;
+    let done = until_at_least(end, Duration::from_secs(60), || checkpointed(db)).await;
+    assert!(done.is_ok(), "the meter stopped at {done:?} of the {end} events of {topic}");
+}
+
+/// [`meter_finished_on`] the test broker.
+pub async fn meter_finished(db: &str, topic: &str) {
+    meter_finished_on(&kafka_brokers(), db, topic).await;
+}
+
 const WINDOW_GROUPS: &str = "project, team, user_id, cost_center, workflow_tag, environment, api_key_id, virtual_model, provider, model, model_version";
 
 /// Asserts that every rollup window of `db` (minute, hour, day, month), summed over partitions,
