@@ -33,7 +33,7 @@ use tollgate_schemas::usage::UsageEvent;
 use tracing::{debug, error, info, warn};
 
 use group::{MeterContext, Rebalance};
-use tollgate_store::rows::{CheckpointRow, UsageRow};
+use tollgate_store::rows::{CheckpointRow, PositionRow, UsageRow};
 use tollgate_store::tables;
 use tollgate_store::{ClickHouseConfig, migrate};
 use window::Windows;
@@ -370,7 +370,23 @@ impl Meter {
             if retry_clickhouse(shutdown, "inserting usage rows", || sink::insert(ch, rows)).await.is_none() {
                 return false;
             }
-            let missing = windows.missing(rows);
+            // Re-sent copies of an event count once, at the event's first position.
+            let Some(counted) =
+                retry_clickhouse(shutdown, "reading earlier copies", || sink::first_copies(ch, topic, rows)).await
+            else {
+                return false;
+            };
+            let positions: Vec<PositionRow> = rows.iter().map(PositionRow::of).collect();
+            if retry_clickhouse(shutdown, "writing event positions", || {
+                tollgate_store::insert_rows(ch, tables::EVENT_POSITIONS, &positions)
+            })
+            .await
+            .is_none()
+            {
+                return false;
+            }
+            metrics::resent(rows.len() - counted.len());
+            let missing = windows.missing(counted.iter().copied());
             if !missing.is_empty() {
                 let Some((w, s)) =
                     retry_clickhouse(shutdown, "reading windows", || sink::load_windows(ch, &missing)).await
@@ -379,7 +395,7 @@ impl Meter {
                 };
                 windows.load(w, s);
             }
-            windows.apply(rows);
+            windows.apply(counted.iter().copied());
             let (w, s) = windows.dirty();
             if retry_clickhouse(shutdown, "writing windows", || {
                 tollgate_store::insert_rows(ch, tables::USAGE_WINDOWS, &w)

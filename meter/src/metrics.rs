@@ -9,6 +9,10 @@ pub fn describe() {
     describe_counter!("tollgate_meter_insert_errors_total", "Failed ClickHouse inserts (retried)");
     describe_counter!("tollgate_meter_dead_lettered_total", "Undecodable usage events sent to the dead-letter topic");
     describe_counter!(
+        "tollgate_meter_resent_events_total",
+        "Copies of an already counted usage event (re-sent by an ingress): kept raw, not added to the rollups"
+    );
+    describe_counter!(
         "tollgate_meter_history_rows_total",
         "Breach decisions and alerts written to their history tables"
     );
@@ -30,6 +34,12 @@ pub fn describe() {
 
 pub fn consumed() {
     counter!("tollgate_meter_events_consumed_total").increment(1);
+}
+
+pub fn resent(n: usize) {
+    if n > 0 {
+        counter!("tollgate_meter_resent_events_total").increment(n as u64);
+    }
 }
 
 pub fn decode_error() {

@@ -1,6 +1,6 @@
 //! Writes usage rows to ClickHouse and reads back the windows a batch adds to.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use clickhouse::Client;
 use tollgate_store::rows::{SessionRow, UsageRow, WindowRow};
@@ -63,4 +63,45 @@ pub async fn load_windows(
 
 fn join<T: std::fmt::Display>(items: impl Iterator<Item = T>) -> String {
     items.map(|i| i.to_string()).collect::<Vec<_>>().join(",")
+}
+
+/// Event ids looked up per query (a few tens of KiB of SQL).
+const ID_LOOKUP_CHUNK: usize = 1000;
+
+/// The rows of `rows` (read from `topic`) that are the first copy of their event: the copy at
+/// the smallest position (partition, offset) among the batch and every position
+/// `event_positions` holds. The ingress re-sends an event whose delivery it could not confirm,
+/// with the same id and key (so to the same partition) at a later offset, at any time later:
+/// only the first copy may count in the rollups. A replayed batch finds its own positions
+/// again, which changes nothing. (Copies on different partitions, possible only when the
+/// topic's partition count changes between them, are each the first of their partition.)
+pub async fn first_copies<'a>(
+    client: &Client,
+    topic: &str,
+    rows: &'a [UsageRow],
+) -> Result<Vec<&'a UsageRow>, clickhouse::error::Error> {
+    let mut first: HashMap<&str, (i32, i64)> = HashMap::new();
+    for r in rows {
+        let at = (r.kafka_partition, r.kafka_offset);
+        first.entry(r.event_id.as_str()).and_modify(|f| *f = (*f).min(at)).or_insert(at);
+    }
+    let ids: Vec<&str> = first.keys().copied().collect();
+    for chunk in ids.chunks(ID_LOOKUP_CHUNK) {
+        let sql = format!(
+            "SELECT event_id, kafka_partition, min(kafka_offset) FROM {} WHERE kafka_topic = ? AND event_id IN ({}) \
+             GROUP BY event_id, kafka_partition",
+            tables::EVENT_POSITIONS,
+            vec!["?"; chunk.len()].join(",")
+        );
+        let mut q = client.query(&sql).bind(topic);
+        for id in chunk {
+            q = q.bind(*id);
+        }
+        for (id, partition, offset) in q.fetch_all::<(String, i32, i64)>().await? {
+            if let Some(f) = first.get_mut(id.as_str()) {
+                *f = (*f).min((partition, offset));
+            }
+        }
+    }
+    Ok(rows.iter().filter(|r| first.get(r.event_id.as_str()) == Some(&(r.kafka_partition, r.kafka_offset))).collect())
 }

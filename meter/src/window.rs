@@ -247,7 +247,7 @@ impl Windows {
     }
 
     /// What must be read from ClickHouse before `apply(rows)`.
-    pub fn missing(&self, rows: &[UsageRow]) -> Missing {
+    pub fn missing<'a>(&self, rows: impl IntoIterator<Item = &'a UsageRow>) -> Missing {
         let mut m = Missing::default();
         for r in rows {
             for k in window_keys(r) {
@@ -322,7 +322,7 @@ impl Windows {
 
     /// Adds each row to its windows unless the window already covers its offset. Call after
     /// `load` of what `missing` named: a window absent from memory is taken to be new.
-    pub fn apply(&mut self, rows: &[UsageRow]) {
+    pub fn apply<'a>(&mut self, rows: impl IntoIterator<Item = &'a UsageRow>) {
         for r in rows {
             for k in window_keys(r) {
                 let e = self.windows.entry(k).or_insert(Entry { totals: Totals::default(), covered: -1, dirty: false });

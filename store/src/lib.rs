@@ -19,6 +19,9 @@ pub mod tables {
     pub const USAGE_WINDOWS: &str = "usage_windows";
     /// Sums per session and hour (`rows::SessionRow`).
     pub const SESSION_HOURS: &str = "session_hours";
+    /// Every position at which the meter read each event id (`rows::PositionRow`): the first
+    /// one is the copy the rollups count.
+    pub const EVENT_POSITIONS: &str = "event_positions";
     /// Where the meter's windows end, per topic and partition (`rows::CheckpointRow`).
     pub const METER_CHECKPOINTS: &str = "meter_checkpoints";
     /// The enforcer's decisions as the meter read them (`rows::BreachRow`).

@@ -262,3 +262,25 @@ impl AlertRow {
         }
     }
 }
+
+/// One row of `event_positions`: where the meter read a copy of an event.
+#[derive(Debug, Clone, Row, Serialize, Deserialize)]
+pub struct PositionRow {
+    pub event_id: String,
+    pub kafka_topic: String,
+    pub kafka_partition: i32,
+    pub kafka_offset: i64,
+    pub ended_at: u32,
+}
+
+impl PositionRow {
+    pub fn of(r: &UsageRow) -> Self {
+        PositionRow {
+            event_id: r.event_id.clone(),
+            kafka_topic: r.kafka_topic.clone(),
+            kafka_partition: r.kafka_partition,
+            kafka_offset: r.kafka_offset,
+            ended_at: r.ended_at,
+        }
+    }
+}
