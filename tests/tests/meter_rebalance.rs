@@ -32,7 +32,9 @@ impl Meter {
             .args(["--dead-letter-topic", &format!("{topic}.dlq")])
             .args(["--kafka-option", &format!("session.timeout.ms={SESSION_TIMEOUT_MS}")])
             .args(["--kafka-option", "heartbeat.interval.ms=1000"])
-            .args(["--listen", "127.0.0.1:0", "--batch-max-rows", "5000", "--batch-max-wait-ms", "300"])
+            // Batches that wait up to 1 s: a rebalance finds rows read but not yet written more
+            // often than with short ones (the test needs one that does).
+            .args(["--listen", "127.0.0.1:0", "--batch-max-rows", "10000", "--batch-max-wait-ms", "1000"])
             .env("RUST_LOG", "warn,tollgate_meter=info")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
