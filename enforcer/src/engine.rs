@@ -10,7 +10,7 @@ use tollgate_schemas::policy::{Policy, Subject};
 use tollgate_schemas::rules::Rule;
 use tollgate_schemas::usage::{Envelope, Status, UsageEvent};
 
-use crate::window::Counter;
+use tollgate_schemas::window::Counter;
 
 /// Usage as the engine counts it: one event, or (when rebuilding from ClickHouse) the sum of
 /// many events that share a time bucket and the dimensions rules look at.

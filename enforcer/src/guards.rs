@@ -15,7 +15,7 @@ use tollgate_schemas::rules::Rule;
 use tollgate_schemas::usage::{Status, UsageEvent};
 
 use crate::engine::{Engine, Output, Verdict, usd};
-use crate::window::Sliding;
+use tollgate_schemas::window::Sliding;
 
 const US: i64 = 1_000_000;
 const HOUR_US: i64 = 3600 * US;

@@ -12,7 +12,7 @@ pub mod metrics;
 pub mod notify;
 pub mod rebuild;
 pub mod topics;
-pub mod window;
+pub use tollgate_schemas::window;
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;

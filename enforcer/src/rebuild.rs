@@ -17,7 +17,7 @@ use tollgate_schemas::usage::sql::{PROMPT_TOKENS, TOTAL_TOKENS};
 use tollgate_store::tables::{SESSION_HOURS, USAGE_EVENTS};
 
 use crate::engine::{Engine, Usage};
-use crate::window::{Counter, bucket_seconds};
+use tollgate_schemas::window::{Counter, bucket_seconds};
 
 const US: i64 = 1_000_000;
 /// Every time zone's offset is a multiple of 15 minutes, so 15-minute buckets never straddle the

@@ -144,7 +144,7 @@ fn bench(c: &mut Criterion) {
         c.bench_function(&format!("breach/gate every rule, no breach ({n} cached)"), |b| {
             b.iter(|| {
                 let view = RequestView { envelope: &env, api_key: key, vm, target, stream: false };
-                let mut estimate = || 0;
+                let mut estimate = tollgate_ingress::decisions::Reservation::default;
                 rt.block_on(gate::gate(&cache, &policy, &view, &queue, &mut estimate)).is_ok()
             })
         });

@@ -29,13 +29,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tollgate_schemas::decision::{Measure, RuleKind};
+use tollgate_schemas::decision::{BreachDecision, DecisionState, Measure, RuleKind};
 use tollgate_schemas::policy::{ApiKey, Policy, Target, VirtualModel};
 use tollgate_schemas::rules::{Action, FallbackTarget, Rule};
 use tollgate_schemas::usage::{AppliedDecision, Envelope};
 
 use crate::clock::now_us;
-use crate::decisions::{DecisionCache, Entry, StreamCut, Ticket, WatchHold};
+use crate::decisions::{DecisionCache, Entry, Exhausted, OwnHold, Reservation, StreamCut, Ticket, WatchHold};
 use crate::metrics;
 
 /// A request refused by a breach decision: what the 429 body and the usage event say.
@@ -46,12 +46,14 @@ pub struct Blocked {
     pub scope: String,
     pub measure: Measure,
     pub limit: i64,
-    /// The enforcer's figure plus what this ingress admitted since (for a local breach).
+    /// The enforcer's figure plus what this ingress admitted since, or (for a breach of this
+    /// ingress's own count) what it admitted in the rule's window.
     pub observed: i64,
     /// `hard_block` or `queue_then_429`.
     pub action: String,
     pub retry_after_secs: u64,
-    /// Breached by this ingress's own count against a `Watch` headroom.
+    /// Breached by this ingress's count: against a `Watch` headroom, or its own count against
+    /// the rule's limit.
     pub local: bool,
     /// How long `queue_then_429` held the request before refusing it.
     pub waited_ms: Option<u64>,
@@ -79,7 +81,7 @@ impl Blocked {
             amount(self.limit)
         );
         if self.local {
-            m.push_str(" (counted by this gateway since the last decision)");
+            m.push_str(" (counted by this gateway, ahead of the enforcer's next decision)");
         }
         if self.queue_full {
             m.push_str("; too many requests are already waiting for headroom");
@@ -228,14 +230,24 @@ struct Evaluation<'p> {
     hits: Vec<Hit<'p>>,
     /// `Watch` keys with headroom left, with the rule order.
     watches: Vec<(usize, &'p Rule, String, WatchHold)>,
+    /// The enforced limits the request falls in, counted by this ingress itself.
+    owns: Vec<(usize, &'p Rule, String, OwnHold)>,
     /// (rule id, scope) of the `cut_streams` rules a streaming request falls in.
     cut_scopes: Vec<(&'p str, String)>,
 }
 
+/// Whether this ingress counts its own admissions under `rule`: the limits it enforces (rate
+/// limits and budgets; not the anomaly guards, which are no count against a limit; not rules in
+/// audit, which never refuse).
+fn counted_here(rule: &Rule, audit_only: bool) -> bool {
+    rule.kind != RuleKind::Guard && rule.action != Action::AlertOnly && !rule.audit && !audit_only
+}
+
 fn evaluate<'p>(cache: &DecisionCache, policy: &'p Policy, req: &RequestView<'_>) -> Evaluation<'p> {
-    let mut ev = Evaluation { hits: Vec::new(), watches: Vec::new(), cut_scopes: Vec::new() };
-    let wants_cuts = req.stream && !cache.audit_only() && policy.rules.iter().any(|r| r.cut_streams && !r.audit);
-    if cache.is_empty() && !wants_cuts {
+    let mut ev = Evaluation { hits: Vec::new(), watches: Vec::new(), owns: Vec::new(), cut_scopes: Vec::new() };
+    let audit_only = cache.audit_only();
+    let wants_cuts = req.stream && !audit_only && policy.rules.iter().any(|r| r.cut_streams && !r.audit);
+    if cache.is_empty() && !wants_cuts && !policy.rules.iter().any(|r| counted_here(r, audit_only)) {
         return ev;
     }
     let key_id = req.api_key.map(|k| k.id.as_str());
@@ -254,6 +266,10 @@ fn evaluate<'p>(cache: &DecisionCache, policy: &'p Policy, req: &RequestView<'_>
         key.push_str(&rule.id);
         key.push('/');
         key.push_str(&scope);
+        if counted_here(rule, audit_only) {
+            let count = cache.own_counts().get(&key, &rule.window);
+            ev.owns.push((order, rule, scope.clone(), OwnHold { count, measure: rule.measure, limit: rule.limit }));
+        }
         lookups += 1;
         let Some(entry) = cache.get(&key) else { continue };
         let audit = rule.audit || entry.decision.audit || cache.audit_only();
@@ -293,21 +309,47 @@ pub fn cheaper_fallback<'p>(
     (key < current_key).then_some(cheapest)
 }
 
+/// The breach this ingress's own count found for `rule`/`scope`, as a decision for the request
+/// that found it (the version of the enforcer's decision for the key, if one is held).
+fn own_breach(cache: &DecisionCache, rule: &Rule, scope: &str, reached: crate::decisions::own::Reached) -> Entry {
+    let now = now_us();
+    let key = tollgate_schemas::decision::decision_key(&rule.id, scope);
+    Entry::own_breach(BreachDecision {
+        rule_id: rule.id.clone(),
+        rule_kind: rule.kind,
+        scope: scope.to_owned(),
+        state: DecisionState::Breached,
+        action: rule.action_name.clone(),
+        audit: false,
+        cut_streams: rule.cut_streams,
+        measure: rule.measure,
+        limit: rule.limit,
+        observed: reached.observed,
+        headroom: 0,
+        window_start_us: now,
+        window_end_us: reached.lifts_at_us,
+        decided_at_us: now,
+        covered_until_us: now,
+        version: cache.get(&key).map_or(0, |e| e.decision.version),
+    })
+}
+
 /// Decides what the request gets. Waits (without a thread) while `queue_then_429` holds it.
-/// `estimate_tokens` is called at most once, when a `Watch` on tokens needs the input estimate.
+/// `reserve` is called at most once, when a count on tokens or cost needs the request's
+/// reservation (its input estimate and worst-case cost).
 pub async fn gate(
     cache: &Arc<DecisionCache>,
     policy: &Policy,
     req: &RequestView<'_>,
     queue: &Queue,
-    estimate_tokens: &mut (dyn FnMut() -> i64 + Send),
+    reserve: &mut (dyn FnMut() -> Reservation + Send),
 ) -> Result<Pass, Refusal> {
     // Subscribed only once a request is to be held (then evaluated again, so no change between
     // the evaluation and the wait is missed): the common path touches no channel.
     let mut changes: Option<tokio::sync::watch::Receiver<u64>> = None;
     let mut waiting: Option<(QueueSlot<'_>, tokio::time::Instant, tokio::time::Instant)> = None;
     let mut held_by: Option<AppliedDecision> = None;
-    let mut estimate: Option<i64> = None;
+    let mut reservation: Option<Reservation> = None;
     loop {
         if let Some(c) = changes.as_mut() {
             c.borrow_and_update();
@@ -315,6 +357,7 @@ pub async fn gate(
         let ev = evaluate(cache, policy, req);
         let mut hits = ev.hits;
         let mut watches = ev.watches;
+        let mut owns = ev.owns;
         // Admission can find a Watch used up by a concurrent request: it becomes a hit.
         let queued = loop {
             let enforcing = hits
@@ -354,14 +397,17 @@ pub async fn gate(
                     };
                 }
             }
-            // Count the request into the Watch keys it falls in (not those it is shaped by).
+            // Count the request into its own counts and the Watch keys it falls in (not those it
+            // is shaped by).
             let holds: Vec<WatchHold> = watches.iter().map(|(_, _, _, w)| w.clone()).collect();
-            let tokens = if holds.iter().any(|w| w.entry.decision.measure == Measure::Tokens) {
-                *estimate.get_or_insert_with(&mut *estimate_tokens)
+            let own_holds: Vec<OwnHold> = owns.iter().map(|(_, _, _, o)| o.clone()).collect();
+            let measures = holds.iter().map(|w| w.entry.decision.measure).chain(own_holds.iter().map(|o| o.measure));
+            let reserved = if measures.into_iter().any(|m| m != Measure::Requests) {
+                *reservation.get_or_insert_with(&mut *reserve)
             } else {
-                0
+                Reservation::default()
             };
-            match cache.admit(&holds, tokens) {
+            match cache.admit(&own_holds, &holds, reserved) {
                 Ok(ticket) => {
                     if let Some(a) = &pass.applied {
                         metrics::breach_action(&a.rule_id, &a.action);
@@ -372,10 +418,15 @@ pub async fn gate(
                     pass.cuts = ev.cut_scopes.iter().map(|(rule, scope)| cache.register_stream(rule, scope)).collect();
                     return Ok(pass);
                 }
-                Err(i) => {
+                Err(Exhausted::Watch(i)) => {
                     let (order, rule, scope, w) = watches.remove(i);
                     let audit = rule.audit || w.entry.decision.audit || cache.audit_only();
                     hits.push(Hit { order, rule, scope, entry: w.entry, audit });
+                }
+                Err(Exhausted::Own(i, reached)) => {
+                    let (order, rule, scope, _) = owns.remove(i);
+                    let entry = Arc::new(own_breach(cache, rule, &scope, reached));
+                    hits.push(Hit { order, rule, scope, entry, audit: false });
                 }
             }
         };
@@ -400,20 +451,31 @@ pub async fn gate(
         held_by = Some(queued.applied("queue_then_429:released".into()));
         let mut blocked = queued.blocked("queue_then_429");
         let version = queued.entry.decision.version;
-        let changed = tokio::time::timeout_at(deadline, changes.changed()).await;
-        if !matches!(changed, Ok(Ok(()))) {
+        // An own count also makes room as its window moves on: look again then.
+        let wake = if queued.entry.is_own() {
+            let us = queued.entry.decision.window_end_us.saturating_sub(now_us()).max(0).unsigned_abs();
+            deadline.min(crate::clock::later(now.into_std(), Duration::from_micros(us)).into())
+        } else {
+            deadline
+        };
+        let changed = tokio::time::timeout_at(wake, changes.changed()).await;
+        let moved_on = changed.is_err() && wake < deadline;
+        if !matches!(changed, Ok(Ok(()))) && !moved_on {
             blocked.waited_ms = Some(u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX));
-            blocked.retry_after_secs = retry_after_secs(queued_window_end(&blocked, cache), now_us());
+            if let Some(end) = queued_window_end(&blocked, cache) {
+                blocked.retry_after_secs = retry_after_secs(end, now_us());
+            }
             metrics::breach_action(&blocked.rule_id, "queue_then_429");
             return Err(Refusal { applied: blocked.applied(version), blocked });
         }
     }
 }
 
-/// The window end of the decision held for a blocked key now (it may have changed while waiting).
-fn queued_window_end(b: &Blocked, cache: &DecisionCache) -> i64 {
+/// The window end of the decision held for a blocked key now (it may have changed while
+/// waiting); `None` when the enforcer decided nothing for it (an own count refused).
+fn queued_window_end(b: &Blocked, cache: &DecisionCache) -> Option<i64> {
     let key = tollgate_schemas::decision::decision_key(&b.rule_id, &b.scope);
-    cache.get(&key).map_or_else(now_us, |e| e.decision.window_end_us)
+    cache.get(&key).map(|e| e.decision.window_end_us)
 }
 
 #[cfg(test)]
@@ -457,7 +519,7 @@ mod tests {
         let vm = &policy.virtual_models["intent-fast"];
         let req =
             RequestView { envelope: env, api_key: key, vm: Some(vm), target: Some(&vm.rules[0].target), stream: false };
-        gate(cache, policy, &req, &Queue::new(10), &mut || 10).await
+        gate(cache, policy, &req, &Queue::new(10), &mut || Reservation { tokens: 10, cost_nanos: 10 }).await
     }
 
     #[test]

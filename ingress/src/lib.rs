@@ -75,6 +75,8 @@ pub struct Config {
     pub decisions_required: bool,
     /// Requests `queue_then_429` may hold at once; more are refused with 429 at once.
     pub max_queued: usize,
+    /// Most rule scopes the ingress counts its own admissions for (`decisions::own`).
+    pub own_count_keys: usize,
     /// How the policy directory is watched for changes (`None`: never reloaded).
     pub reload: Option<ReloadOptions>,
 }
@@ -99,6 +101,7 @@ impl Config {
             decisions_start_timeout: Duration::from_secs(15),
             decisions_required: false,
             max_queued: 10_000,
+            own_count_keys: decisions::own::DEFAULT_MAX_KEYS,
             reload: Some(ReloadOptions::default()),
         }
     }
@@ -249,7 +252,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let spool = publish::SpoolConfig::new(config.spool_dir.clone(), config.spool_max_bytes);
     let (publisher, task) = Publisher::start(&config.kafka, config.publish_queue, spool)?;
     // The breach decisions are read before the first request is served (or the deadline passes).
-    let cache = decisions::DecisionCache::new(config.audit_only);
+    let cache = decisions::DecisionCache::with_own_keys(config.audit_only, config.own_count_keys);
     let follow = decisions::FollowConfig {
         brokers: config.kafka.brokers.clone(),
         topic: config.breaches_topic.clone(),
@@ -276,6 +279,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         decisions: cache,
         queue: gate::Queue::new(config.max_queued),
     });
+    let sweeper = tokio::spawn(sweep_own_counts(Arc::clone(&app.decisions), shutdown.clone()));
     let reloads = config.reload.clone().map(|opts| {
         let policy = app.live().policy.as_ref().clone();
         let rx = tollgate_runtime::reload::PolicyWatch::spawn_with(
@@ -312,6 +316,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         r.abort();
     }
     follower.stop().await;
+    sweeper.abort();
     task.shutdown().await;
     served?;
     info!("ingress stopped");
@@ -330,6 +335,20 @@ fn announce_identity(policy: &Policy) {
 }
 
 /// Swaps in what each reloaded policy builds, all at once (requests in flight keep theirs).
+/// Forgets, once a second, the own counts whose windows have passed (`decisions::own`).
+async fn sweep_own_counts(cache: Arc<decisions::DecisionCache>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {
+                cache.own_counts().sweep(clock::now_us());
+            }
+        }
+    }
+}
+
 async fn swap_on_reload(app: Arc<App>, mut policies: tokio::sync::watch::Receiver<Arc<Policy>>) {
     while policies.changed().await.is_ok() {
         let policy = Arc::clone(&policies.borrow_and_update());

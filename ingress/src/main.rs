@@ -73,6 +73,10 @@ struct Args {
     /// Requests queue_then_429 may hold at once; more get 429 at once.
     #[arg(long, default_value_t = 10_000)]
     max_queued: usize,
+    /// Most rule scopes this ingress counts its own admissions for; past it the scope whose
+    /// window ends soonest is dropped (counted in tollgate_ingress_own_counts_evicted_total).
+    #[arg(long, default_value_t = tollgate_ingress::decisions::own::DEFAULT_MAX_KEYS)]
+    own_count_keys: usize,
     /// Milliseconds between two looks at the policy directory for changes.
     #[arg(long, default_value_t = 1000)]
     policy_poll_ms: u64,
@@ -138,6 +142,7 @@ async fn main() -> ExitCode {
     config.decisions_start_timeout = std::time::Duration::from_secs(args.decisions_start_timeout_secs);
     config.decisions_required = args.decisions_required;
     config.max_queued = args.max_queued;
+    config.own_count_keys = args.own_count_keys;
     config.reload = (!args.no_policy_reload).then(|| tollgate_runtime::reload::ReloadOptions {
         poll: Some(std::time::Duration::from_millis(args.policy_poll_ms.max(50))),
         ..Default::default()

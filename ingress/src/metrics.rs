@@ -122,6 +122,18 @@ pub fn describe() {
         "Requests shaped by a breach decision, by rule and action taken (hard_block, queue_then_429, \
          queue_then_429:released, fallback_to_*, fallback_to_cheaper:already_cheapest, audit:*, cut_stream)"
     );
+    describe_gauge!(
+        "tollgate_ingress_own_counts",
+        "Rule scopes this ingress counts its own admissions for (keys held; bounded by --own-count-keys)"
+    );
+    describe_counter!(
+        "tollgate_ingress_own_counts_expired_total",
+        "Own-count keys forgotten because everything they counted left the rule's window"
+    );
+    describe_counter!(
+        "tollgate_ingress_own_counts_evicted_total",
+        "Own-count keys dropped before their window passed to stay within --own-count-keys"
+    );
     describe_gauge!("tollgate_ingress_queued_requests", "Requests held by queue_then_429, waiting for headroom");
     describe_counter!(
         "tollgate_ingress_intake_unjournaled_total",
@@ -187,6 +199,20 @@ pub fn usage(virtual_model: &str, provider: &str, input: i64, output: i64, cache
             counter.increment(n.unsigned_abs());
         }
     }
+}
+
+pub fn own_counts(keys: usize) {
+    static KEYS: LazyLock<metrics::Gauge> = LazyLock::new(|| gauge!("tollgate_ingress_own_counts"));
+    KEYS.set(keys as f64);
+}
+
+pub fn own_counts_expired(n: usize) {
+    counter!("tollgate_ingress_own_counts_expired_total").increment(n as u64);
+}
+
+pub fn own_count_evicted() {
+    static EVICTED: LazyLock<Counter> = LazyLock::new(|| counter!("tollgate_ingress_own_counts_evicted_total"));
+    EVICTED.increment(1);
 }
 
 pub fn fallback(virtual_model: &str) {

@@ -125,7 +125,7 @@ impl RequestRecord {
         );
         if let Some(t) = &self.ticket {
             // The same tokens the enforcer counts for this event (`UsageEvent::total_tokens`).
-            t.settle(event.total_tokens(), event.cost_nanos);
+            t.settle(event.ended_at_us, event.total_tokens(), event.cost_nanos);
         }
         self.publisher.publish(event, self.intake.take());
     }

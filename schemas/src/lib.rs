@@ -8,6 +8,7 @@ pub mod policy;
 pub mod price;
 pub mod rules;
 pub mod usage;
+pub mod window;
 
 /// Kafka topic names fixed by the contract (DESIGN.md, "Contracts").
 pub mod topics {

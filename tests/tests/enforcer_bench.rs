@@ -18,12 +18,13 @@ fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
-/// The benchmark's rules: 1,000 tokens an hour per session (blocked at once), and a $10 daily
-/// budget for project `overshoot`.
+/// The benchmark's rules: 1,000 tokens an hour per session (blocked at once), 30 requests a
+/// minute per team of project `burst` (queued 100 ms, then 429), and a $10 daily budget for
+/// project `overshoot`.
 fn write_rules(dir: &std::path::Path) {
     std::fs::write(
         dir.join("bench-rules.yaml"),
-        "name: bench\ntype: gateway-rate-limit-config\nrules:\n  - id: bench-session\n    when: {metadata: {X-TFY-Project: latency}}\n    limit: {tokens: 1000, window: 1h, scope: session}\n    on_breach: hard_block\n---\nname: bench-budgets\ntype: gateway-budget-config\nbudgets:\n  - id: bench-budget\n    scope: {metadata: {X-TFY-Project: overshoot}}\n    ceiling_usd: 10\n    window: daily\n    on_exceed: hard_block\n",
+        "name: bench\ntype: gateway-rate-limit-config\nrules:\n  - id: bench-session\n    when: {metadata: {X-TFY-Project: latency}}\n    limit: {tokens: 1000, window: 1h, scope: session}\n    on_breach: hard_block\n  - id: bench-burst\n    when: {metadata: {X-TFY-Project: burst}}\n    limit: {requests: 30, window: 1m, scope: team}\n    on_breach: queue_then_429\n    queue_timeout_ms: 100\n---\nname: bench-budgets\ntype: gateway-budget-config\nbudgets:\n  - id: bench-budget\n    scope: {metadata: {X-TFY-Project: overshoot}}\n    ceiling_usd: 10\n    window: daily\n    on_exceed: hard_block\n",
     )
     .unwrap();
 }
@@ -33,6 +34,7 @@ async fn ask(client: &reqwest::Client, gw: SocketAddr, project: &str, session: &
         .post(format!("http://{gw}/v1/chat/completions"))
         .header("X-TFY-Project", project)
         .header("X-TFY-Session-ID", session)
+        .header("X-TFY-Team", session.split_once('/').map_or("none", |(team, _)| team))
         .json(
             &json!({"model": "vm-openai", "messages": [{"role": "user", "content": format!("hi\n#mock {directive}")}]}),
         )
@@ -228,5 +230,58 @@ async fn budget_overshoot_at_a_fixed_rate() {
         in_flight_max.load(Ordering::SeqCst),
     );
     assert!(blocked.load(Ordering::SeqCst) > 0, "the budget never stopped the traffic");
+    s.stop().await;
+}
+
+/// 45 requests against a limit of 30 requests a minute per team (`queue_then_429`), from 8
+/// concurrent clients and from one client sending them back to back, with the mock answering at
+/// once: how many are admitted against the limit plus the requests in flight (the bound DESIGN
+/// promises), and how long the burst took.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "benchmark: run by tests/bench/enforcer"]
+async fn burst_against_a_request_limit() {
+    let s = stack("bench_burst").await;
+    let gw = s.ingress.addr;
+    let client = reqwest::Client::new();
+    for (clients, team) in [(8u64, "concurrent"), (1, "sequential")] {
+        let team = format!("{team}-{}", std::process::id());
+        let next = Arc::new(AtomicU64::new(0));
+        let admitted = Arc::new(AtomicU64::new(0));
+        let in_flight = Arc::new(AtomicI64::new(0));
+        let in_flight_max = Arc::new(AtomicI64::new(0));
+        let started = Instant::now();
+        let tasks: Vec<_> = (0..clients)
+            .map(|_| {
+                let (client, next, admitted, in_flight, in_flight_max) =
+                    (client.clone(), next.clone(), admitted.clone(), in_flight.clone(), in_flight_max.clone());
+                let session = format!("{team}/s");
+                tokio::spawn(async move {
+                    while next.fetch_add(1, Ordering::SeqCst) < 45 {
+                        in_flight_max.fetch_max(in_flight.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+                        let (status, body) =
+                            ask(&client, gw, "burst", &session, "prompt_tokens=5 completion_tokens=5").await;
+                        in_flight.fetch_sub(1, Ordering::SeqCst);
+                        match status {
+                            200 => {
+                                admitted.fetch_add(1, Ordering::SeqCst);
+                            }
+                            429 => {}
+                            other => panic!("{other}: {body}"),
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let admitted = admitted.load(Ordering::SeqCst);
+        let in_flight_max = in_flight_max.load(Ordering::SeqCst);
+        println!(
+            "burst, {clients} client(s): 45 requests in {:.2} s against 30/min per team: {admitted} admitted ({} over the limit; at most {in_flight_max} in flight, so the bound is 30 + {in_flight_max})",
+            started.elapsed().as_secs_f64(),
+            admitted.saturating_sub(30),
+        );
+    }
     s.stop().await;
 }

@@ -1,5 +1,6 @@
 //! The decision cache itself: the decisions held by key (lookups, versions, tombstones), what
-//! this ingress admitted into `Watch` keys since each decision, and the streams to cut.
+//! this ingress admitted into `Watch` keys since each decision, its own counts, and the streams
+//! to cut.
 //!
 //! **Lookup.** A request's rules give their scope values (`Rule::scope_of`); each `rule_id/scope`
 //! is one hash-map lookup in a key buffer reused for the whole request.
@@ -8,20 +9,24 @@
 //! which are published when requests end; between two decisions an ingress would otherwise admit
 //! a burst of any size into a scope that is one request from its limit. So when the enforcer
 //! publishes `Watch` with the `headroom` left, every ingress counts what it admits into that key
-//! (requests: 1 at admission; tokens: the input estimate at admission, settled to the real total
-//! when the request ends; cost: at the end) and treats the scope as breached once its own count
+//! (what `Reservation` says at admission — one request, the input estimate, the worst-case cost —
+//! settled to what the request used when it ends) and treats the scope as breached once its own count
 //! reaches the headroom. A newer decision says up to which end time its `observed` counts usage
 //! (`covered_until_us`); the ingress then drops from its count what ended by then and keeps what
 //! is still in flight or ended later, so nothing this ingress admitted is forgotten between two
-//! decisions nor counted twice (a request is dropped from the count once its end time is
-//! covered; its event may have reached the enforcer a little earlier, which errs towards
+//! decisions nor counted twice (a request is dropped from the count once its usage event's
+//! `ended_at_us` is covered: the very time the enforcer's `covered_until_us` is made of; events
+//! settled out of end-time order stay counted until the later one is covered, which errs towards
 //! blocking). The overshoot past the limit is thereby bounded by what is admitted but not yet
 //! counted: for a request limit nothing (admission is an atomic check-and-add), for a token
 //! limit the output of requests already in flight (their input is counted at admission), for a
-//! cost limit the cost of requests already in flight — DESIGN's target of "no more than the
+//! cost limit the part of their cost past the reservation — DESIGN's target of "no more than the
 //! requests already in flight" — instead of the request rate times the decision delay. With
 //! several ingresses each counts against the whole headroom, so the bound is per ingress; a
 //! single decision later, the enforcer's own totals take over.
+//!
+//! **Own counts.** Beside the decisions, the cache holds what this ingress admitted per rule and
+//! scope in each rule's window, from the first request (`own`): the bound that needs no decision.
 //!
 //! **Cutting streams.** Streaming requests under a rule with `cut_streams: true` register under
 //! their key; a `Breached` decision with `cut_streams` (not in audit) — or the local count
@@ -30,7 +35,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::task::Context;
 use std::time::Instant;
@@ -40,6 +45,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tollgate_schemas::decision::{BreachDecision, DecisionState, Measure};
 use tracing::{debug, info};
 
+use super::own::{OwnCount, OwnCounts, Reached};
 use crate::metrics;
 
 /// What this ingress admitted into one key that the enforcer's figure does not include yet: the
@@ -78,6 +84,8 @@ pub struct Entry {
     pub decision: BreachDecision,
     /// In units of `decision.measure`; only counted while the decision is `Watch`.
     local: Arc<LocalCount>,
+    /// Not from the enforcer: this ingress's own count reached the rule's limit (`own_breach`).
+    own: bool,
 }
 
 impl Entry {
@@ -86,7 +94,14 @@ impl Entry {
     fn new(decision: BreachDecision, previous: Option<&Entry>) -> Self {
         let local = previous.map(|p| Arc::clone(&p.local)).unwrap_or_default();
         local.cover(decision.covered_until_us);
-        Self { decision, local }
+        Self { decision, local, own: false }
+    }
+
+    /// The breach this ingress's own count found: `decision` is `Breached` with the own count as
+    /// `observed` and, as `window_end_us`, when that count falls back under the limit. Never
+    /// stored in the cache; it answers the request that found it.
+    pub fn own_breach(decision: BreachDecision) -> Self {
+        Self { decision, local: Arc::default(), own: true }
     }
 
     /// What this ingress admitted into the key that the decision does not include.
@@ -99,9 +114,14 @@ impl Entry {
         self.decision.observed.saturating_add(self.local())
     }
 
-    /// A `Watch` whose headroom this ingress has used up.
+    /// Found by this ingress's own count (`own_breach`), not decided by the enforcer.
+    pub fn is_own(&self) -> bool {
+        self.own
+    }
+
+    /// A `Watch` whose headroom this ingress has used up, or a breach of its own count.
     pub fn locally_breached(&self) -> bool {
-        self.decision.state == DecisionState::Watch && self.local() >= self.decision.headroom
+        self.own || (self.decision.state == DecisionState::Watch && self.local() >= self.decision.headroom)
     }
 
     /// Whether requests of the key get the rule's action now.
@@ -151,6 +171,8 @@ pub struct DecisionCache {
     epoch: Instant,
     last_request_s: AtomicU64,
     pub(super) request_after_quiet: Notify,
+    /// What this ingress admitted per rule and scope, in the rule's window (`own`).
+    own: OwnCounts,
 }
 
 struct StreamGroup {
@@ -167,6 +189,11 @@ impl std::fmt::Debug for DecisionCache {
 
 impl DecisionCache {
     pub fn new(audit_only: bool) -> Arc<Self> {
+        Self::with_own_keys(audit_only, super::own::DEFAULT_MAX_KEYS)
+    }
+
+    /// A cache whose own counts hold at most `max_own_keys` rule scopes.
+    pub fn with_own_keys(audit_only: bool, max_own_keys: usize) -> Arc<Self> {
         Arc::new(Self {
             entries: RwLock::new(HashMap::new()),
             changes: watch::Sender::new(0),
@@ -177,7 +204,13 @@ impl DecisionCache {
             epoch: Instant::now(),
             last_request_s: AtomicU64::new(0),
             request_after_quiet: Notify::new(),
+            own: OwnCounts::new(max_own_keys),
         })
+    }
+
+    /// This ingress's own admissions per rule and scope.
+    pub fn own_counts(&self) -> &OwnCounts {
+        &self.own
     }
 
     /// A request is being served: the follower keeps (or takes back) its short fetch wait. One
@@ -259,30 +292,44 @@ impl DecisionCache {
         self.changes.subscribe()
     }
 
-    /// Counts one admitted request into the `Watch` keys it falls in. Fails with the index of
-    /// the first key whose headroom is used up (after undoing what it added to the others).
-    pub fn admit(self: &Arc<Self>, watches: &[WatchHold], estimate_tokens: i64) -> Result<Ticket, usize> {
-        let mut holds = Vec::with_capacity(watches.len());
-        for (i, w) in watches.iter().enumerate() {
-            let amount = match w.entry.decision.measure {
-                Measure::Requests => 1,
-                Measure::Tokens => estimate_tokens.max(0),
-                Measure::CostNanos => 0,
-            };
-            if !w.entry.try_admit(amount) {
-                for h in &holds {
-                    self.add_local(h, -h.admitted);
-                }
-                return Err(i);
+    /// Counts one admitted request into its rules' own counts and the `Watch` keys it falls in,
+    /// each with the amount `reserved` says for its measure. Fails with the first count that has
+    /// no room left (after undoing what it added to the others).
+    pub fn admit(
+        self: &Arc<Self>,
+        owns: &[OwnHold],
+        watches: &[WatchHold],
+        reserved: Reservation,
+    ) -> Result<Ticket, Exhausted> {
+        let at_us = crate::clock::now_us();
+        let mut ticket =
+            Ticket { cache: Arc::clone(self), holds: Vec::new(), owns: Vec::new(), settled: AtomicU32::new(0) };
+        for (i, o) in owns.iter().enumerate() {
+            let amount = reserved.of(o.measure);
+            if let Err(reached) = o.count.try_admit(amount, o.limit, at_us) {
+                return Err(Exhausted::Own(i, reached)); // the ticket's drop undoes the rest
             }
-            holds.push(Hold {
+            ticket.owns.push(OwnTaken { hold: o.clone(), at_us, admitted: amount });
+        }
+        for (i, w) in watches.iter().enumerate() {
+            let amount = reserved.of(w.entry.decision.measure);
+            if !w.entry.try_admit(amount) {
+                return Err(Exhausted::Watch(i));
+            }
+            ticket.holds.push(Hold {
                 key: w.key.clone(),
                 entry: Arc::clone(&w.entry),
                 admitted: amount,
                 cut_streams: w.cut_streams,
             });
         }
-        Ok(Ticket { cache: Arc::clone(self), holds, settled: AtomicBool::new(false) })
+        Ok(ticket)
+    }
+
+    fn adjust_own(&self, o: &OwnTaken, delta: i64) {
+        if o.hold.count.adjust(o.at_us, delta, o.hold.limit, crate::clock::now_us()) {
+            self.changes.send_modify(|g| *g = g.wrapping_add(1));
+        }
     }
 
     fn add_local(&self, h: &Hold, delta: i64) {
@@ -358,6 +405,49 @@ pub struct WatchHold {
     pub cut_streams: bool,
 }
 
+/// A rule scope the request falls in, to be counted in this ingress's own count at admission.
+#[derive(Debug, Clone)]
+pub struct OwnHold {
+    pub count: Arc<OwnCount>,
+    pub measure: Measure,
+    pub limit: i64,
+}
+
+/// What one request counts at admission, by measure: one request; its input estimate in tokens;
+/// its worst-case cost (input estimate at the input price plus `max_tokens` at the output price,
+/// or the input alone when the request sets no `max_tokens`). Each is replaced by what the
+/// request used when it ends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reservation {
+    pub tokens: i64,
+    pub cost_nanos: i64,
+}
+
+impl Reservation {
+    fn of(self, m: Measure) -> i64 {
+        match m {
+            Measure::Requests => 1,
+            Measure::Tokens => self.tokens.max(0),
+            Measure::CostNanos => self.cost_nanos.max(0),
+        }
+    }
+}
+
+/// Which count had no room for a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exhausted {
+    /// `owns[i]` reached its rule's limit.
+    Own(usize, Reached),
+    /// `watches[i]`'s headroom is used up.
+    Watch(usize),
+}
+
+struct OwnTaken {
+    hold: OwnHold,
+    at_us: i64,
+    admitted: i64,
+}
+
 struct Hold {
     key: String,
     entry: Arc<Entry>,
@@ -365,48 +455,63 @@ struct Hold {
     cut_streams: bool,
 }
 
-/// What one admitted request added to local counts; settled once when the request ends. Dropped
-/// unsettled (the request never reached a provider), it takes back what it added.
+/// What one admitted request added to local and own counts; settled when each of its upstream
+/// attempts ends. Dropped with no attempt settled (the request never reached a provider), it
+/// takes back what it added.
 pub struct Ticket {
     cache: Arc<DecisionCache>,
     holds: Vec<Hold>,
-    settled: AtomicBool,
+    owns: Vec<OwnTaken>,
+    /// Attempts settled so far.
+    settled: AtomicU32,
 }
 
 impl std::fmt::Debug for Ticket {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ticket").field("keys", &self.holds.iter().map(|h| &h.key).collect::<Vec<_>>()).finish()
+        f.debug_struct("Ticket")
+            .field("keys", &self.holds.iter().map(|h| &h.key).collect::<Vec<_>>())
+            .field("own", &self.owns.len())
+            .finish()
     }
 }
 
 impl Ticket {
     pub fn is_empty(&self) -> bool {
-        self.holds.is_empty()
+        self.holds.is_empty() && self.owns.is_empty()
     }
 
-    /// The request ended having used `tokens` (`UsageEvent::total_tokens`) and `cost_nanos`: token counts
-    /// move from the estimate to the real total, cost is added. Only the first call counts.
-    pub fn settle(&self, tokens: i64, cost_nanos: i64) {
-        if self.settled.swap(true, Ordering::AcqRel) {
-            return;
+    /// One upstream attempt ended having used `tokens` (`UsageEvent::total_tokens`) and
+    /// `cost_nanos`; each attempt is one usage event, counted by the enforcer as one request.
+    /// The first replaces what admission reserved; later ones (retries, fallbacks) add theirs.
+    /// `ended_at_us` is the attempt's usage event's `ended_at_us`: the time the enforcer's
+    /// `covered_until_us` is compared with, so the amount is dropped here exactly when a decision
+    /// counts it.
+    pub fn settle(&self, ended_at_us: i64, tokens: i64, cost_nanos: i64) {
+        let first = self.settled.fetch_add(1, Ordering::AcqRel) == 0;
+        let used = |m: Measure| match m {
+            Measure::Requests => 1,
+            Measure::Tokens => tokens,
+            Measure::CostNanos => cost_nanos,
+        };
+        let delta = |m: Measure, admitted: i64| if first { used(m).saturating_sub(admitted) } else { used(m) };
+        for o in &self.owns {
+            self.cache.adjust_own(o, delta(o.hold.measure, o.admitted));
         }
-        let ended_at = crate::clock::now_us();
         for h in &self.holds {
-            let (delta, amount) = match h.entry.decision.measure {
-                Measure::Requests => (0, h.admitted),
-                Measure::Tokens => (tokens.saturating_sub(h.admitted), tokens),
-                Measure::CostNanos => (cost_nanos, cost_nanos),
-            };
-            self.cache.add_local(h, delta);
+            let m = h.entry.decision.measure;
+            self.cache.add_local(h, delta(m, h.admitted));
             // From now on the amount is in a usage event: the decision that covers it drops it.
-            h.entry.local.ended(ended_at, amount);
+            h.entry.local.ended(ended_at_us, used(m));
         }
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        if !self.settled.swap(true, Ordering::AcqRel) {
+        if self.settled.load(Ordering::Acquire) == 0 {
+            for o in &self.owns {
+                self.cache.adjust_own(o, -o.admitted);
+            }
             for h in &self.holds {
                 self.cache.add_local(h, -h.admitted);
             }

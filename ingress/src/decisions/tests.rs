@@ -69,12 +69,16 @@ fn watch_requests_are_admitted_up_to_the_headroom_then_breached_until_a_newer_de
     let cache = DecisionCache::new(false);
     cache.apply(KEY, Some(decision(DecisionState::Watch, Measure::Requests, 3, 1)));
     let watches = watch_of(&cache, false);
-    let tickets: Vec<Ticket> = (0..3).map(|_| cache.admit(&watches, 0).unwrap()).collect();
+    let tickets: Vec<Ticket> = (0..3).map(|_| cache.admit(&[], &watches, res(0)).unwrap()).collect();
     assert!(cache.get(KEY).unwrap().locally_breached());
-    assert_eq!(cache.admit(&watches, 0).err(), Some(0), "the fourth request finds the headroom used up");
+    assert_eq!(
+        cache.admit(&[], &watches, res(0)).err(),
+        Some(Exhausted::Watch(0)),
+        "the fourth request finds the headroom used up"
+    );
     assert_eq!(cache.get(KEY).unwrap().observed(), 100, "observed = the enforcer's 97 + 3 admitted here");
     for t in &tickets {
-        t.settle(1_000, 1_000);
+        t.settle(crate::clock::now_us(), 1_000, 1_000);
     }
     assert_eq!(cache.get(KEY).unwrap().local(), 3, "settling changes nothing for a request count");
     // A newer decision that has not seen these requests' events yet keeps them counted…
@@ -95,11 +99,11 @@ fn watch_requests_are_admitted_up_to_the_headroom_then_breached_until_a_newer_de
 fn a_request_in_flight_across_decisions_is_counted_under_the_newer_one() {
     let cache = DecisionCache::new(false);
     cache.apply(KEY, Some(decision(DecisionState::Watch, Measure::CostNanos, 1_000, 1)));
-    let in_flight = cache.admit(&watch_of(&cache, false), 0).unwrap();
+    let in_flight = cache.admit(&[], &watch_of(&cache, false), res(0)).unwrap();
     let mut next = decision(DecisionState::Watch, Measure::CostNanos, 1_000, 2);
     next.covered_until_us = crate::clock::now_us();
     cache.apply(KEY, Some(next));
-    in_flight.settle(0, 1_200);
+    in_flight.settle(crate::clock::now_us(), 0, 1_200);
     assert_eq!(cache.get(KEY).unwrap().local(), 1_200, "settled into the key, not the replaced entry");
     assert!(cache.get(KEY).unwrap().locally_breached());
 }
@@ -110,34 +114,34 @@ fn watch_tokens_count_the_estimate_then_settle_to_the_real_total() {
     cache.apply(KEY, Some(decision(DecisionState::Watch, Measure::Tokens, 1_000, 1)));
     let watches = watch_of(&cache, false);
     let entry = cache.get(KEY).unwrap();
-    let a = cache.admit(&watches, 300).unwrap();
+    let a = cache.admit(&[], &watches, res(300)).unwrap();
     assert_eq!(entry.local(), 300);
-    a.settle(450, 0);
+    a.settle(crate::clock::now_us(), 450, 0);
     assert_eq!(entry.local(), 450, "estimate 300 replaced by the real 450");
-    a.settle(10_000, 0);
-    assert_eq!(entry.local(), 450, "settled once");
-    let b = cache.admit(&watches, 600).unwrap();
-    assert_eq!(entry.local(), 1_050);
+    a.settle(crate::clock::now_us(), 100, 0);
+    assert_eq!(entry.local(), 550, "a retry's tokens add to the first attempt's");
+    let b = cache.admit(&[], &watches, res(600)).unwrap();
+    assert_eq!(entry.local(), 1_150);
     assert!(entry.locally_breached());
-    assert!(cache.admit(&watches, 1).is_err());
+    assert!(cache.admit(&[], &watches, res(1)).is_err());
     let mut rx = cache.subscribe();
     rx.borrow_and_update();
     drop(b); // never reached a provider: its estimate is taken back
-    assert_eq!(entry.local(), 450);
+    assert_eq!(entry.local(), 550);
     assert!(!entry.locally_breached());
     assert!(rx.has_changed().unwrap(), "headroom coming back wakes queued requests");
 }
 
 #[test]
-fn watch_cost_counts_at_the_end() {
+fn watch_cost_reserves_the_worst_case_then_settles_to_the_real_cost() {
     let cache = DecisionCache::new(false);
     cache.apply(KEY, Some(decision(DecisionState::Watch, Measure::CostNanos, 5_000, 1)));
     let watches = watch_of(&cache, true);
     let entry = cache.get(KEY).unwrap();
-    let a = cache.admit(&watches, 999).unwrap();
-    assert_eq!(entry.local(), 0, "cost is not known at admission");
+    let a = cache.admit(&[], &watches, res(999)).unwrap();
+    assert_eq!(entry.local(), 999, "the worst-case cost is reserved at admission");
     let mut cut = cache.register_stream("r", "session:s1");
-    a.settle(999, 5_000);
+    a.settle(crate::clock::now_us(), 999, 5_000);
     assert_eq!(entry.local(), 5_000);
     assert!(entry.locally_breached());
     let waker = futures::task::noop_waker();
@@ -154,8 +158,8 @@ fn concurrent_admissions_never_pass_a_request_headroom() {
         for _ in 0..4 {
             s.spawn(|| {
                 for _ in 0..100 {
-                    if let Ok(t) = cache.admit(&watches, 0) {
-                        t.settle(1, 1);
+                    if let Ok(t) = cache.admit(&[], &watches, res(0)) {
+                        t.settle(crate::clock::now_us(), 1, 1);
                         admitted.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -174,7 +178,7 @@ fn a_failed_admission_takes_back_what_it_added_to_other_keys() {
         WatchHold { key: "a/global".into(), entry: cache.get("a/global").unwrap(), cut_streams: false },
         WatchHold { key: "b/global".into(), entry: cache.get("b/global").unwrap(), cut_streams: false },
     ];
-    assert_eq!(cache.admit(&watches, 0).err(), Some(1));
+    assert_eq!(cache.admit(&[], &watches, res(0)).err(), Some(Exhausted::Watch(1)));
     assert_eq!(cache.get("a/global").unwrap().local(), 0);
 }
 
@@ -209,4 +213,52 @@ fn breached_decisions_with_cut_streams_cut_registered_streams_only_of_their_key(
     d.version = 4;
     audit_only.apply(KEY, Some(d));
     assert!(!s.poll_cut(&mut cx), "--audit-only never cuts");
+}
+
+fn res(n: i64) -> Reservation {
+    Reservation { tokens: n, cost_nanos: n }
+}
+
+#[test]
+fn own_counts_refuse_at_the_limit_without_any_decision() {
+    use tollgate_schemas::rules::Window;
+    let cache = DecisionCache::new(false);
+    let hold = |limit: i64, measure: Measure| OwnHold {
+        count: cache.own_counts().get("r/team:a", &Window::Sliding { seconds: 60 }),
+        measure,
+        limit,
+    };
+    let owns = [hold(30, Measure::Requests)];
+    let tickets: Vec<Ticket> = (0..30).map(|_| cache.admit(&owns, &[], res(0)).unwrap()).collect();
+    let refused = cache.admit(&owns, &[], res(0)).err();
+    assert!(matches!(refused, Some(Exhausted::Own(0, r)) if r.observed == 30), "{refused:?}");
+    // A request that never reached a provider gives its place back; one that did keeps it, and a
+    // retry counts as one more request, as its usage event does at the enforcer.
+    let mut rx = cache.subscribe();
+    rx.borrow_and_update();
+    let mut tickets = tickets.into_iter();
+    drop(tickets.next());
+    assert!(rx.has_changed().unwrap(), "room coming back wakes queued requests");
+    let retried = tickets.next().unwrap();
+    retried.settle(crate::clock::now_us(), 0, 0);
+    retried.settle(crate::clock::now_us(), 0, 0);
+    assert_eq!(owns[0].count.value(crate::clock::now_us()), 30);
+}
+
+#[test]
+fn own_cost_counts_reserve_the_worst_case() {
+    use tollgate_schemas::rules::Window;
+    let cache = DecisionCache::new(false);
+    let owns = [OwnHold {
+        count: cache.own_counts().get("budget/project:p", &Window::Sliding { seconds: 3600 }),
+        measure: Measure::CostNanos,
+        limit: 10_000,
+    }];
+    let a = cache.admit(&owns, &[], Reservation { tokens: 100, cost_nanos: 6_000 }).unwrap();
+    let b = cache.admit(&owns, &[], Reservation { tokens: 100, cost_nanos: 6_000 }).unwrap();
+    assert!(cache.admit(&owns, &[], Reservation { tokens: 100, cost_nanos: 6_000 }).is_err(), "12,000 reserved");
+    a.settle(crate::clock::now_us(), 100, 1_000);
+    b.settle(crate::clock::now_us(), 100, 1_000);
+    assert_eq!(owns[0].count.value(crate::clock::now_us()), 2_000, "settled to what the two used");
+    assert!(cache.admit(&owns, &[], Reservation { tokens: 100, cost_nanos: 6_000 }).is_ok());
 }

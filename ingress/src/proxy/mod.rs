@@ -21,13 +21,14 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use tollgate_schemas::policy::{ApiKey, Policy, ProviderKind, Target, VirtualModel};
+use tollgate_schemas::price::TokenCounts;
 use tollgate_schemas::usage::{ApiFormat, AppliedDecision, Envelope, Status};
 use tracing::{debug, warn};
 
 use crate::circuit_breaker::Admit;
 use crate::clock::now_us;
 use crate::count::InputEstimate;
-use crate::decisions::{StreamCut, Ticket};
+use crate::decisions::{Reservation, StreamCut, Ticket};
 use crate::error::IngressError;
 use crate::gate::{self, Blocked, Reroute};
 use crate::record::{Outcome, RequestRecord};
@@ -223,12 +224,18 @@ async fn serve(
     let first = plan.first().map(|a| a.target);
     let view = gate::RequestView { envelope: &envelope, api_key: key, vm, target: first, stream };
     let mut estimates = Estimates { body: Arc::clone(&req), by_encoding: Vec::new() };
-    let mut estimate = || first.map_or(0, |t| estimates.for_model(&t.model).tokens);
+    let max_output = req.get("max_tokens").or_else(|| req.get("max_completion_tokens")).and_then(Value::as_i64);
+    let mut reserve = || {
+        let Some(t) = first else { return Reservation::default() };
+        let tokens = estimates.for_model(&t.model).tokens;
+        let worst = TokenCounts { input: tokens, output: max_output.unwrap_or(0).max(0), ..TokenCounts::default() };
+        Reservation { tokens, cost_nanos: policy.price(t).map_or(0, |p| p.cost_nanos(worst)) }
+    };
     app.decisions.note_request();
     let gated = tokio::select! {
         biased;
         () = gone.cancelled() => return Err(client_gone()),
-        gated = gate::gate(&app.decisions, policy, &view, &app.queue, &mut estimate) => gated,
+        gated = gate::gate(&app.decisions, policy, &view, &app.queue, &mut reserve) => gated,
     };
     let pass = match gated {
         Ok(pass) => pass,

@@ -1,10 +1,12 @@
-//! Counters over time: sliding buckets for rate limits, calendar windows for budgets.
+//! Counters over time: sliding buckets for rate limits, calendar windows for budgets. The
+//! enforcer counts everyone's usage with them, each ingress its own admissions, so both agree on
+//! what a window holds.
 
 use std::collections::VecDeque;
 
+use crate::rules::{Period, Window};
 use jiff::tz::TimeZone;
 use jiff::{Timestamp, ToSpan as _};
-use tollgate_schemas::rules::{Period, Window};
 
 const US: i64 = 1_000_000;
 
@@ -66,6 +68,16 @@ impl Counter {
     /// Nothing left to remember.
     pub fn is_empty(&mut self, now_us: i64) -> bool {
         self.value(now_us) == 0
+    }
+
+    /// When everything counted so far has left the window (0 when nothing is counted): the
+    /// counter can be forgotten from then on unless more is added.
+    pub fn drained_at_us(&self) -> i64 {
+        match self {
+            Counter::Sliding(s) => s.buckets.back().map_or(0, |&(idx, _)| s.expires_at_s(idx).saturating_mul(US)),
+            Counter::Calendar(c) if c.total != 0 => c.end_us,
+            Counter::Calendar(_) => 0,
+        }
     }
 }
 
@@ -275,6 +287,22 @@ mod tests {
         assert_eq!(Timestamp::from_microsecond(e).unwrap().to_string(), "2026-12-01T00:00:00Z");
         let (s, _) = calendar_bounds(Period::Weekly, &TimeZone::UTC, at);
         assert_eq!(Timestamp::from_microsecond(s).unwrap().to_string(), "2026-11-30T00:00:00Z", "a Monday");
+    }
+
+    #[test]
+    fn a_counter_is_drained_when_its_last_amount_leaves_the_window() {
+        let t0 = 1_000 * H;
+        let mut s = Counter::new(&Window::Sliding { seconds: 3600 });
+        assert_eq!(s.drained_at_us(), 0);
+        s.add(t0, 3, t0);
+        s.add(t0 + 90 * US, 1, t0 + 90 * US);
+        let drained = s.drained_at_us();
+        assert_eq!(drained, t0 + H + 120 * US, "the minute bucket of t0+90s leaves at t0+1h+2min");
+        assert_eq!(s.value(drained - 1), 1);
+        assert_eq!(s.value(drained), 0);
+        let mut c = Counter::new(&Window::Calendar { period: Period::Daily, timezone: "UTC".into() });
+        c.add(t0, 5, t0);
+        assert_eq!(c.drained_at_us(), calendar_bounds(Period::Daily, &TimeZone::UTC, t0).1);
     }
 
     #[test]
