@@ -102,8 +102,9 @@ pub struct Engine {
     dirty: HashSet<String>,
     /// What was last published per key (from the compacted topic at start, then our own).
     published: HashMap<String, Published>,
-    /// Alert ids already raised (from the alerts topic at start, then our own).
-    alerted: HashSet<String>,
+    /// Alert ids already raised (from the alerts topic at start, then our own), each with the
+    /// time it can be forgotten (`Alert::kept_until_us`).
+    alerted: HashMap<String, i64>,
     last_version: i64,
     /// Rules whose decisions the anomaly guards make (not counted here).
     guard_ids: HashSet<String>,
@@ -123,7 +124,7 @@ impl Engine {
             states: HashMap::new(),
             dirty: HashSet::new(),
             published: HashMap::new(),
-            alerted: HashSet::new(),
+            alerted: HashMap::new(),
             last_version: 0,
             guard_ids,
             watch_pct: i64::from(watch_pct.min(100)),
@@ -146,8 +147,8 @@ impl Engine {
         }
     }
 
-    pub fn seed_alerted(&mut self, alert_id: String) {
-        self.alerted.insert(alert_id);
+    pub fn seed_alerted(&mut self, alert: &Alert) {
+        self.alerted.insert(alert.alert_id.clone(), alert.remembered_until_us());
     }
 
     /// Counts one unit of usage into every rule and scope it falls in.
@@ -234,8 +235,8 @@ impl Engine {
                 }
                 let pct = i32::try_from(t.at_pct).unwrap_or(i32::MAX);
                 let id = Alert::id_for(&rule.id, scope, bounds.0, pct);
-                if !alerted.contains(&id) {
-                    alerted.insert(id.clone());
+                if !alerted.contains_key(&id) {
+                    alerted.insert(id.clone(), Alert::kept_until_us(AlertKind::BudgetThreshold, bounds.0, bounds.1));
                     out.alerts.push(Alert {
                         alert_id: id,
                         rule_id: rule.id.clone(),
@@ -269,13 +270,18 @@ impl Engine {
         decide(&mut self.published, &mut self.last_version, rule, scope, v, now_us)
     }
 
-    /// Whether `alert_id` is new; remembers it.
-    pub fn first_time(&mut self, alert_id: &str) -> bool {
-        if self.alerted.contains(alert_id) {
+    /// Whether `alert_id` is new; remembers it until `kept_until_us` (`Alert::kept_until_us`).
+    pub fn first_time(&mut self, alert_id: &str, kept_until_us: i64) -> bool {
+        if self.alerted.contains_key(alert_id) {
             return false;
         }
-        self.alerted.insert(alert_id.to_owned());
+        self.alerted.insert(alert_id.to_owned(), kept_until_us);
         true
+    }
+
+    /// Whether the last decision published for `key` is not `Clear`.
+    pub fn in_force_key(&self, key: &str) -> bool {
+        self.published.get(key).is_some_and(|p| p.state != DecisionState::Clear)
     }
 
     /// Keys of `rule_id` whose last published decision is not `Clear`.
@@ -287,14 +293,41 @@ impl Engine {
             .collect()
     }
 
-    /// Forgets scopes with nothing counted and nothing in force; returns how many remain.
-    pub fn gc(&mut self, now_us: i64) -> usize {
-        let published = &self.published;
-        self.states.retain(|k, s| {
+    /// Forgets scopes with nothing counted and nothing in force, and returns the keys to
+    /// tombstone: those whose last word was `Clear` and whose window holds nothing any more (or
+    /// whose rule is gone). Their tombstones let the compacted topic and every ingress's cache
+    /// shrink back instead of holding a `Clear` per scope ever seen; a key that counts again later
+    /// starts over with a fresh, higher version. Work is proportional to the scopes held.
+    pub fn gc(&mut self, now_us: i64) -> Vec<String> {
+        let before = self.alerted.len();
+        self.alerted.retain(|_, until| *until > now_us);
+        crate::metrics::alert_ids_expired((before - self.alerted.len()) as u64);
+        let Engine { states, published, .. } = self;
+        states.retain(|k, s| {
             !s.counter.is_empty(now_us) || published.get(k).is_some_and(|p| p.state != DecisionState::Clear)
         });
-        self.published.retain(|_, p| p.state != DecisionState::Clear);
-        self.states.len()
+        let mut tombstones = Vec::new();
+        published.retain(|k, p| {
+            let idle = p.state == DecisionState::Clear && !states.contains_key(k);
+            if idle {
+                tombstones.push(k.clone());
+            }
+            !idle
+        });
+        tombstones.sort();
+        tombstones
+    }
+
+    /// A tombstone for `key` was not published: remember its `Clear` so the next sweep tries
+    /// again.
+    pub fn untombstone(&mut self, key: String, now_us: i64) {
+        self.published.entry(key).or_insert(Published {
+            state: DecisionState::Clear,
+            decided_at_us: now_us,
+            observed: 0,
+            window_end_us: now_us,
+            version: self.last_version,
+        });
     }
 
     /// A publish failed: forget that it happened so the next evaluation publishes again.

@@ -253,6 +253,29 @@ impl Guards {
 
     /// Decides and alerts for what changed; `sweep` also re-judges everything (hour rollovers,
     /// windows sliding past old usage).
+    /// Forgets the workflows whose stuffing and frontier windows hold nothing any more and whose
+    /// stuffing decision is not in force (workflow tags are chosen by callers); returns how many.
+    /// The loop guard keeps only the current hour's sessions as it goes.
+    pub fn gc(&mut self, engine: &Engine, now_us: i64) -> usize {
+        let mut removed = 0;
+        for st in &mut self.stuffing {
+            let before = st.workflows.len();
+            let id = st.cfg.id.clone();
+            st.workflows.retain(|w, (req, tok)| {
+                req.value(now_us) != 0
+                    || tok.value(now_us) != 0
+                    || engine.in_force_key(&tollgate_schemas::decision::decision_key(&id, &format!("workflow:{w}")))
+            });
+            removed += before - st.workflows.len();
+        }
+        for f in &mut self.frontier {
+            let before = f.workflows.len();
+            f.workflows.retain(|_, (all, top)| all.value(now_us) != 0 || top.value(now_us) != 0);
+            removed += before - f.workflows.len();
+        }
+        removed
+    }
+
     pub fn evaluate(&mut self, engine: &mut Engine, now_us: i64, sweep: bool, out: &mut Output) {
         let hour = now_us.div_euclid(HOUR_US) * HOUR_US;
         for l in &mut self.loops {
@@ -293,7 +316,9 @@ impl Guards {
                         hour,
                         i32::try_from(l.cfg.multiplier * 100).unwrap_or(i32::MAX),
                     );
-                    if !l.cfg.notify.is_empty() && engine.first_time(&id) {
+                    if !l.cfg.notify.is_empty()
+                        && engine.first_time(&id, Alert::kept_until_us(AlertKind::LoopGuard, hour, hour + HOUR_US))
+                    {
                         out.alerts.push(Alert {
                             alert_id: id,
                             rule_id: l.cfg.id.clone(),
@@ -349,7 +374,10 @@ impl Guards {
                     out.decisions.extend(engine.decide(rule, &scope, v, now_us));
                 }
                 let id = Alert::id_for(&st.cfg.id, &scope, period, 100);
-                if firing && !st.cfg.notify.is_empty() && engine.first_time(&id) {
+                if firing
+                    && !st.cfg.notify.is_empty()
+                    && engine.first_time(&id, Alert::kept_until_us(AlertKind::ContextStuffing, start, now_us))
+                {
                     out.alerts.push(Alert {
                         alert_id: id,
                         rule_id: st.cfg.id.clone(),
@@ -399,7 +427,9 @@ impl Guards {
                         cur.first_seen_us,
                         i32::try_from(d.cfg.max_increase_pct).unwrap_or(i32::MAX),
                     );
-                    if engine.first_time(&id) {
+                    if engine
+                        .first_time(&id, Alert::kept_until_us(AlertKind::TokenizerDrift, cur.first_seen_us, now_us))
+                    {
                         let (p, c) = (ratio_pm(prev), ratio_pm(cur));
                         out.alerts.push(Alert {
                             alert_id: id,
@@ -449,7 +479,8 @@ impl Guards {
                 let scope = format!("workflow:{workflow}");
                 let id =
                     Alert::id_for(&f.cfg.id, &scope, period, i32::try_from(f.cfg.max_share_pct).unwrap_or(i32::MAX));
-                if engine.first_time(&id) {
+                let window_start = now_us - f.window_s as i64 * US;
+                if engine.first_time(&id, Alert::kept_until_us(AlertKind::FrontierCostShare, window_start, now_us)) {
                     out.alerts.push(Alert {
                         alert_id: id,
                         rule_id: f.cfg.id.clone(),

@@ -53,6 +53,9 @@ pub struct Config {
     pub watch_pct: u32,
     /// How long a batch of new usage may wait before it is evaluated.
     pub evaluate_every: Duration,
+    /// How often scopes, alert ids and guard workflows whose windows have passed are forgotten,
+    /// and idle `Clear` keys tombstoned.
+    pub gc_every: Duration,
     pub kafka_extra: Vec<(String, String)>,
     pub metrics: Option<PrometheusHandle>,
 }
@@ -69,6 +72,7 @@ impl Config {
             clickhouse,
             watch_pct: 50,
             evaluate_every: Duration::from_millis(10),
+            gc_every: Duration::from_secs(30),
             kafka_extra: Vec::new(),
             metrics: None,
         }
@@ -155,7 +159,7 @@ async fn enforce(
             e.seed_published(d);
         }
         for a in &alerts {
-            e.seed_alerted(a.clone());
+            e.seed_alerted(a);
         }
         e
     };
@@ -243,8 +247,11 @@ async fn enforce(
             _ = housekeeping.tick() => {
                 let now = now_us();
                 publisher.publish(&mut engine, &mut guards, notifier, now, true).await;
-                if last_gc.elapsed() > Duration::from_secs(30) {
-                    metrics::scopes(engine.gc(now));
+                if last_gc.elapsed() >= config.gc_every {
+                    let tombstones = engine.gc(now);
+                    guards.gc(&engine, now);
+                    metrics::scopes(engine.scopes());
+                    publisher.tombstone(&mut engine, tombstones, now).await;
                     last_gc = Instant::now();
                 }
                 if !quiet && last_event.elapsed() >= tollgate_runtime::kafka::QUIET_AFTER {
@@ -340,7 +347,7 @@ async fn refresh_baselines(
 }
 
 /// The last decision per key and every alert id, from the enforcer's own topics.
-async fn replay_own_history(config: &Config) -> anyhow::Result<(Vec<BreachDecision>, Vec<String>)> {
+async fn replay_own_history(config: &Config) -> anyhow::Result<(Vec<BreachDecision>, Vec<Alert>)> {
     let cfg = config.clone();
     tokio::task::spawn_blocking(move || {
         let codec = BreachDecision::codec()?;
@@ -365,7 +372,7 @@ async fn replay_own_history(config: &Config) -> anyhow::Result<(Vec<BreachDecisi
         let mut alerts = Vec::new();
         topics::read_to_end(&cfg.brokers, &cfg.kafka_extra, &cfg.alerts_topic, deadline, |_, payload| {
             if let Some(Ok(a)) = payload.map(|p| alert_codec.decode::<Alert>(p)) {
-                alerts.push(a.alert_id);
+                alerts.push(a);
             }
         })?;
         Ok((decisions.into_values().collect(), alerts))
@@ -443,6 +450,34 @@ impl<'a> Publisher<'a> {
             decision_codec: BreachDecision::codec()?,
             alert_codec: Alert::codec()?,
         })
+    }
+
+    /// Publishes a tombstone for each key (`Engine::gc`); one not sent is tried again next time.
+    async fn tombstone(&self, engine: &mut Engine, keys: Vec<String>, now: i64) {
+        if keys.is_empty() {
+            return;
+        }
+        let timeout = Duration::from_secs(10);
+        let sends = keys.iter().map(|key| {
+            let record =
+                Outgoing { topic: &self.breaches_topic, key: Some(key.as_bytes()), payload: None, headers: None };
+            self.producer.send_awaited(record, timeout)
+        });
+        let sent = futures::future::join_all(sends).await;
+        let mut done = 0u64;
+        for (key, r) in keys.into_iter().zip(sent) {
+            match r {
+                Ok(_) => done += 1,
+                Err(e) => {
+                    metrics::publish_error("tombstone");
+                    let e = PublishError::Send { topic: self.breaches_topic.clone(), source: e };
+                    warn!(key = %key, error = %error_chain(&e), "tombstone not published; will retry");
+                    engine.untombstone(key, now);
+                }
+            }
+        }
+        metrics::tombstones(done);
+        debug!(tombstones = done, "decision keys whose window has passed tombstoned");
     }
 
     /// Publishes what the rules and guards decide now; `sweep` re-judges every guard scope.

@@ -14,6 +14,14 @@ pub fn describe() {
     describe_gauge!("tollgate_enforcer_policy_rules", "Rules loaded, by kind");
     describe_gauge!("tollgate_enforcer_scopes", "Rule scopes with live counters");
     describe_counter!("tollgate_enforcer_decisions_total", "Breach decisions published, by rule kind and state");
+    describe_counter!(
+        "tollgate_enforcer_tombstones_total",
+        "Decision keys tombstoned on the breaches topic: their last word was Clear and their window holds nothing"
+    );
+    describe_counter!(
+        "tollgate_enforcer_alert_ids_expired_total",
+        "Alert ids forgotten because their window has passed (an alert is raised once per scope and window)"
+    );
     describe_counter!("tollgate_enforcer_alerts_total", "Alerts raised, by kind");
     describe_counter!("tollgate_enforcer_publish_errors_total", "Decisions or alerts Kafka did not take (retried)");
     describe_histogram!(
@@ -51,6 +59,18 @@ pub fn evaluated(_events: usize, lag_seconds: f64) {
 
 pub fn decision(kind: &'static str, state: &'static str) {
     counter!("tollgate_enforcer_decisions_total", "kind" => kind, "state" => state).increment(1);
+}
+
+pub fn tombstones(n: u64) {
+    if n > 0 {
+        counter!("tollgate_enforcer_tombstones_total").increment(n);
+    }
+}
+
+pub fn alert_ids_expired(n: u64) {
+    if n > 0 {
+        counter!("tollgate_enforcer_alert_ids_expired_total").increment(n);
+    }
 }
 
 pub fn alert(kind: &'static str) {

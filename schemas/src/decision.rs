@@ -207,6 +207,23 @@ impl Alert {
     pub fn id_for(rule_id: &str, scope: &str, window_start_us: i64, threshold_pct: i32) -> String {
         format!("{rule_id}/{scope}/{window_start_us}/{threshold_pct}")
     }
+
+    /// Until when an enforcer must remember this alert's id to raise it only once
+    /// ([`Alert::kept_until_us`] of its kind and window).
+    pub fn remembered_until_us(&self) -> i64 {
+        Alert::kept_until_us(self.kind, self.window_start_us, self.window_end_us)
+    }
+
+    /// Until when an alert id of `kind` raised over `[window_start_us, window_end_us)` must be
+    /// remembered: one window length past the window's end, by when the window its id names (a
+    /// calendar period, a session-hour, a guard's period) has passed; a drift alert names a
+    /// model version rather than a window, so for as long as the enforcer runs.
+    pub fn kept_until_us(kind: AlertKind, window_start_us: i64, window_end_us: i64) -> i64 {
+        match kind {
+            AlertKind::TokenizerDrift => i64::MAX,
+            _ => window_end_us.saturating_add(window_end_us.saturating_sub(window_start_us).max(0)),
+        }
+    }
 }
 
 #[cfg(test)]

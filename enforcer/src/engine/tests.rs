@@ -148,7 +148,7 @@ fn a_restarted_engine_repeats_nothing_and_versions_move_forward() {
         b.seed_published(d);
     }
     for a in &alerts {
-        b.seed_alerted(a.alert_id.clone());
+        b.seed_alerted(a);
     }
     for u in &events {
         b.observe(u, now);
@@ -159,6 +159,34 @@ fn a_restarted_engine_repeats_nothing_and_versions_move_forward() {
     b.observe(&events[0], now + US);
     let next = b.evaluate(now + US);
     assert!(next.decisions.iter().all(|d| d.version > *versions.last().unwrap()));
+}
+
+#[test]
+fn a_cleared_key_is_tombstoned_once_its_window_holds_nothing_and_alert_ids_expire() {
+    let mut e = Engine::new(demo(), 50);
+    let prod = [("session", "s1"), ("environment", "production")];
+    let key = "per-session-loop-guard/session:s1";
+    e.observe(&usage(T0, &prod, 210_000, 0), T0);
+    assert_eq!(states(&e.evaluate(T0), "per-session-loop-guard"), vec![(DecisionState::Breached, 210_000)]);
+    assert!(e.gc(T0 + US).is_empty(), "in force: kept");
+    e.observe(&usage(T0 + 1800 * US, &prod, 10_000, 0), T0 + 1800 * US);
+    let cleared = e.evaluate(T0 + 3661 * US);
+    assert_eq!(states(&cleared, "per-session-loop-guard"), vec![(DecisionState::Clear, 10_000)]);
+    assert!(e.gc(T0 + 3661 * US).is_empty(), "cleared, but the window still counts 10,000 tokens");
+    assert_eq!(e.gc(T0 + 5461 * US), vec![key.to_owned()], "nothing left in the window: tombstoned");
+    assert_eq!(e.scopes(), 0);
+    assert!(e.gc(T0 + 5462 * US).is_empty(), "once");
+    // The key counts again later: a fresh decision, with a higher version than any before.
+    e.observe(&usage(T0 + 5500 * US, &prod, 210_000, 0), T0 + 5500 * US);
+    let again = e.evaluate(T0 + 5500 * US);
+    assert_eq!(states(&again, "per-session-loop-guard"), vec![(DecisionState::Breached, 210_000)]);
+    assert!(again.decisions[0].version > cleared.decisions[0].version);
+
+    // Alert ids are kept one window past their window, then forgotten.
+    assert!(e.first_time("loop/session:s1/0/300", T0 + 7200 * US));
+    assert!(!e.first_time("loop/session:s1/0/300", T0 + 7200 * US));
+    e.gc(T0 + 7200 * US);
+    assert!(e.first_time("loop/session:s1/0/300", T0 + 9000 * US), "forgotten once its window passed");
 }
 
 #[test]

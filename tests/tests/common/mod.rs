@@ -544,6 +544,8 @@ pub async fn start_enforcer(config: tollgate_enforcer::Config) -> Service {
 /// Follows a breaches topic from its beginning and keeps every decision read, in order.
 pub struct DecisionLog {
     decisions: std::sync::Arc<std::sync::Mutex<Vec<tollgate_schemas::decision::BreachDecision>>>,
+    /// Keys of the tombstones read, in topic order.
+    tombstones: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     stop: CancellationToken,
 }
 
@@ -559,8 +561,9 @@ impl DecisionLog {
         tpl.add_partition_offset(topic, 0, Offset::Beginning).unwrap();
         consumer.assign(&tpl).unwrap();
         let decisions = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let tombstones = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let stop = CancellationToken::new();
-        let (sink, token) = (decisions.clone(), stop.clone());
+        let (sink, removed, token) = (decisions.clone(), tombstones.clone(), stop.clone());
         tokio::spawn(async move {
             let codec = tollgate_schemas::decision::BreachDecision::codec().unwrap();
             loop {
@@ -568,13 +571,20 @@ impl DecisionLog {
                     () = token.cancelled() => break,
                     m = consumer.recv() => {
                         let m = m.unwrap();
-                        let d = codec.decode(m.payload().unwrap()).unwrap();
-                        sink.lock().unwrap().push(d);
+                        match m.payload() {
+                            Some(p) => sink.lock().unwrap().push(codec.decode(p).unwrap()),
+                            None => removed.lock().unwrap().push(String::from_utf8_lossy(m.key().unwrap()).into_owned()),
+                        }
                     }
                 }
             }
         });
-        DecisionLog { decisions, stop }
+        DecisionLog { decisions, tombstones, stop }
+    }
+
+    /// Keys tombstoned so far, in topic order.
+    pub fn tombstones(&self) -> Vec<String> {
+        self.tombstones.lock().unwrap().clone()
     }
 
     pub fn all(&self) -> Vec<tollgate_schemas::decision::BreachDecision> {
