@@ -7,111 +7,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use rdkafka::ClientConfig;
-use rdkafka::admin::AdminClient;
-use rdkafka::client::DefaultClientContext;
 
-/// A Tansu broker owned by this test, with SQLite storage in `dir`.
-struct Broker {
-    dir: tempfile::TempDir,
-    port: u16,
-    child: Option<Child>,
-    starts: u32,
-}
-
-fn tansu_bin() -> PathBuf {
-    let on_path = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).map(|d| d.join("tansu")).find(|c| c.is_file()))
-        .unwrap_or_default();
-    on_path.unwrap_or_else(|| {
-        let home = std::env::var_os("HOME").expect("HOME");
-        Path::new(&home).join(".cargo/bin/tansu")
-    })
-}
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
-impl Broker {
-    fn new() -> Self {
-        Broker { dir: tempfile::tempdir().unwrap(), port: free_port(), child: None, starts: 0 }
-    }
-
-    fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    /// Starts Tansu (again, on the same port and SQLite file) and waits until it answers.
-    async fn start(&mut self) {
-        assert!(self.child.is_none(), "broker already running");
-        self.starts += 1;
-        let url = format!("tcp://{}", self.addr());
-        let log = std::fs::File::create(self.dir.path().join(format!("tansu-{}.log", self.starts))).unwrap();
-        let child = Command::new(tansu_bin())
-            .current_dir(self.dir.path())
-            .env("RUST_LOG", std::env::var("TOLLGATE_TEST_TANSU_LOG").unwrap_or_else(|_| "warn".into()))
-            .args(["broker", "--cluster-id", "test", "--listener-url", &url, "--advertised-listener-url", &url])
-            .args(["--storage-engine", "sqlite://tansu.db"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e} (cargo install tansu?)", tansu_bin().display()));
-        self.child = Some(child);
-        let addr = self.addr();
-        let ready = common::eventually(Duration::from_secs(60), || {
-            let addr = addr.clone();
-            async move { tokio::task::spawn_blocking(move || broker_answers(&addr)).await.unwrap() }
-        })
-        .await;
-        assert!(ready, "tansu on {} did not answer within 60 s; see {}", self.addr(), self.dir.path().display());
-    }
-
-    /// SIGKILL: no chance to flush or close anything.
-    fn kill(&mut self) {
-        let mut child = self.child.take().expect("broker running");
-        child.kill().unwrap();
-        child.wait().unwrap();
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        if std::thread::panicking() {
-            // The test failed: show what the broker said.
-            for n in 1..=self.starts {
-                let log = std::fs::read_to_string(self.dir.path().join(format!("tansu-{n}.log"))).unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(40).collect();
-                eprintln!("--- tansu run {n}, last {} lines:", tail.len());
-                for line in tail.iter().rev() {
-                    eprintln!("{line}");
-                }
-            }
-        }
-    }
-}
-
-/// True when the broker at `addr` returns cluster metadata.
-fn broker_answers(addr: &str) -> bool {
-    let Ok(admin) = ClientConfig::new().set("bootstrap.servers", addr).create::<AdminClient<DefaultClientContext>>()
-    else {
-        return false;
-    };
-    admin.inner().fetch_metadata(None, Duration::from_secs(2)).is_ok_and(|md| !md.brokers().is_empty())
-}
+use common::procs::Broker;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killing_the_broker_mid_run_loses_no_usage_event() {

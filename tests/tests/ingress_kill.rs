@@ -15,97 +15,15 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 
 /// `target/<profile>/tollgate-ingress`, built (or found up to date) once per test process.
-fn ingress_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| common::binary("tollgate-ingress", "tollgate-ingress")).clone()
-}
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
-/// One run of the ingress binary.
-struct Ingress {
-    child: Option<Child>,
-    addr: SocketAddr,
-    log: PathBuf,
-}
-
-impl Ingress {
-    async fn start(policy: &Path, brokers: &str, topic: &str, spool: &Path, log: PathBuf) -> Ingress {
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(ingress_bin())
-            .args(["--policy-dir".as_ref(), policy.as_os_str()])
-            .args(["--listen", &addr.to_string(), "--kafka-brokers", brokers, "--usage-topic", topic])
-            .args(["--spool-dir".as_ref(), spool.as_os_str()])
-            .args(["--shutdown-grace-secs", "5"])
-            .env("RUST_LOG", "warn,tollgate_ingress=info")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap();
-        let ingress = Ingress { child: Some(child), addr, log };
-        let url = format!("http://{addr}/healthz");
-        let up = common::eventually(Duration::from_secs(30), || {
-            let url = url.clone();
-            async move { reqwest::get(&url).await.is_ok_and(|r| r.status().is_success()) }
-        })
-        .await;
-        assert!(up, "ingress did not come up:\n{}", ingress.log_text());
-        ingress
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    async fn metrics(&self) -> String {
-        reqwest::get(format!("http://{}/metrics", self.addr)).await.unwrap().text().await.unwrap()
-    }
-
-    fn kill_9(&mut self) {
-        let mut child = self.child.take().unwrap();
-        child.kill().unwrap();
-        child.wait().unwrap();
-    }
-
-    /// SIGTERM, then waits for a clean exit.
-    async fn terminate(&mut self) {
-        let mut child = self.child.take().unwrap();
-        let pid = child.id().to_string();
-        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-        let end = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                assert!(status.success(), "ingress exited with {status}:\n{}", self.log_text());
-                return;
-            }
-            assert!(Instant::now() < end, "ingress did not stop within 60 s of SIGTERM");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
-impl Drop for Ingress {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
+use common::procs::{IngressProcess as Ingress, free_port};
 
 /// Sessions in the table (each request has its own), and the raw row count.
 async fn sessions_in(db: &str) -> (BTreeSet<u64>, u64) {

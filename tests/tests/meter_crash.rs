@@ -5,23 +5,9 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
-
-fn start_meter(bin: &std::path::Path, topic: &str, db: &str, log: &std::path::Path) -> Child {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-    Command::new(bin)
-        .args(["run", "--clickhouse-url", &common::clickhouse_url(), "--database", db])
-        .args(["--kafka-brokers", &common::kafka_brokers(), "--usage-topic", topic, "--group-id", db])
-        .args(["--listen", "127.0.0.1:0", "--batch-max-rows", "7000", "--batch-max-wait-ms", "200"])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_at_random_points_loses_and_doubles_nothing() {
@@ -41,7 +27,7 @@ async fn sigkill_at_random_points_loses_and_doubles_nothing() {
     let mut rng = rand::rng();
     let mut kills = 0;
     while kills < 4 {
-        let mut child = start_meter(&bin, &topic, &db, &log);
+        let mut child = common::procs::start_meter_process(&bin, &common::kafka_brokers(), &topic, &db, &log);
         tokio::time::sleep(Duration::from_millis(rng.random_range(1500..6000))).await;
         let seen = common::ch(&format!("SELECT count() FROM {db}.usage_events")).await;
         // SIGKILL: no flush, no shutdown, whatever step the meter was in.
@@ -50,7 +36,7 @@ async fn sigkill_at_random_points_loses_and_doubles_nothing() {
         kills += 1;
         eprintln!("kill {kills}: {} raw rows before the kill", seen.trim());
     }
-    let mut child = start_meter(&bin, &topic, &db, &log);
+    let mut child = common::procs::start_meter_process(&bin, &common::kafka_brokers(), &topic, &db, &log);
     // The checkpoint's sum is the meter's progress: wait while it moves (the machine may be busy).
     let done = common::until_at_least(n, Duration::from_secs(120), || common::checkpointed(&db)).await.is_ok();
     child.kill().unwrap();

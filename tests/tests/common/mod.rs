@@ -3,6 +3,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod forwarder;
+pub mod procs;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
