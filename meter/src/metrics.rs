@@ -28,8 +28,17 @@ pub fn describe() {
         "tollgate_meter_rebalances_total",
         "Consumer-group rebalances answered, by event (assign, revoke, lost)"
     );
+    describe_counter!(
+        "tollgate_meter_rows_read_back_total",
+        "Rollup rows read back from ClickHouse before a batch adds to them, by table (usage_windows, session_hours)"
+    );
     describe_histogram!("tollgate_meter_batch_rows", "Rows per ClickHouse insert");
     describe_histogram!("tollgate_meter_insert_seconds", Unit::Seconds, "Time per ClickHouse insert");
+}
+
+pub fn read_back(windows: usize, sessions: usize) {
+    counter!("tollgate_meter_rows_read_back_total", "table" => "usage_windows").increment(windows as u64);
+    counter!("tollgate_meter_rows_read_back_total", "table" => "session_hours").increment(sessions as u64);
 }
 
 pub fn consumed() {

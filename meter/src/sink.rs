@@ -6,29 +6,38 @@ use clickhouse::Client;
 use tollgate_store::rows::{SessionRow, UsageRow, WindowRow};
 use tollgate_store::tables;
 
-use crate::window::Missing;
+use crate::metrics;
+use crate::window::{Dims, Missing, SessionKey, WindowKey};
 
 /// Inserts one batch of raw usage rows as one INSERT (one block per month partition).
 pub async fn insert(client: &Client, rows: &[UsageRow]) -> Result<(), clickhouse::error::Error> {
     tollgate_store::insert_rows(client, tables::USAGE_EVENTS, rows).await
 }
 
-/// The current rows of the windows and session-hours `missing` names.
+/// Keys asked for per query: each is a tuple of bound strings in the SQL (a few hundred KiB at
+/// most).
+const KEY_CHUNK: usize = 500;
+
+/// The current rows of the windows and session-hours `missing` names, and only those: each
+/// query narrows by the primary key's leading columns (granularity and start, or hour) and the
+/// partitions, then asks for the exact dimension tuples, so what comes back is in proportion to
+/// the batch. (A key absent from ClickHouse is a new window: nothing comes back for it.)
 pub async fn load_windows(
     client: &Client,
     missing: &Missing,
 ) -> Result<(Vec<WindowRow>, Vec<SessionRow>), clickhouse::error::Error> {
-    // One IN-set condition per granularity (on the primary key), not one OR term per window:
-    // a superset of the rows asked for, which `Windows::load` keeps only where absent.
     let mut windows = Vec::new();
-    let mut by_granularity: BTreeMap<&'static str, (BTreeSet<u32>, BTreeSet<i32>)> = BTreeMap::new();
-    for (g, start, p) in &missing.windows {
-        let e = by_granularity.entry(g.as_str()).or_default();
-        e.0.insert(*start);
-        e.1.insert(*p);
-    }
-    if !by_granularity.is_empty() {
-        let cond = by_granularity
+    let keys: Vec<&WindowKey> = missing.windows.iter().collect();
+    for chunk in keys.chunks(KEY_CHUNK) {
+        let mut by_granularity: BTreeMap<&'static str, (BTreeSet<u32>, BTreeSet<i32>)> = BTreeMap::new();
+        let mut dims: BTreeSet<&Dims> = BTreeSet::new();
+        for k in chunk {
+            let e = by_granularity.entry(k.granularity.as_str()).or_default();
+            e.0.insert(k.start);
+            e.1.insert(k.partition);
+            dims.insert(&k.dims);
+        }
+        let narrow = by_granularity
             .iter()
             .map(|(g, (starts, parts))| {
                 format!(
@@ -39,25 +48,64 @@ pub async fn load_windows(
             })
             .collect::<Vec<_>>()
             .join(" OR ");
-        windows = client
-            .query(&format!("SELECT ?fields FROM {} FINAL WHERE {cond}", tables::USAGE_WINDOWS))
-            .fetch_all::<WindowRow>()
-            .await?;
+        let sql = format!(
+            "SELECT ?fields FROM {} FINAL WHERE ({narrow}) AND (project, team, user_id, cost_center, workflow_tag, \
+             environment, api_key_id, virtual_model, provider, model, model_version) IN ({})",
+            tables::USAGE_WINDOWS,
+            vec!["(?,?,?,?,?,?,?,?,?,?,?)"; dims.len()].join(",")
+        );
+        let mut q = client.query(&sql);
+        for d in dims {
+            for v in [
+                &d.project,
+                &d.team,
+                &d.user_id,
+                &d.cost_center,
+                &d.workflow_tag,
+                &d.environment,
+                &d.api_key_id,
+                &d.virtual_model,
+                &d.provider,
+                &d.model,
+                &d.model_version,
+            ] {
+                q = q.bind(v.as_str());
+            }
+        }
+        windows.extend(q.fetch_all::<WindowRow>().await?);
     }
     let mut sessions = Vec::new();
-    let hours: BTreeSet<u32> = missing.sessions.iter().map(|(h, _)| *h).collect();
-    let parts: BTreeSet<i32> = missing.sessions.iter().map(|(_, p)| *p).collect();
-    if !hours.is_empty() {
-        sessions = client
-            .query(&format!(
-                "SELECT ?fields FROM {} FINAL WHERE hour IN ({}) AND kafka_partition IN ({})",
-                tables::SESSION_HOURS,
-                join(hours.iter().map(|h| format!("toDateTime({h})"))),
-                join(parts.iter())
-            ))
-            .fetch_all::<SessionRow>()
-            .await?;
+    let keys: Vec<&SessionKey> = missing.sessions.iter().collect();
+    for chunk in keys.chunks(KEY_CHUNK) {
+        let hours: BTreeSet<u32> = chunk.iter().map(|k| k.hour).collect();
+        let parts: BTreeSet<i32> = chunk.iter().map(|k| k.partition).collect();
+        let ids: BTreeSet<(&str, &str, &str, &str, &str)> = chunk
+            .iter()
+            .map(|k| {
+                (
+                    k.workflow_tag.as_str(),
+                    k.session_id.as_str(),
+                    k.project.as_str(),
+                    k.team.as_str(),
+                    k.user_id.as_str(),
+                )
+            })
+            .collect();
+        let sql = format!(
+            "SELECT ?fields FROM {} FINAL WHERE hour IN ({}) AND kafka_partition IN ({}) \
+             AND (workflow_tag, session_id, project, team, user_id) IN ({})",
+            tables::SESSION_HOURS,
+            join(hours.iter().map(|h| format!("toDateTime({h})"))),
+            join(parts.iter()),
+            vec!["(?,?,?,?,?)"; ids.len()].join(",")
+        );
+        let mut q = client.query(&sql);
+        for (w, s, p, t, u) in ids {
+            q = q.bind(w).bind(s).bind(p).bind(t).bind(u);
+        }
+        sessions.extend(q.fetch_all::<SessionRow>().await?);
     }
+    metrics::read_back(windows.len(), sessions.len());
     Ok((windows, sessions))
 }
 

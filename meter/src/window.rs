@@ -180,18 +180,34 @@ pub struct Windows {
     consumed: HashMap<i32, i64>,
 }
 
-/// Windows and sessions a batch touches that are not in memory: ClickHouse may hold them.
+/// Windows and sessions a batch touches that are not in memory: ClickHouse may hold them. Only
+/// these keys are read back, so a batch reads in proportion to what it touches, not to what the
+/// hour or month holds.
 #[derive(Debug, Default)]
 pub struct Missing {
-    /// (granularity, window start, partition) of windows to read.
-    pub windows: BTreeSet<(Granularity, u32, i32)>,
-    /// (hour, partition) of session rows to read.
-    pub sessions: BTreeSet<(u32, i32)>,
+    pub windows: BTreeSet<WindowKey>,
+    pub sessions: BTreeSet<SessionKey>,
 }
 
 impl Missing {
     pub fn is_empty(&self) -> bool {
         self.windows.is_empty() && self.sessions.is_empty()
+    }
+}
+
+impl WindowKey {
+    /// Whether `w` is this window's row.
+    pub fn matches(&self, w: &WindowRow) -> bool {
+        let d = &self.dims;
+        self.granularity.as_str() == w.granularity
+            && self.start == w.window_start
+            && self.partition == w.kafka_partition
+            && (d.project.as_str(), d.team.as_str(), d.user_id.as_str(), d.cost_center.as_str())
+                == (w.project.as_str(), w.team.as_str(), w.user_id.as_str(), w.cost_center.as_str())
+            && (d.workflow_tag.as_str(), d.environment.as_str(), d.api_key_id.as_str(), d.virtual_model.as_str())
+                == (w.workflow_tag.as_str(), w.environment.as_str(), w.api_key_id.as_str(), w.virtual_model.as_str())
+            && (d.provider.as_str(), d.model.as_str(), d.model_version.as_str())
+                == (w.provider.as_str(), w.model.as_str(), w.model_version.as_str())
     }
 }
 
@@ -252,12 +268,12 @@ impl Windows {
         for r in rows {
             for k in window_keys(r) {
                 if !self.windows.contains_key(&k) {
-                    m.windows.insert((k.granularity, k.start, k.partition));
+                    m.windows.insert(k);
                 }
             }
             let s = session_key(r);
             if !self.sessions.contains_key(&s) {
-                m.sessions.insert((s.hour, s.partition));
+                m.sessions.insert(s);
             }
         }
         m
@@ -513,9 +529,7 @@ mod tests {
                 let wanted: Vec<WindowRow> = final_rows(&written)
                     .into_iter()
                     .filter(|w| {
-                        missing.windows.iter().any(|(g, s, p)| {
-                            g.as_str() == w.granularity && *s == w.window_start && *p == w.kafka_partition
-                        })
+                        missing.windows.iter().any(|k| k.matches(w))
                     })
                     .collect();
                 mem.load(wanted, vec![]);
@@ -552,15 +566,8 @@ mod tests {
             let end = (self.next + n).min(events.len());
             let slice = &events[self.next..end];
             let missing = self.mem.missing(slice);
-            let wanted: Vec<WindowRow> = final_rows(written)
-                .into_iter()
-                .filter(|w| {
-                    missing
-                        .windows
-                        .iter()
-                        .any(|(g, s, p)| g.as_str() == w.granularity && *s == w.window_start && *p == w.kafka_partition)
-                })
-                .collect();
+            let wanted: Vec<WindowRow> =
+                final_rows(written).into_iter().filter(|w| missing.windows.iter().any(|k| k.matches(w))).collect();
             self.mem.load(wanted, vec![]);
             self.mem.apply(slice);
             written.extend(self.mem.dirty().0);
