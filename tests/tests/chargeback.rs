@@ -11,8 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::Value;
-use tollgate_meter::report::{self, Dimension, Period, Reporter, Totals, format_usd};
+use tollgate_meter::report::{self, Dimension, Period, Reporter, Source, Totals, format_usd};
 use tollgate_meter::sink;
+use tollgate_meter::window::{Granularity, Windows};
 use tollgate_schemas::usage::{ApiFormat, Envelope, Status, TokenSource, UsageEvent};
 use tollgate_store::ClickHouseConfig;
 use tollgate_store::rows::UsageRow;
@@ -130,6 +131,14 @@ async fn seed(cfg: &ClickHouseConfig, events: &[UsageEvent], replayed: &[usize])
         .map(|&i| UsageRow::new(events[i].clone(), "tollgate.usage.v1", 1, 1_000_000 + i as i64))
         .collect();
     sink::insert(&client, &again).await.unwrap();
+    // The rollups, as the meter's flush makes them: each event's first copy only.
+    let all: Vec<UsageRow> = rows.into_iter().chain(again).collect();
+    let firsts = sink::first_copies(&client, "tollgate.usage.v1", &all).await.unwrap();
+    let mut windows = Windows::default();
+    windows.apply(firsts);
+    let (w, sessions) = windows.dirty();
+    tollgate_store::insert_rows(&client, tollgate_store::tables::USAGE_WINDOWS, &w).await.unwrap();
+    tollgate_store::insert_rows(&client, tollgate_store::tables::SESSION_HOURS, &sessions).await.unwrap();
     let db = &cfg.database;
     let raw = common::ch_count(&format!("SELECT count() FROM {db}.usage_events")).await;
     assert_eq!(raw as usize, events.len() + replayed.len(), "both copies of a replayed event are stored");
@@ -267,7 +276,19 @@ async fn chargeback_matches_the_raw_events_to_the_nano_dollar() {
         Period::month("2026-04").unwrap(),
         Period::between(Some("2026-04-10"), Some("2026-04-20T12:00:00Z")).unwrap(),
         Period::ALL,
+        Period::between(Some("2026-04-10T00:00:30Z"), Some("2026-04-20T12:00:00Z")).unwrap(),
     ];
+    let sources: Vec<Source> = periods.iter().map(Source::for_period).collect();
+    assert_eq!(
+        sources,
+        [
+            Source::Rollups(Granularity::Month),
+            Source::Rollups(Granularity::Hour),
+            Source::Rollups(Granularity::Month),
+            Source::Raw
+        ],
+        "whole windows tile the first three periods; the last starts inside a minute"
+    );
     let april = periods[0];
     let in_april = events.iter().filter(|e| within(e, &april)).count();
     assert!(in_april > 300 && in_april < 400, "{in_april} of the events are in April");
@@ -285,6 +306,14 @@ async fn chargeback_matches_the_raw_events_to_the_nano_dollar() {
             let want = expected_chargeback(&events, dims, p);
             assert_eq!(got, want, "{dims:?} over {p:?}");
             assert_eq!(Totals::of(&rows), raw, "{dims:?} over {p:?}: total equals sum() over the raw events");
+            // Read from the rollups or from the raw events, the report is the same, row for row.
+            let from_raw = reporter.chargeback_from(dims, p, Source::Raw).await.unwrap();
+            assert_eq!(rows, from_raw, "{dims:?} over {p:?}: rollups and raw events agree");
+            let minutes = reporter.chargeback_from(dims, p, Source::Rollups(Granularity::Minute)).await;
+            match p.tiled_by() {
+                Some(_) => assert_eq!(minutes.unwrap(), from_raw, "{dims:?} over {p:?}: minute windows agree too"),
+                None => assert!(minutes.is_err(), "minute windows do not tile {p:?}"),
+            }
             // Largest cost first.
             assert!(rows.windows(2).all(|w| w[0].cost_nanos >= w[1].cost_nanos), "{dims:?}: ordered by cost");
         }

@@ -18,6 +18,8 @@ use serde::Serialize;
 use tollgate_schemas::policy::PriceCard;
 
 use tollgate_store::ClickHouseConfig;
+
+use crate::window::Granularity;
 use tollgate_store::migrate::check_database_name;
 
 mod output;
@@ -121,6 +123,22 @@ pub struct Reporter {
     db: String,
 }
 
+/// Where a report reads its figures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// `usage_events FINAL`: one row per event.
+    Raw,
+    /// `usage_windows FINAL` at this granularity: one row per window and dimension combination.
+    Rollups(Granularity),
+}
+
+impl Source {
+    /// The rollups when whole windows tile the period, else the raw events.
+    pub fn for_period(p: &Period) -> Source {
+        p.tiled_by().map_or(Source::Raw, Source::Rollups)
+    }
+}
+
 impl Reporter {
     pub fn new(cfg: &ClickHouseConfig) -> Result<Self, ReportError> {
         check_database_name(&cfg.database).map_err(ReportError::Argument)?;
@@ -131,12 +149,31 @@ impl Reporter {
         &self.db
     }
 
-    /// Cost per group of `dims` (at least one) in the period, largest first.
+    /// Cost per group of `dims` (at least one) in the period, largest first: from the rollup
+    /// windows when whole windows tile the period (a month, whole days, hours or minutes), else
+    /// from the raw events.
     pub async fn chargeback(&self, dims: &[Dimension], p: &Period) -> Result<Vec<ChargebackRow>, ReportError> {
+        self.chargeback_from(dims, p, Source::for_period(p)).await
+    }
+
+    /// Chargeback read from `source` (`Rollups(g)` only where `g` tiles the period).
+    pub async fn chargeback_from(
+        &self,
+        dims: &[Dimension],
+        p: &Period,
+        source: Source,
+    ) -> Result<Vec<ChargebackRow>, ReportError> {
         if dims.is_empty() {
             return Err(ReportError::Argument("chargeback needs at least one grouping (--by)".into()));
         }
-        Ok(self.client.query(&sql::chargeback(&self.db, dims, p)).fetch_all().await?)
+        let sql = match source {
+            Source::Raw => sql::chargeback(&self.db, dims, p),
+            Source::Rollups(g) if p.tiled_by().is_some_and(|t| g <= t) => sql::chargeback_rollups(&self.db, dims, p, g),
+            Source::Rollups(g) => {
+                return Err(ReportError::Argument(format!("{} windows do not tile {}", g.as_str(), p.describe())));
+            }
+        };
+        Ok(self.client.query(&sql).fetch_all().await?)
     }
 
     pub async fn frontier_share(&self, p: &Period) -> Result<Vec<FrontierRow>, ReportError> {

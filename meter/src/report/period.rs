@@ -5,6 +5,7 @@
 use chrono::{DateTime, NaiveDate, NaiveDateTime};
 
 use super::ReportError;
+use crate::window::Granularity;
 
 /// A half-open window [from, to) on `ended_at`, in Unix seconds (UTC); `None` is unbounded.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -58,12 +59,28 @@ impl Period {
 
     /// The SQL condition on `ended_at` (numbers only: nothing a user typed reaches the SQL).
     pub fn condition(&self) -> String {
+        self.condition_on("ended_at")
+    }
+
+    /// The same condition on another `DateTime` column (a rollup's `window_start`).
+    pub fn condition_on(&self, column: &str) -> String {
         match (self.from, self.to) {
             (None, None) => "1".into(),
-            (Some(f), None) => format!("ended_at >= toDateTime({f})"),
-            (None, Some(t)) => format!("ended_at < toDateTime({t})"),
-            (Some(f), Some(t)) => format!("ended_at >= toDateTime({f}) AND ended_at < toDateTime({t})"),
+            (Some(f), None) => format!("{column} >= toDateTime({f})"),
+            (None, Some(t)) => format!("{column} < toDateTime({t})"),
+            (Some(f), Some(t)) => format!("{column} >= toDateTime({f}) AND {column} < toDateTime({t})"),
         }
+    }
+
+    /// The coarsest rollup granularity whose windows tile the period exactly (both bounds, where
+    /// set, are window starts): summing those windows gives what summing the raw events does.
+    /// `None` when a bound falls inside a minute.
+    pub fn tiled_by(&self) -> Option<Granularity> {
+        let aligned =
+            |g: Granularity, b: Option<i64>| b.is_none_or(|b| u32::try_from(b).is_ok_and(|b| g.start(b) == b));
+        [Granularity::Month, Granularity::Day, Granularity::Hour, Granularity::Minute]
+            .into_iter()
+            .find(|g| aligned(*g, self.from) && aligned(*g, self.to))
     }
 
     pub fn describe(&self) -> String {

@@ -1,11 +1,31 @@
 //! The SQL every report runs, for a database `db` (checked by the caller) and a period.
-//! Each function returns one statement over `usage_events FINAL`; what it splices in is the
+//! Each function returns one statement over `usage_events FINAL` (chargeback also over the rollup
+//! windows, `usage_windows FINAL`); what it splices in is the
 //! database name, column names from [`Dimension`], and numbers (the [`Period`] bounds, `k`).
 
 use super::{Dimension, Period, key_columns};
+use crate::window::Granularity;
 use tollgate_schemas::measures::{self, DRIFT_ROWS, LOOP_ROWS, SESSION_HOUR_HAS_TOKENS, STUFFING_ROWS};
 use tollgate_schemas::usage::sql::{PROMPT_TOKENS as PROMPT, TOTAL_TOKENS as TOKENS};
 
+/// Chargeback from the rollup windows of granularity `g` (which must tile the period, see
+/// [`Period::tiled_by`]): the same figures as [`chargeback`], read from one row per window and
+/// dimension combination instead of one per event.
+pub fn chargeback_rollups(db: &str, dims: &[Dimension], p: &Period, g: Granularity) -> String {
+    let cols = key_columns(dims);
+    let list = cols.join(", ");
+    format!(
+        "SELECT [{list}] AS keys, toUInt64(sum(requests)) AS requests, toUInt64(sum(errors)) AS errors, \
+         sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens, \
+         sum(cached_input_tokens) AS cached_input_tokens, sum(cost_nanos) AS cost_nanos \
+         FROM {db}.usage_windows FINAL WHERE granularity = '{g}' AND {cond} GROUP BY {list} \
+         ORDER BY cost_nanos DESC, {list}",
+        g = g.as_str(),
+        cond = p.condition_on("window_start")
+    )
+}
+
+/// Chargeback from the raw events (`usage_events FINAL`): any period, down to the second.
 pub fn chargeback(db: &str, dims: &[Dimension], p: &Period) -> String {
     let cols = key_columns(dims);
     let list = cols.join(", ");

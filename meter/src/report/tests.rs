@@ -26,6 +26,20 @@ fn months_and_bounds_are_half_open_utc() {
 }
 
 #[test]
+fn a_period_is_read_from_the_coarsest_windows_that_tile_it() {
+    let between = |f: &str, t: &str| Period::between(Some(f), Some(t)).unwrap();
+    assert_eq!(Period::month("2026-04").unwrap().tiled_by(), Some(Granularity::Month));
+    assert_eq!(Period::ALL.tiled_by(), Some(Granularity::Month));
+    assert_eq!(between("2026-04-03", "2026-04-05").tiled_by(), Some(Granularity::Day));
+    assert_eq!(between("2026-04-03", "2026-04-05T10:00:00Z").tiled_by(), Some(Granularity::Hour));
+    assert_eq!(between("2026-04-03T10:05:00Z", "2026-04-05").tiled_by(), Some(Granularity::Minute));
+    assert_eq!(between("2026-04-03T10:05:01Z", "2026-04-05").tiled_by(), None);
+    assert_eq!(Source::for_period(&between("2026-04-03T10:05:01Z", "2026-04-05")), Source::Raw);
+    let sql = sql::chargeback_rollups("db", &[Dimension::Team], &Period::month("2026-04").unwrap(), Granularity::Month);
+    assert!(sql.contains("FROM db.usage_windows FINAL WHERE granularity = 'month' AND window_start >= "), "{sql}");
+}
+
+#[test]
 fn model_grouping_is_provider_and_model_and_keys_are_unique() {
     assert_eq!(key_columns(&[Dimension::Team, Dimension::Model, Dimension::Team]), ["team", "provider", "model"]);
     let q = sql::chargeback("db", &[Dimension::CostCenter, Dimension::User], &Period::ALL);
