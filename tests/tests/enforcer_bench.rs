@@ -58,8 +58,12 @@ struct Stack {
     meter: Service,
     enforcer: Service,
     ingress: Service,
+    /// A second ingress on the same topics: it learns of another ingress's spend only from
+    /// the enforcer's decisions.
+    other: Service,
     _dir: tempfile::TempDir,
     _spool: tempfile::TempDir,
+    _other_spool: tempfile::TempDir,
 }
 
 async fn stack(name: &str) -> Stack {
@@ -74,13 +78,18 @@ async fn stack(name: &str) -> Stack {
     let mut config = ingress_config(dir.path(), &kafka_brokers(), &t.usage, spool.path());
     config.breaches_topic = t.breaches.clone();
     let ingress = start_ingress_with(config).await;
+    let other_spool = tempfile::tempdir().unwrap();
+    let mut config = ingress_config(dir.path(), &kafka_brokers(), &t.usage, other_spool.path());
+    config.breaches_topic = t.breaches.clone();
+    let other = start_ingress_with(config).await;
     // Let the enforcer finish its start (history replay, rebuild) before measuring.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    Stack { mock, meter, enforcer, ingress, _dir: dir, _spool: spool }
+    Stack { mock, meter, enforcer, ingress, other, _dir: dir, _spool: spool, _other_spool: other_spool }
 }
 
 impl Stack {
     async fn stop(self) {
+        self.other.stop().await;
         self.ingress.stop().await;
         self.enforcer.stop().await;
         self.meter.stop().await;
@@ -88,17 +97,19 @@ impl Stack {
     }
 }
 
-/// For each of `TOLLGATE_BENCH_BREACHES` sessions (default 120): one request that takes the
-/// session to its 1,000-token limit, then a probe every 2 ms until the ingress answers 429. The
-/// figure is from the breaching response's end (when the ingress publishes its usage event) to
-/// the first 429: ingress → Kafka → enforcer → Kafka → every ingress's decision cache.
+/// For each of `TOLLGATE_BENCH_BREACHES` sessions (default 120): one request through the first
+/// ingress that takes the session to its 1,000-token limit, then a probe every 2 ms through the
+/// second until it answers 429. The figure is from the breaching response's end (when the first
+/// ingress publishes its usage event) to the first 429 at the second: ingress → Kafka →
+/// enforcer → Kafka → the other ingress's decision cache. (The first ingress refuses the session
+/// at once: its own count reached the limit.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "benchmark: run by tests/bench/enforcer"]
 async fn breach_to_block_latency() {
     let n = env_u64("TOLLGATE_BENCH_BREACHES", 120);
     let parallel = env_u64("TOLLGATE_BENCH_PARALLEL", 4);
     let s = stack("bench_latency").await;
-    let gw = s.ingress.addr;
+    let (gw, probe_gw) = (s.ingress.addr, s.other.addr);
     let client = reqwest::Client::new();
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -116,7 +127,7 @@ async fn breach_to_block_latency() {
                 let mut probes = 0u32;
                 loop {
                     let (status, _) =
-                        ask(&client, gw, "latency", &session, "prompt_tokens=0 completion_tokens=0").await;
+                        ask(&client, probe_gw, "latency", &session, "prompt_tokens=0 completion_tokens=0").await;
                     if status == 429 {
                         out.push((t0.elapsed().as_secs_f64() * 1000.0, probes));
                         break;
@@ -140,7 +151,7 @@ async fn breach_to_block_latency() {
     }
     ms.sort_by(f64::total_cmp);
     println!(
-        "breach-to-block: {} breaches ({} in parallel) in {:.1} s: p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} probe requests passed before the blocks)",
+        "breach-to-block (breach at one ingress, blocked at another): {} breaches ({} in parallel) in {:.1} s: p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} probe requests passed before the blocks)",
         ms.len(),
         parallel,
         started.elapsed().as_secs_f64(),
