@@ -120,6 +120,18 @@ pub struct IngressProcess {
 
 impl IngressProcess {
     pub async fn start(policy: &Path, brokers: &str, topic: &str, spool: &Path, log: PathBuf) -> IngressProcess {
+        Self::start_with(policy, brokers, topic, spool, log, &[]).await
+    }
+
+    /// [`IngressProcess::start`] with more flags (`--breaches-topic`, …).
+    pub async fn start_with(
+        policy: &Path,
+        brokers: &str,
+        topic: &str,
+        spool: &Path,
+        log: PathBuf,
+        extra: &[&str],
+    ) -> IngressProcess {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let out = std::fs::File::create(&log).unwrap();
         let child = Command::new(ingress_bin())
@@ -127,6 +139,7 @@ impl IngressProcess {
             .args(["--listen", &addr.to_string(), "--kafka-brokers", brokers, "--usage-topic", topic])
             .args(["--spool-dir".as_ref(), spool.as_os_str()])
             .args(["--shutdown-grace-secs", "5"])
+            .args(extra)
             .env("RUST_LOG", "warn,tollgate_ingress=info")
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
@@ -150,6 +163,11 @@ impl IngressProcess {
 
     pub async fn metrics(&self) -> String {
         reqwest::get(format!("http://{}/metrics", self.addr)).await.unwrap().text().await.unwrap()
+    }
+
+    /// The process id, for /proc figures.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub fn kill_9(&mut self) {
@@ -197,4 +215,14 @@ pub fn start_meter_process(bin: &Path, brokers: &str, topic: &str, db: &str, log
         .stderr(log)
         .spawn()
         .unwrap()
+}
+
+/// VmRSS of process `pid`, in KiB (0 when it cannot be read).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
 }
