@@ -7,21 +7,24 @@ use tollgate_store::rows::{SessionRow, UsageRow, WindowRow};
 use tollgate_store::tables;
 
 use crate::metrics;
-use crate::window::{Dims, Missing, SessionKey, WindowKey};
+use crate::window::{Missing, SessionKey, WindowKey};
 
 /// Inserts one batch of raw usage rows as one INSERT (one block per month partition).
 pub async fn insert(client: &Client, rows: &[UsageRow]) -> Result<(), clickhouse::error::Error> {
     tollgate_store::insert_rows(client, tables::USAGE_EVENTS, rows).await
 }
 
-/// Keys asked for per query: each is a tuple of bound strings in the SQL (a few hundred KiB at
-/// most).
-const KEY_CHUNK: usize = 500;
+/// Keys asked for per query: their values go into the SQL as IN sets (well under ClickHouse's
+/// 256 KiB `max_query_size`).
+const KEY_CHUNK: usize = 8000;
 
-/// The current rows of the windows and session-hours `missing` names, and only those: each
-/// query narrows by the primary key's leading columns (granularity and start, or hour) and the
-/// partitions, then asks for the exact dimension tuples, so what comes back is in proportion to
-/// the batch. (A key absent from ClickHouse is a new window: nothing comes back for it.)
+/// The current rows of the windows and session-hours `missing` names: each query narrows by the
+/// sort key's columns as IN sets of the touched values (granularity and start or hour, then
+/// project, team and user, or workflow and session) and the partitions, so ClickHouse reads only
+/// the granules of those keys and what comes back is in proportion to the batch: a new session
+/// or user reads back nothing, where reading every row of its hour or month and partition grew
+/// with the table. The sets' cross product may bring back a few rows not asked for; they are
+/// current rows all the same, which `Windows::load` takes where memory has none.
 pub async fn load_windows(
     client: &Client,
     missing: &Missing,
@@ -30,12 +33,14 @@ pub async fn load_windows(
     let keys: Vec<&WindowKey> = missing.windows.iter().collect();
     for chunk in keys.chunks(KEY_CHUNK) {
         let mut by_granularity: BTreeMap<&'static str, (BTreeSet<u32>, BTreeSet<i32>)> = BTreeMap::new();
-        let mut dims: BTreeSet<&Dims> = BTreeSet::new();
+        let (mut projects, mut teams, mut users) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
         for k in chunk {
             let e = by_granularity.entry(k.granularity.as_str()).or_default();
             e.0.insert(k.start);
             e.1.insert(k.partition);
-            dims.insert(&k.dims);
+            projects.insert(k.dims.project.as_str());
+            teams.insert(k.dims.team.as_str());
+            users.insert(k.dims.user_id.as_str());
         }
         let narrow = by_granularity
             .iter()
@@ -48,41 +53,16 @@ pub async fn load_windows(
             })
             .collect::<Vec<_>>()
             .join(" OR ");
-        // The sort key's next columns as plain IN sets too: ClickHouse narrows the granules it
-        // reads by those (a tuple IN alone only filters what was read).
-        let set = |f: fn(&Dims) -> &str| dims.iter().map(|d| f(d)).collect::<BTreeSet<&str>>();
-        let (projects, teams, users) = (set(|d| &d.project), set(|d| &d.team), set(|d| &d.user_id));
-        let marks = |n: usize| vec!["?"; n].join(",");
         let sql = format!(
-            "SELECT ?fields FROM {} FINAL WHERE ({narrow}) AND project IN ({}) AND team IN ({}) AND user_id IN ({}) \
-             AND (project, team, user_id, cost_center, workflow_tag, environment, api_key_id, virtual_model, \
-             provider, model, model_version) IN ({})",
+            "SELECT ?fields FROM {} FINAL WHERE ({narrow}) AND project IN ({}) AND team IN ({}) AND user_id IN ({})",
             tables::USAGE_WINDOWS,
             marks(projects.len()),
             marks(teams.len()),
             marks(users.len()),
-            vec!["(?,?,?,?,?,?,?,?,?,?,?)"; dims.len()].join(",")
         );
         let mut q = client.query(&sql);
         for v in projects.into_iter().chain(teams).chain(users) {
             q = q.bind(v);
-        }
-        for d in dims {
-            for v in [
-                &d.project,
-                &d.team,
-                &d.user_id,
-                &d.cost_center,
-                &d.workflow_tag,
-                &d.environment,
-                &d.api_key_id,
-                &d.virtual_model,
-                &d.provider,
-                &d.model,
-                &d.model_version,
-            ] {
-                q = q.bind(v.as_str());
-            }
         }
         windows.extend(q.fetch_all::<WindowRow>().await?);
     }
@@ -91,42 +71,30 @@ pub async fn load_windows(
     for chunk in keys.chunks(KEY_CHUNK) {
         let hours: BTreeSet<u32> = chunk.iter().map(|k| k.hour).collect();
         let parts: BTreeSet<i32> = chunk.iter().map(|k| k.partition).collect();
-        let ids: BTreeSet<(&str, &str, &str, &str, &str)> = chunk
-            .iter()
-            .map(|k| {
-                (
-                    k.workflow_tag.as_str(),
-                    k.session_id.as_str(),
-                    k.project.as_str(),
-                    k.team.as_str(),
-                    k.user_id.as_str(),
-                )
-            })
-            .collect();
-        let tags: BTreeSet<&str> = ids.iter().map(|k| k.0).collect();
-        let sessions_of: BTreeSet<&str> = ids.iter().map(|k| k.1).collect();
-        let marks = |n: usize| vec!["?"; n].join(",");
+        let tags: BTreeSet<&str> = chunk.iter().map(|k| k.workflow_tag.as_str()).collect();
+        let ids: BTreeSet<&str> = chunk.iter().map(|k| k.session_id.as_str()).collect();
         let sql = format!(
             "SELECT ?fields FROM {} FINAL WHERE hour IN ({}) AND workflow_tag IN ({}) AND session_id IN ({}) \
-             AND kafka_partition IN ({}) AND (workflow_tag, session_id, project, team, user_id) IN ({})",
+             AND kafka_partition IN ({})",
             tables::SESSION_HOURS,
             join(hours.iter().map(|h| format!("toDateTime({h})"))),
             marks(tags.len()),
-            marks(sessions_of.len()),
+            marks(ids.len()),
             join(parts.iter()),
-            vec!["(?,?,?,?,?)"; ids.len()].join(",")
         );
         let mut q = client.query(&sql);
-        for v in tags.into_iter().chain(sessions_of) {
+        for v in tags.into_iter().chain(ids) {
             q = q.bind(v);
-        }
-        for (w, s, p, t, u) in ids {
-            q = q.bind(w).bind(s).bind(p).bind(t).bind(u);
         }
         sessions.extend(q.fetch_all::<SessionRow>().await?);
     }
     metrics::read_back(windows.len(), sessions.len());
     Ok((windows, sessions))
+}
+
+/// `n` bind markers.
+fn marks(n: usize) -> String {
+    vec!["?"; n].join(",")
 }
 
 fn join<T: std::fmt::Display>(items: impl Iterator<Item = T>) -> String {
