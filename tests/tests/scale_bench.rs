@@ -15,12 +15,12 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::procs::{IngressProcess, free_port, rss_kib, start_meter_process};
+use common::procs::{IngressProcess, KillOnDrop, free_port, rss_kib, start_meter_process};
 use common::*;
 use serde_json::json;
 use tollgate_meter::report::{Dimension, Period, Reporter, Source};
@@ -76,9 +76,9 @@ async fn scrape(addr: &str, name: &str) -> u64 {
     metric(&text, name)
 }
 
-fn start_enforcer_process(policy: &std::path::Path, t: &Topics, listen: &str, log: &std::path::Path) -> Child {
+fn start_enforcer_process(policy: &std::path::Path, t: &Topics, listen: &str, log: &std::path::Path) -> KillOnDrop {
     let log = std::fs::File::create(log).unwrap();
-    Command::new(binary("tollgate-enforcer", "tollgate-enforcer"))
+    let child = Command::new(binary("tollgate-enforcer", "tollgate-enforcer"))
         .args(["--policy-dir".as_ref(), policy.as_os_str()])
         .args(["--kafka-brokers", &kafka_brokers(), "--usage-topic", &t.usage, "--breaches-topic", &t.breaches])
         .args(["--alerts-topic", &t.alerts, "--clickhouse-url", &clickhouse_url(), "--database", &t.db])
@@ -88,7 +88,8 @@ fn start_enforcer_process(policy: &std::path::Path, t: &Topics, listen: &str, lo
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
-        .unwrap()
+        .unwrap();
+    KillOnDrop(child)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -130,7 +131,7 @@ async fn scale() {
     )
     .await;
     let gw = ingress.addr;
-    let rss = |ingress: &IngressProcess, enforcer: &Child, meter: &Child| {
+    let rss = |ingress: &IngressProcess, enforcer: &KillOnDrop, meter: &KillOnDrop| {
         (rss_kib(ingress.pid().unwrap()), rss_kib(enforcer.id()), rss_kib(meter.id()))
     };
     let at_start = rss(&ingress, &enforcer, &meter);

@@ -204,17 +204,19 @@ impl Drop for IngressProcess {
 
 /// Starts the meter binary (a process of its own, so it can be killed with SIGKILL) on `brokers`,
 /// appending its stderr to `log`.
-pub fn start_meter_process(bin: &Path, brokers: &str, topic: &str, db: &str, log: &Path) -> Child {
+pub fn start_meter_process(bin: &Path, brokers: &str, topic: &str, db: &str, log: &Path) -> KillOnDrop {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-    Command::new(bin)
-        .args(["run", "--clickhouse-url", &super::clickhouse_url(), "--database", db])
-        .args(["--kafka-brokers", brokers, "--usage-topic", topic, "--group-id", db])
-        .args(["--listen", "127.0.0.1:0", "--batch-max-rows", "7000", "--batch-max-wait-ms", "200"])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap()
+    KillOnDrop(
+        Command::new(bin)
+            .args(["run", "--clickhouse-url", &super::clickhouse_url(), "--database", db])
+            .args(["--kafka-brokers", brokers, "--usage-topic", topic, "--group-id", db])
+            .args(["--listen", "127.0.0.1:0", "--batch-max-rows", "7000", "--batch-max-wait-ms", "200"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    )
 }
 
 /// VmRSS of process `pid`, in KiB (0 when it cannot be read).
@@ -225,4 +227,30 @@ pub fn rss_kib(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// A child process killed (SIGKILL) and reaped when dropped, so a failing test leaves no service
+/// running behind it.
+pub struct KillOnDrop(pub Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }
