@@ -26,7 +26,8 @@ use tollgate_schemas::window::Counter;
 
 use crate::metrics;
 
-/// Default most keys held: about 250 bytes each.
+/// Default most keys held: about 300 bytes each (the key, its counter and buckets, its map and heap
+/// entries), so about 75 MB at the cap.
 pub const DEFAULT_MAX_KEYS: usize = 250_000;
 
 /// One key's count of what this ingress admitted.
