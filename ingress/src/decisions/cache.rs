@@ -129,16 +129,18 @@ impl Entry {
         self.decision.state == DecisionState::Breached || self.locally_breached()
     }
 
-    /// Adds `amount` unless the headroom is already used up (atomically: concurrent admissions
-    /// never both take the last unit).
-    fn try_admit(&self, amount: i64) -> bool {
+    /// Adds `amount`, at most what is left of the headroom, unless the headroom is already used
+    /// up (atomically: concurrent admissions never both take the last unit). Returns what was
+    /// added (see `OwnCount::try_admit` for why it is capped).
+    fn try_admit(&self, amount: i64) -> Option<i64> {
         let headroom = self.decision.headroom;
         self.local
             .total
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
-                (cur < headroom).then(|| cur.saturating_add(amount))
+                (cur < headroom).then(|| cur.saturating_add(amount.min(headroom - cur)))
             })
-            .is_ok()
+            .ok()
+            .map(|prev| amount.min(headroom - prev))
     }
 }
 
@@ -305,21 +307,20 @@ impl DecisionCache {
         let mut ticket =
             Ticket { cache: Arc::clone(self), holds: Vec::new(), owns: Vec::new(), settled: AtomicU32::new(0) };
         for (i, o) in owns.iter().enumerate() {
-            let amount = reserved.of(o.measure);
-            if let Err(reached) = o.count.try_admit(amount, o.limit, at_us) {
-                return Err(Exhausted::Own(i, reached)); // the ticket's drop undoes the rest
-            }
-            ticket.owns.push(OwnTaken { hold: o.clone(), at_us, admitted: amount });
+            let admitted = match o.count.try_admit(reserved.of(o.measure), o.limit, at_us) {
+                Ok(added) => added,
+                Err(reached) => return Err(Exhausted::Own(i, reached)), // the ticket's drop undoes the rest
+            };
+            ticket.owns.push(OwnTaken { hold: o.clone(), at_us, admitted });
         }
         for (i, w) in watches.iter().enumerate() {
-            let amount = reserved.of(w.entry.decision.measure);
-            if !w.entry.try_admit(amount) {
+            let Some(admitted) = w.entry.try_admit(reserved.of(w.entry.decision.measure)) else {
                 return Err(Exhausted::Watch(i));
-            }
+            };
             ticket.holds.push(Hold {
                 key: w.key.clone(),
                 entry: Arc::clone(&w.entry),
-                admitted: amount,
+                admitted,
                 cut_streams: w.cut_streams,
             });
         }
@@ -415,8 +416,8 @@ pub struct OwnHold {
 
 /// What one request counts at admission, by measure: one request; its input estimate in tokens;
 /// its worst-case cost (input estimate at the input price plus `max_tokens` at the output price,
-/// or the input alone when the request sets no `max_tokens`). Each is replaced by what the
-/// request used when it ends.
+/// or the input alone when the request sets no `max_tokens`). A count takes at most what is left
+/// under its limit or headroom. Each is replaced by what the request used when it ends.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Reservation {
     pub tokens: i64,

@@ -121,7 +121,7 @@ fn watch_tokens_count_the_estimate_then_settle_to_the_real_total() {
     a.settle(crate::clock::now_us(), 100, 0);
     assert_eq!(entry.local(), 550, "a retry's tokens add to the first attempt's");
     let b = cache.admit(&[], &watches, res(600)).unwrap();
-    assert_eq!(entry.local(), 1_150);
+    assert_eq!(entry.local(), 1_000, "the estimate reserves what is left of the headroom, not more");
     assert!(entry.locally_breached());
     assert!(cache.admit(&[], &watches, res(1)).is_err());
     let mut rx = cache.subscribe();
@@ -261,4 +261,27 @@ fn own_cost_counts_reserve_the_worst_case() {
     b.settle(crate::clock::now_us(), 100, 1_000);
     assert_eq!(owns[0].count.value(crate::clock::now_us()), 2_000, "settled to what the two used");
     assert!(cache.admit(&owns, &[], Reservation { tokens: 100, cost_nanos: 6_000 }).is_ok());
+}
+
+#[test]
+fn a_worst_case_beyond_the_headroom_reserves_the_headroom_only() {
+    use tollgate_schemas::rules::Window;
+    let cache = DecisionCache::new(false);
+    let owns = [OwnHold {
+        count: cache.own_counts().get("budget/team:t", &Window::Sliding { seconds: 3600 }),
+        measure: Measure::CostNanos,
+        limit: 10_000,
+    }];
+    cache.apply(KEY, Some(decision(DecisionState::Watch, Measure::CostNanos, 5_000, 1)));
+    let watches = watch_of(&cache, false);
+    // A caller's `max_tokens` of 10^12 priced at the output rate saturates the cost.
+    let huge = cache.admit(&owns, &watches, Reservation { tokens: 10, cost_nanos: i64::MAX }).unwrap();
+    let now = crate::clock::now_us();
+    assert_eq!(owns[0].count.value(now), 10_000, "the count stops at the limit");
+    assert_eq!(cache.get(KEY).unwrap().local(), 5_000, "the local count stops at the headroom");
+    assert!(cache.admit(&owns, &[], res(1)).is_err(), "the scope is refused while it is in flight");
+    huge.settle(now, 10, 700);
+    assert_eq!(owns[0].count.value(now), 700, "settled to what it used");
+    assert_eq!(cache.get(KEY).unwrap().local(), 700);
+    assert!(cache.admit(&owns, &watches, res(1)).is_ok(), "and the scope has room again");
 }
