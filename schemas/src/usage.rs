@@ -308,6 +308,40 @@ mod tests {
             let back: UsageEvent = codec.decode(&bytes).unwrap();
             prop_assert_eq!(back, ev);
         }
+
+        /// The fast path (serde_avro_fast, straight into the struct) reads what apache-avro's
+        /// generic decoder reads, and refuses what it refuses: every truncation, one more byte.
+        #[test]
+        fn the_fast_decoder_agrees_with_apache_avro(ev in event(), cut in 0usize..400) {
+            let codec = UsageEvent::codec().unwrap();
+            let bytes = codec.encode(&ev).unwrap();
+            let body = &bytes[10..];
+            let generic = |b: &[u8]| {
+                let mut r = b;
+                let v = apache_avro::from_avro_datum(codec.schema(), &mut r, None).ok()?;
+                r.is_empty().then(|| apache_avro::from_value::<UsageEvent>(&v).ok()).flatten()
+            };
+            prop_assert_eq!(generic(body), Some(ev.clone()));
+            let cut = cut.min(body.len().saturating_sub(1));
+            let truncated = [&bytes[..10], &body[..cut]].concat();
+            prop_assert!(codec.decode::<UsageEvent>(&truncated).is_err(), "cut at {}", cut);
+            let longer = [bytes.as_slice(), &[0]].concat();
+            prop_assert!(codec.decode::<UsageEvent>(&longer).is_err());
+        }
+    }
+
+    #[test]
+    fn a_huge_array_length_is_refused_before_allocating() {
+        let codec = UsageEvent::codec().unwrap();
+        let ev = UsageEvent { fallback_path: vec!["a".into()], ..UsageEvent::example("e".into(), None, 1) };
+        let bytes = codec.encode(&ev).unwrap();
+        // fallback_path's block count 1 (zigzag 0x02) followed by the one-byte string "a".
+        let at = bytes.windows(3).position(|w| w == [0x02, 0x02, b'a']).unwrap();
+        let mut forged = bytes[..at].to_vec();
+        forged.extend_from_slice(&[0xFE, 0xFF, 0xFF, 0xFF, 0x0F]); // 2^31 - 1 entries
+        forged.extend_from_slice(&bytes[at + 1..]);
+        let err = codec.decode::<UsageEvent>(&forged).unwrap_err();
+        assert!(matches!(err, crate::avro::CodecError::Decode(_)), "{err}");
     }
 
     #[test]
