@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod report;
 pub mod sink;
 pub mod window;
+mod writer;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -21,7 +22,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clickhouse::Client;
 use metrics_exporter_prometheus::PrometheusHandle;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::BorrowedMessage;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio::net::TcpListener;
@@ -33,10 +34,8 @@ use tollgate_schemas::usage::UsageEvent;
 use tracing::{debug, error, info, warn};
 
 use group::{MeterContext, Rebalance};
-use tollgate_store::rows::{CheckpointRow, PositionRow, UsageRow};
-use tollgate_store::tables;
+use tollgate_store::rows::UsageRow;
 use tollgate_store::{ClickHouseConfig, migrate};
-use window::Windows;
 
 /// Default of `Config::final_flush_timeout`.
 pub const FINAL_FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -144,26 +143,61 @@ async fn consume(config: &Config, shutdown: &CancellationToken) -> anyhow::Resul
     let (context, mut rebalances) = MeterContext::new(&topic);
     let consumer: Arc<StreamConsumer<MeterContext>> =
         Arc::new(cc.create_with_context(context).context("creating the Kafka consumer")?);
+    // The writer's retries end `final_flush_timeout` after shutdown: what it could not write by
+    // then is read again from the checkpoints by the next start.
+    let stop_writing = CancellationToken::new();
+    let (writer, writing) =
+        writer::spawn(config.clickhouse.client(), Arc::clone(&consumer), topic.clone(), stop_writing.clone());
     let mut meter = Meter {
         ch: config.clickhouse.client(),
         consumer: Arc::clone(&consumer),
         topic: topic.clone(),
         batch: Vec::with_capacity(config.batch_max_rows.min(100_000)),
+        batch_max_rows: config.batch_max_rows,
         last: BTreeMap::new(),
         deadline: None,
-        windows: Windows::default(),
+        writer,
         owned: BTreeSet::new(),
+    };
+    let finish = |mut meter: Meter, stopped_cleanly: bool| async move {
+        let unsent = meter.batch.len();
+        // Shutting down: the batch being read goes to the writer, which writes what it holds.
+        if stopped_cleanly {
+            let _ = meter.hand_over().await;
+        }
+        let Meter { writer, .. } = meter;
+        drop(writer);
+        let timeout = tokio::spawn({
+            let stop = stop_writing.clone();
+            let after = config.final_flush_timeout;
+            async move {
+                tokio::time::sleep(after).await;
+                stop.cancel();
+            }
+        });
+        let wrote_all = writing.await.unwrap_or(false);
+        timeout.abort();
+        if !wrote_all {
+            warn!(
+                unsent,
+                "clickhouse unavailable at shutdown; the next start reads what was not written again from the checkpoints"
+            );
+        }
     };
     match config.mode {
         Mode::Standalone => {
             let Some(partitions) = wait_for_partitions(&consumer, &topic, shutdown, Duration::from_secs(1)).await
             else {
+                finish(meter, false).await;
                 return Ok(());
             };
             let stored =
                 retry_clickhouse(shutdown, "reading checkpoints", || tollgate_store::checkpoints(&meter.ch, &topic))
                     .await;
-            let Some(stored) = stored else { return Ok(()) };
+            let Some(stored) = stored else {
+                finish(meter, false).await;
+                return Ok(());
+            };
             // One meter reads every partition, from where ClickHouse's windows end (not from the
             // group's committed offsets, which are written for monitoring only). Raw rows past it
             // are written again and collapse on event_id; the windows skip what they already cover.
@@ -181,7 +215,7 @@ async fn consume(config: &Config, shutdown: &CancellationToken) -> anyhow::Resul
 
     let codec = UsageEvent::codec()?;
     let stopped_cleanly = loop {
-        let flush_now = tokio::select! {
+        let hand_over = tokio::select! {
             biased;
             () = shutdown.cancelled() => break true,
             Some(event) = rebalances.recv() => {
@@ -195,7 +229,6 @@ async fn consume(config: &Config, shutdown: &CancellationToken) -> anyhow::Resul
                 Ok(m) => {
                     metrics::consumed();
                     if meter.owned.contains(&m.partition()) {
-                        meter.windows.consumed(m.partition(), m.offset());
                         match decode(&codec, m.payload()) {
                             Ok(ev) => meter.batch.push(UsageRow::new(ev, &topic, m.partition(), m.offset())),
                             Err(e) => {
@@ -221,20 +254,10 @@ async fn consume(config: &Config, shutdown: &CancellationToken) -> anyhow::Resul
                 }
             },
         };
-        if flush_now && !meter.flush(shutdown).await {
+        if hand_over && !meter.hand_over().await {
             break false;
         }
     };
-    // Shutting down: write what was read; if ClickHouse is away, it is read again next start.
-    if stopped_cleanly && !meter.batch.is_empty() {
-        let rows = meter.batch.len();
-        if !meter.flush(&tollgate_runtime::cancelled_after(config.final_flush_timeout)).await {
-            warn!(
-                rows,
-                "clickhouse unavailable at shutdown; the next start reads these rows again from the checkpoints"
-            );
-        }
-    }
     // Nothing reads the rebalance queue from here: the callback answers librdkafka itself while
     // the consumer closes (revoke, leave the group), and what is queued is answered now.
     consumer.context().loop_stopped();
@@ -243,7 +266,7 @@ async fn consume(config: &Config, shutdown: &CancellationToken) -> anyhow::Resul
             debug!(error = %e, ?event, "rebalance not applied while closing");
         }
     }
-    drop(meter);
+    finish(meter, stopped_cleanly).await;
     // Closing a group member waits on the broker: keep it off the async workers.
     let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
     Ok(())
@@ -259,17 +282,19 @@ fn at_checkpoints(topic: &str, partitions: &[i32], stored: &BTreeMap<i32, i64>) 
     Ok(tpl)
 }
 
-/// The consume loop's state: what was read since the last flush and the windows it feeds.
+/// The consume loop's state: what was read since the last hand-over to the writer.
 struct Meter {
     ch: Client,
     consumer: Arc<StreamConsumer<MeterContext>>,
     topic: String,
     batch: Vec<UsageRow>,
-    /// Last offset read per partition since the last flush (decodable or not).
+    batch_max_rows: usize,
+    /// Last offset read per partition since the last hand-over (decodable or not).
     last: BTreeMap<i32, i64>,
-    /// When the batch is written at the latest.
+    /// When the batch is handed over at the latest.
     deadline: Option<Instant>,
-    windows: Windows,
+    /// Writes handed-over batches, their windows and checkpoints (see `writer`).
+    writer: writer::WriterHandle,
     /// Partitions this meter reads now: all of them standalone, its assignment in a group.
     owned: BTreeSet<i32>,
 }
@@ -279,10 +304,10 @@ impl Meter {
     async fn rebalance(&mut self, event: Rebalance, shutdown: &CancellationToken) -> bool {
         match event {
             Rebalance::Assign(partitions) => self.assign(partitions, shutdown).await,
-            Rebalance::Revoke { partitions, lost } => self.revoke(&partitions, lost, shutdown).await,
+            Rebalance::Revoke { partitions, lost } => self.revoke(&partitions, lost).await,
             Rebalance::Error { partitions, error } => {
                 warn!(%error, ?partitions, "consumer group rebalance failed; dropping the partitions");
-                self.revoke(&partitions, true, shutdown).await
+                self.revoke(&partitions, true).await
             }
         }
     }
@@ -301,8 +326,10 @@ impl Meter {
         // one not have, what memory holds of the old assignment is dropped all the same.
         let before =
             if group::cooperative(&*self.consumer) { BTreeSet::new() } else { std::mem::take(&mut self.owned) };
-        for p in before.iter().chain(&partitions) {
-            self.forget(*p);
+        let forget: Vec<i32> = before.iter().chain(&partitions).copied().collect();
+        if !self.forget(forget).await {
+            let _ = group::assign(&*self.consumer, &group::list(&self.topic, &partitions));
+            return false;
         }
         let tpl = match at_checkpoints(&self.topic, &partitions, &stored) {
             Ok(tpl) => tpl,
@@ -323,7 +350,7 @@ impl Meter {
 
     /// Gives up `partitions` (eager protocols: all), after writing what was read of them unless
     /// the assignment is already lost. Nothing of them stays in memory.
-    async fn revoke(&mut self, partitions: &[i32], lost: bool, shutdown: &CancellationToken) -> bool {
+    async fn revoke(&mut self, partitions: &[i32], lost: bool) -> bool {
         metrics::rebalance(if lost { "lost" } else { "revoke" });
         let gone: BTreeSet<i32> = if group::cooperative(&*self.consumer) {
             partitions.iter().copied().collect()
@@ -331,119 +358,42 @@ impl Meter {
             self.owned.iter().chain(partitions).copied().collect()
         };
         let unwritten = self.batch.len();
-        // Not lost: the partitions are this meter's until it unassigns, so the batch is written
-        // and the next owner starts exactly where it ends.
-        let flushed = lost || self.flush(shutdown).await;
+        // Not lost: the partitions are this meter's until it unassigns, so everything read is
+        // written and the next owner starts exactly where it ends. Lost: batches the writer
+        // already holds are still written; every window row is an absolute total versioned by
+        // the offset it covers, so a late write by this meter never adds to the new owner's.
+        let flushed = lost || (self.hand_over().await && self.writer.drained().await);
         let dropped = self.batch.iter().filter(|r| gone.contains(&r.kafka_partition)).count();
-        for p in &gone {
-            self.forget(*p);
-        }
+        let forgotten = self.forget(gone.iter().copied().collect()).await;
         self.owned.retain(|p| !gone.contains(p));
         if let Err(e) = group::unassign(&*self.consumer, &group::list(&self.topic, partitions)) {
             warn!(error = %e, ?partitions, "unassigning partitions failed");
         }
         info!(partitions = ?gone, lost, unwritten, dropped, owned = ?self.owned, "partitions revoked");
-        flushed
+        flushed && forgotten
     }
 
-    /// Drops every unwritten row, offset and window of `partition`: the next owner replays it
-    /// from the checkpoint.
-    fn forget(&mut self, partition: i32) {
-        self.batch.retain(|r| r.kafka_partition != partition);
-        self.last.remove(&partition);
+    /// Drops every unwritten row, offset and window of `partitions`: the next owner replays
+    /// them from the checkpoint. False once the writer has stopped.
+    async fn forget(&mut self, partitions: Vec<i32>) -> bool {
+        self.batch.retain(|r| !partitions.contains(&r.kafka_partition));
+        self.last.retain(|p, _| !partitions.contains(p));
         if self.batch.is_empty() && self.last.is_empty() {
             self.deadline = None;
         }
-        self.windows.forget(partition);
+        self.writer.send(writer::Job::Forget(partitions)).await
     }
 
-    /// Writes the batch's raw rows, then its windows, then the checkpoint, each retried while
-    /// ClickHouse is away; then records the position in the consumer group. A crash between any
-    /// two steps is repaired by the replay from the checkpoint. Returns false when shutdown
-    /// interrupted the retries.
-    async fn flush(&mut self, shutdown: &CancellationToken) -> bool {
-        let Meter { ch, consumer, topic, batch, last, windows, deadline, .. } = self;
-        let ch: &Client = ch;
-        let started = Instant::now();
-        if !batch.is_empty() {
-            let rows: &[UsageRow] = batch;
-            if retry_clickhouse(shutdown, "inserting usage rows", || sink::insert(ch, rows)).await.is_none() {
-                return false;
-            }
-            // Re-sent copies of an event count once, at the event's first position.
-            let Some(counted) =
-                retry_clickhouse(shutdown, "reading earlier copies", || sink::first_copies(ch, topic, rows)).await
-            else {
-                return false;
-            };
-            let positions: Vec<PositionRow> = rows.iter().map(PositionRow::of).collect();
-            if retry_clickhouse(shutdown, "writing event positions", || {
-                tollgate_store::insert_rows(ch, tables::EVENT_POSITIONS, &positions)
-            })
-            .await
-            .is_none()
-            {
-                return false;
-            }
-            metrics::resent(rows.len() - counted.len());
-            let missing = windows.missing(counted.iter().copied());
-            if !missing.is_empty() {
-                let Some((w, s)) =
-                    retry_clickhouse(shutdown, "reading windows", || sink::load_windows(ch, &missing)).await
-                else {
-                    return false;
-                };
-                windows.load(w, s);
-            }
-            windows.apply(counted.iter().copied());
-            let (w, s) = windows.dirty();
-            if retry_clickhouse(shutdown, "writing windows", || {
-                tollgate_store::insert_rows(ch, tables::USAGE_WINDOWS, &w)
-            })
-            .await
-            .is_none()
-                || retry_clickhouse(shutdown, "writing session hours", || {
-                    tollgate_store::insert_rows(ch, tables::SESSION_HOURS, &s)
-                })
-                .await
-                .is_none()
-            {
-                return false;
-            }
-            windows.written();
-            metrics::inserted(rows.len(), started.elapsed().as_secs_f64());
-            debug!(rows = rows.len(), windows = w.len(), sessions = s.len(), "batch written");
+    /// Hands the batch and its offsets to the writer and starts the next one; waits only while
+    /// the writer already holds a batch. False once the writer has stopped.
+    async fn hand_over(&mut self) -> bool {
+        self.deadline = None;
+        if self.batch.is_empty() && self.last.is_empty() {
+            return true;
         }
-        batch.clear();
-        let marks: Vec<CheckpointRow> = last
-            .iter()
-            .map(|(p, o)| CheckpointRow {
-                topic: topic.clone(),
-                kafka_partition: *p,
-                next_offset: u64::try_from(o + 1).unwrap_or(0),
-            })
-            .collect();
-        if retry_clickhouse(shutdown, "writing checkpoints", || {
-            tollgate_store::insert_rows(ch, tables::METER_CHECKPOINTS, &marks)
-        })
-        .await
-        .is_none()
-        {
-            return false;
-        }
-        let mut tpl = TopicPartitionList::new();
-        for (p, o) in last.iter() {
-            if tpl.add_partition_offset(topic.as_str(), *p, Offset::Offset(o + 1)).is_err() {
-                continue;
-            }
-        }
-        if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
-            debug!(error = %e, "offset commit failed (informational only)");
-        }
-        last.clear();
-        *deadline = None;
-        windows.evict(MAX_OPEN_WINDOWS);
-        true
+        let rows = std::mem::replace(&mut self.batch, Vec::with_capacity(self.batch_max_rows.min(100_000)));
+        let last = std::mem::take(&mut self.last);
+        self.writer.send(writer::Job::Write { rows, last }).await
     }
 }
 
@@ -499,9 +449,6 @@ fn decode(codec: &AvroCodec, payload: Option<&[u8]>) -> Result<UsageEvent, Strin
         None => Ok(ev),
     }
 }
-
-/// Most windows kept in memory before clean ones are dropped (they are re-read on demand).
-const MAX_OPEN_WINDOWS: usize = 500_000;
 
 /// Retries a ClickHouse call with capped exponential backoff until it succeeds or shutdown.
 async fn retry_clickhouse<T, F, Fut>(shutdown: &CancellationToken, what: &str, f: F) -> Option<T>
