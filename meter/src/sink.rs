@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use clickhouse::Client;
 use tollgate_store::rows::{SessionRow, UsageRow, WindowRow};
-use tollgate_store::tables;
+use tollgate_store::{IN_ARRAY, tables};
 
 use crate::metrics;
 use crate::window::{Missing, SessionKey, WindowKey};
@@ -54,16 +54,11 @@ pub async fn load_windows(
             .collect::<Vec<_>>()
             .join(" OR ");
         let sql = format!(
-            "SELECT ?fields FROM {} FINAL WHERE ({narrow}) AND project IN ({}) AND team IN ({}) AND user_id IN ({})",
+            "SELECT ?fields FROM {} FINAL WHERE ({narrow}) AND project IN {IN_ARRAY} AND team IN {IN_ARRAY} \
+             AND user_id IN {IN_ARRAY}",
             tables::USAGE_WINDOWS,
-            marks(projects.len()),
-            marks(teams.len()),
-            marks(users.len()),
         );
-        let mut q = client.query(&sql);
-        for v in projects.into_iter().chain(teams).chain(users) {
-            q = q.bind(v);
-        }
+        let q = client.query(&sql).bind(as_vec(projects)).bind(as_vec(teams)).bind(as_vec(users));
         windows.extend(q.fetch_all::<WindowRow>().await?);
     }
     let mut sessions = Vec::new();
@@ -74,35 +69,26 @@ pub async fn load_windows(
         let tags: BTreeSet<&str> = chunk.iter().map(|k| k.workflow_tag.as_str()).collect();
         let ids: BTreeSet<&str> = chunk.iter().map(|k| k.session_id.as_str()).collect();
         let sql = format!(
-            "SELECT ?fields FROM {} FINAL WHERE hour IN ({}) AND workflow_tag IN ({}) AND session_id IN ({}) \
-             AND kafka_partition IN ({})",
+            "SELECT ?fields FROM {} FINAL WHERE hour IN ({}) AND workflow_tag IN {IN_ARRAY} \
+             AND session_id IN {IN_ARRAY} AND kafka_partition IN ({})",
             tables::SESSION_HOURS,
             join(hours.iter().map(|h| format!("toDateTime({h})"))),
-            marks(tags.len()),
-            marks(ids.len()),
             join(parts.iter()),
         );
-        let mut q = client.query(&sql);
-        for v in tags.into_iter().chain(ids) {
-            q = q.bind(v);
-        }
+        let q = client.query(&sql).bind(as_vec(tags)).bind(as_vec(ids));
         sessions.extend(q.fetch_all::<SessionRow>().await?);
     }
     metrics::read_back(windows.len(), sessions.len());
     Ok((windows, sessions))
 }
 
-/// `n` bind markers.
-fn marks(n: usize) -> String {
-    vec!["?"; n].join(",")
+fn as_vec(set: BTreeSet<&str>) -> Vec<&str> {
+    set.into_iter().collect()
 }
 
 fn join<T: std::fmt::Display>(items: impl Iterator<Item = T>) -> String {
     items.map(|i| i.to_string()).collect::<Vec<_>>().join(",")
 }
-
-/// Event ids looked up per query (a few tens of KiB of SQL).
-const ID_LOOKUP_CHUNK: usize = 1000;
 
 /// The rows of `rows` (read from `topic`) that are the first copy of their event: the copy at
 /// the smallest position (partition, offset) among the batch and every position
@@ -122,21 +108,9 @@ pub async fn first_copies<'a>(
         first.entry(r.event_id.as_str()).and_modify(|f| *f = (*f).min(at)).or_insert(at);
     }
     let ids: Vec<&str> = first.keys().copied().collect();
-    for chunk in ids.chunks(ID_LOOKUP_CHUNK) {
-        let sql = format!(
-            "SELECT event_id, kafka_partition, min(kafka_offset) FROM {} WHERE kafka_topic = ? AND event_id IN ({}) \
-             GROUP BY event_id, kafka_partition",
-            tables::EVENT_POSITIONS,
-            vec!["?"; chunk.len()].join(",")
-        );
-        let mut q = client.query(&sql).bind(topic);
-        for id in chunk {
-            q = q.bind(*id);
-        }
-        for (id, partition, offset) in q.fetch_all::<(String, i32, i64)>().await? {
-            if let Some(f) = first.get_mut(id.as_str()) {
-                *f = (*f).min((partition, offset));
-            }
+    for (id, at) in tollgate_store::first_positions(client, topic, &ids).await? {
+        if let Some(f) = first.get_mut(id.as_str()) {
+            *f = (*f).min(at);
         }
     }
     Ok(rows.iter().filter(|r| first.get(r.event_id.as_str()) == Some(&(r.kafka_partition, r.kafka_offset))).collect())

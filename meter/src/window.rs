@@ -5,8 +5,10 @@
 //! event replayed after a crash is added only to windows whose covered offset is below it, so a
 //! replay neither loses nor double-counts, whatever step the crash interrupted.
 
-use std::collections::{BTreeSet, HashMap};
+use std::hash::{Hash, Hasher, RandomState};
+use std::sync::Arc;
 
+use hashbrown::{Equivalent, HashMap, HashSet};
 use tollgate_store::rows::UsageRow;
 pub use tollgate_store::rows::{SessionRow, WindowRow};
 
@@ -89,6 +91,96 @@ pub struct Dims {
     pub model_version: String,
 }
 
+/// A row's dimensions, borrowed: looks up the interned `Dims` without building one. Hashes as
+/// `Dims` does (each field as a `str`, in order).
+struct DimsOf<'a>(&'a UsageRow);
+
+impl DimsOf<'_> {
+    fn fields(&self) -> [&str; 11] {
+        let r = self.0;
+        [
+            &r.project,
+            &r.team,
+            &r.user_id,
+            &r.cost_center,
+            &r.workflow_tag,
+            &r.environment,
+            &r.api_key_id,
+            &r.virtual_model,
+            &r.provider,
+            &r.model,
+            &r.model_version,
+        ]
+    }
+}
+
+impl Hash for DimsOf<'_> {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        for f in self.fields() {
+            f.hash(h);
+        }
+    }
+}
+
+impl Equivalent<Arc<Dims>> for DimsOf<'_> {
+    fn equivalent(&self, d: &Arc<Dims>) -> bool {
+        self.fields()
+            == [
+                d.project.as_str(),
+                &d.team,
+                &d.user_id,
+                &d.cost_center,
+                &d.workflow_tag,
+                &d.environment,
+                &d.api_key_id,
+                &d.virtual_model,
+                &d.provider,
+                &d.model,
+                &d.model_version,
+            ]
+    }
+}
+
+/// One dimension combination, shared by every window of it (interned by `Windows`): keys
+/// clone it by reference count and compare and hash it by address, where each of a row's eight
+/// key lookups cloned, hashed and compared eleven strings.
+#[derive(Debug, Clone)]
+pub struct DimsRef(Arc<Dims>);
+
+impl std::ops::Deref for DimsRef {
+    type Target = Dims;
+    fn deref(&self) -> &Dims {
+        &self.0
+    }
+}
+
+impl PartialEq for DimsRef {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for DimsRef {}
+
+impl Hash for DimsRef {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        std::ptr::hash(Arc::as_ptr(&self.0), h);
+    }
+}
+
+/// By content, which agrees with `Eq` since equal combinations are one allocation.
+impl Ord for DimsRef {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        if Arc::ptr_eq(&self.0, &other.0) { std::cmp::Ordering::Equal } else { (*self.0).cmp(&*other.0) }
+    }
+}
+
+impl PartialOrd for DimsRef {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
 impl Dims {
     fn of(r: &UsageRow) -> Self {
         Dims {
@@ -112,7 +204,7 @@ pub struct WindowKey {
     pub granularity: Granularity,
     pub start: u32,
     pub partition: i32,
-    pub dims: Dims,
+    pub dims: DimsRef,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -154,6 +246,57 @@ pub struct SessionKey {
     pub partition: i32,
 }
 
+/// A row's session key, borrowed: hashes as `SessionKey` does (fields in order).
+struct SessionOf<'a>(&'a UsageRow);
+
+impl SessionOf<'_> {
+    fn hour(&self) -> u32 {
+        Granularity::Hour.start(self.0.ended_at)
+    }
+
+    fn owned(&self) -> SessionKey {
+        let r = self.0;
+        SessionKey {
+            hour: self.hour(),
+            workflow_tag: r.workflow_tag.clone(),
+            session_id: r.session_id.clone(),
+            project: r.project.clone(),
+            team: r.team.clone(),
+            user_id: r.user_id.clone(),
+            partition: r.kafka_partition,
+        }
+    }
+}
+
+impl Hash for SessionOf<'_> {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        let r = self.0;
+        self.hour().hash(h);
+        r.workflow_tag.hash(h);
+        r.session_id.hash(h);
+        r.project.hash(h);
+        r.team.hash(h);
+        r.user_id.hash(h);
+        r.kafka_partition.hash(h);
+    }
+}
+
+impl Equivalent<SessionKey> for SessionOf<'_> {
+    fn equivalent(&self, k: &SessionKey) -> bool {
+        let r = self.0;
+        k.hour == self.hour()
+            && k.partition == r.kafka_partition
+            && (k.session_id.as_str(), k.workflow_tag.as_str(), k.project.as_str(), k.team.as_str(), k.user_id.as_str())
+                == (
+                    r.session_id.as_str(),
+                    r.workflow_tag.as_str(),
+                    r.project.as_str(),
+                    r.team.as_str(),
+                    r.user_id.as_str(),
+                )
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SessionTotals {
     pub requests: i64,
@@ -171,13 +314,19 @@ struct Entry<T> {
 }
 
 /// Open windows in memory. Anything not in memory is loaded from ClickHouse before use, so
-/// eviction only costs a read.
+/// eviction only costs a read. Maps keyed by what callers choose (session ids, users) hash with
+/// SipHash's random keys.
 #[derive(Debug, Default)]
 pub struct Windows {
-    windows: HashMap<WindowKey, Entry<Totals>>,
-    sessions: HashMap<SessionKey, Entry<SessionTotals>>,
+    windows: HashMap<WindowKey, Entry<Totals>, RandomState>,
+    sessions: HashMap<SessionKey, Entry<SessionTotals>, RandomState>,
+    /// Every dimension combination a held window has (and those of the batch being applied).
+    dims: HashSet<Arc<Dims>, RandomState>,
+    /// Keys changed since the last `written`, so writing costs what changed, not what is held.
+    dirty_windows: Vec<WindowKey>,
+    dirty_sessions: Vec<SessionKey>,
     /// Last offset this process consumed per partition.
-    consumed: HashMap<i32, i64>,
+    consumed: std::collections::HashMap<i32, i64>,
 }
 
 /// Windows and sessions a batch touches that are not in memory: ClickHouse may hold them. Only
@@ -185,8 +334,8 @@ pub struct Windows {
 /// hour or month holds.
 #[derive(Debug, Default)]
 pub struct Missing {
-    pub windows: BTreeSet<WindowKey>,
-    pub sessions: BTreeSet<SessionKey>,
+    pub windows: HashSet<WindowKey, RandomState>,
+    pub sessions: HashSet<SessionKey, RandomState>,
 }
 
 impl Missing {
@@ -211,26 +360,13 @@ impl WindowKey {
     }
 }
 
-fn window_keys(r: &UsageRow) -> impl Iterator<Item = WindowKey> + '_ {
-    let dims = Dims::of(r);
+fn window_keys(r: &UsageRow, dims: DimsRef) -> impl Iterator<Item = WindowKey> + '_ {
     Granularity::ALL.into_iter().map(move |g| WindowKey {
         granularity: g,
         start: g.start(r.ended_at),
         partition: r.kafka_partition,
         dims: dims.clone(),
     })
-}
-
-fn session_key(r: &UsageRow) -> SessionKey {
-    SessionKey {
-        hour: Granularity::Hour.start(r.ended_at),
-        workflow_tag: r.workflow_tag.clone(),
-        session_id: r.session_id.clone(),
-        project: r.project.clone(),
-        team: r.team.clone(),
-        user_id: r.user_id.clone(),
-        partition: r.kafka_partition,
-    }
 }
 
 impl Windows {
@@ -242,6 +378,27 @@ impl Windows {
         self.len() == 0
     }
 
+    /// The interned combination of `r`'s dimensions (allocated the first time it is seen).
+    fn intern(&mut self, r: &UsageRow) -> DimsRef {
+        DimsRef(Arc::clone(self.dims.get_or_insert_with(&DimsOf(r), |_| Arc::new(Dims::of(r)))))
+    }
+
+    fn intern_dims(&mut self, d: Dims) -> DimsRef {
+        match self.dims.get(&d) {
+            Some(held) => DimsRef(Arc::clone(held)),
+            None => {
+                let d = Arc::new(d);
+                self.dims.insert(Arc::clone(&d));
+                DimsRef(d)
+            }
+        }
+    }
+
+    /// Drops combinations no held window has any more.
+    fn prune_dims(&mut self) {
+        self.dims.retain(|d| Arc::strong_count(d) > 1);
+    }
+
     /// Notes each consumed offset, in order. When a partition's offsets jump forward, another
     /// meter owned it in between (a rebalance), so what memory holds of it is stale: it is
     /// dropped and read again from ClickHouse on demand. A jump backwards is a replay, which
@@ -250,6 +407,7 @@ impl Windows {
         if self.consumed.insert(partition, offset).is_some_and(|last| offset > last + 1) {
             self.windows.retain(|k, _| k.partition != partition);
             self.sessions.retain(|k, _| k.partition != partition);
+            self.prune_dims();
         }
     }
 
@@ -259,21 +417,25 @@ impl Windows {
     pub fn forget(&mut self, partition: i32) {
         self.windows.retain(|k, _| k.partition != partition);
         self.sessions.retain(|k, _| k.partition != partition);
+        self.dirty_windows.retain(|k| k.partition != partition);
+        self.dirty_sessions.retain(|k| k.partition != partition);
         self.consumed.remove(&partition);
+        self.prune_dims();
     }
 
     /// What must be read from ClickHouse before `apply(rows)`.
-    pub fn missing<'a>(&self, rows: impl IntoIterator<Item = &'a UsageRow>) -> Missing {
+    pub fn missing<'a>(&mut self, rows: impl IntoIterator<Item = &'a UsageRow>) -> Missing {
         let mut m = Missing::default();
         for r in rows {
-            for k in window_keys(r) {
+            let dims = self.intern(r);
+            for k in window_keys(r, dims) {
                 if !self.windows.contains_key(&k) {
                     m.windows.insert(k);
                 }
             }
-            let s = session_key(r);
-            if !self.sessions.contains_key(&s) {
-                m.sessions.insert(s);
+            let s = SessionOf(r);
+            if !self.sessions.contains_key(&s) && !m.sessions.contains(&s) {
+                m.sessions.insert(s.owned());
             }
         }
         m
@@ -287,7 +449,7 @@ impl Windows {
                 granularity,
                 start: w.window_start,
                 partition: w.kafka_partition,
-                dims: Dims {
+                dims: self.intern_dims(Dims {
                     project: w.project,
                     team: w.team,
                     user_id: w.user_id,
@@ -299,7 +461,7 @@ impl Windows {
                     provider: w.provider,
                     model: w.model,
                     model_version: w.model_version,
-                },
+                }),
             };
             let totals = Totals {
                 requests: w.requests,
@@ -340,26 +502,44 @@ impl Windows {
     /// `load` of what `missing` named: a window absent from memory is taken to be new.
     pub fn apply<'a>(&mut self, rows: impl IntoIterator<Item = &'a UsageRow>) {
         for r in rows {
-            for k in window_keys(r) {
-                let e = self.windows.entry(k).or_insert(Entry { totals: Totals::default(), covered: -1, dirty: false });
+            let dims = self.intern(r);
+            for k in window_keys(r, dims) {
+                let e = match self.windows.get_mut(&k) {
+                    Some(e) => e,
+                    None => self.windows.entry(k.clone()).or_insert(Entry {
+                        totals: Totals::default(),
+                        covered: -1,
+                        dirty: false,
+                    }),
+                };
                 if r.kafka_offset > e.covered {
                     e.totals.add(r);
                     e.covered = r.kafka_offset;
-                    e.dirty = true;
+                    if !e.dirty {
+                        e.dirty = true;
+                        self.dirty_windows.push(k);
+                    }
                 }
             }
-            let e = self.sessions.entry(session_key(r)).or_insert(Entry {
-                totals: SessionTotals::default(),
-                covered: -1,
-                dirty: false,
-            });
+            let s = SessionOf(r);
+            let e = match self.sessions.get_mut(&s) {
+                Some(e) => e,
+                None => self.sessions.entry(s.owned()).or_insert(Entry {
+                    totals: SessionTotals::default(),
+                    covered: -1,
+                    dirty: false,
+                }),
+            };
             if r.kafka_offset > e.covered {
                 e.totals.requests = e.totals.requests.saturating_add(1);
                 e.totals.input_tokens = e.totals.input_tokens.saturating_add(r.input_tokens);
                 e.totals.output_tokens = e.totals.output_tokens.saturating_add(r.output_tokens);
                 e.totals.cost_nanos = e.totals.cost_nanos.saturating_add(r.cost_nanos);
                 e.covered = r.kafka_offset;
-                e.dirty = true;
+                if !e.dirty {
+                    e.dirty = true;
+                    self.dirty_sessions.push(s.owned());
+                }
             }
         }
     }
@@ -367,9 +547,9 @@ impl Windows {
     /// Rows for every window changed since the last call.
     pub fn dirty(&self) -> (Vec<WindowRow>, Vec<SessionRow>) {
         let windows = self
-            .windows
+            .dirty_windows
             .iter()
-            .filter(|(_, e)| e.dirty)
+            .filter_map(|k| Some((k, self.windows.get(k)?)))
             .map(|(k, e)| WindowRow {
                 granularity: k.granularity.as_str().to_owned(),
                 window_start: k.start,
@@ -398,9 +578,9 @@ impl Windows {
             })
             .collect();
         let sessions = self
-            .sessions
+            .dirty_sessions
             .iter()
-            .filter(|(_, e)| e.dirty)
+            .filter_map(|k| Some((k, self.sessions.get(k)?)))
             .map(|(k, e)| SessionRow {
                 hour: k.hour,
                 workflow_tag: k.workflow_tag.clone(),
@@ -421,8 +601,16 @@ impl Windows {
 
     /// Marks everything written; call once `dirty()`'s rows are in ClickHouse.
     pub fn written(&mut self) {
-        self.windows.values_mut().for_each(|e| e.dirty = false);
-        self.sessions.values_mut().for_each(|e| e.dirty = false);
+        for k in self.dirty_windows.drain(..) {
+            if let Some(e) = self.windows.get_mut(&k) {
+                e.dirty = false;
+            }
+        }
+        for k in self.dirty_sessions.drain(..) {
+            if let Some(e) = self.sessions.get_mut(&k) {
+                e.dirty = false;
+            }
+        }
     }
 
     /// Drops clean windows when memory holds more than `max` (they are re-read on demand).
@@ -430,6 +618,7 @@ impl Windows {
         if self.len() > max {
             self.windows.retain(|_, e| e.dirty);
             self.sessions.retain(|_, e| e.dirty);
+            self.prune_dims();
         }
     }
 }
@@ -660,6 +849,24 @@ mod tests {
         w.consumed(1, 7);
         w.apply(&[row(1, 7, 1_796_443_200, "a", 10)]);
         assert_eq!(w.len(), 10, "no jump is seen after a forget: partition 1 starts afresh");
+    }
+
+    #[test]
+    fn borrowed_keys_hash_and_compare_as_the_owned_ones() {
+        use std::hash::BuildHasher;
+        let hasher = RandomState::new();
+        let r = row(3, 7, 1_796_443_200, "a", 10);
+        assert_eq!(hasher.hash_one(DimsOf(&r)), hasher.hash_one(Dims::of(&r)));
+        assert!(DimsOf(&r).equivalent(&Arc::new(Dims::of(&r))));
+        let other = row(3, 7, 1_796_443_200, "b", 10);
+        assert!(!DimsOf(&other).equivalent(&Arc::new(Dims::of(&r))));
+        assert_eq!(hasher.hash_one(SessionOf(&r)), hasher.hash_one(SessionOf(&r).owned()));
+        assert!(SessionOf(&r).equivalent(&SessionOf(&r).owned()));
+        assert!(!SessionOf(&other).equivalent(&SessionOf(&r).owned()));
+        let mut w = Windows::default();
+        w.apply([&r, &r.clone()]);
+        assert_eq!(w.dims.len(), 1, "one combination, interned once");
+        assert_eq!(w.len(), 5, "four windows and one session hour");
     }
 
     #[test]

@@ -88,6 +88,64 @@ where
     insert.end().await
 }
 
+/// Event ids looked up per query (about 160 KiB of SQL, under ClickHouse's 256 KiB
+/// `max_query_size`).
+const ID_LOOKUP_CHUNK: usize = 4000;
+
+/// An IN set from one bound array: the client binds each `?` by scanning for the first unbound
+/// one, so thousands of markers cost quadratic time, where one array is one bind. ClickHouse
+/// still narrows by the primary key with a set from a subquery.
+pub const IN_ARRAY: &str = "(SELECT arrayJoin(?))";
+
+/// The first position (partition, offset) `event_positions` holds of each of `ids` read from
+/// `topic`; ids it does not hold are absent.
+pub async fn first_positions(
+    client: &Client,
+    topic: &str,
+    ids: &[&str],
+) -> Result<std::collections::HashMap<String, (i32, i64)>, clickhouse::error::Error> {
+    let mut first = std::collections::HashMap::with_capacity(ids.len());
+    for chunk in ids.chunks(ID_LOOKUP_CHUNK) {
+        let sql = format!(
+            "SELECT event_id, kafka_partition, min(kafka_offset) FROM {} WHERE kafka_topic = ? AND event_id IN {IN_ARRAY} \
+             GROUP BY event_id, kafka_partition",
+            tables::EVENT_POSITIONS,
+        );
+        for (id, partition, offset) in
+            client.query(&sql).bind(topic).bind(chunk).fetch_all::<(String, i32, i64)>().await?
+        {
+            first
+                .entry(id)
+                .and_modify(|f: &mut (i32, i64)| *f = (*f).min((partition, offset)))
+                .or_insert((partition, offset));
+        }
+    }
+    Ok(first)
+}
+
+/// Per partition of `topic`, the latest `ended_at_us` of the events before `next` (the meter's
+/// checkpoints): a copy of any of them ended no later.
+pub async fn latest_ended_before(
+    client: &Client,
+    topic: &str,
+    next: &BTreeMap<i32, i64>,
+) -> Result<BTreeMap<i32, i64>, clickhouse::error::Error> {
+    if next.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let below = next.iter().map(|(p, o)| format!("(kafka_partition = {p} AND kafka_offset < {o})")).collect::<Vec<_>>();
+    let rows: Vec<(i32, i64)> = client
+        .query(&format!(
+            "SELECT kafka_partition, max(ended_at_us) FROM {} WHERE kafka_topic = ? AND ({}) GROUP BY kafka_partition",
+            tables::USAGE_EVENTS,
+            below.join(" OR ")
+        ))
+        .bind(topic)
+        .fetch_all()
+        .await?;
+    Ok(rows.into_iter().collect())
+}
+
 /// Where the windows end, per partition of `topic`: the next offset to consume.
 pub async fn checkpoints(client: &Client, topic: &str) -> Result<BTreeMap<i32, i64>, clickhouse::error::Error> {
     let rows: Vec<(i32, u64)> = client
