@@ -11,10 +11,11 @@ pub mod guards;
 pub mod metrics;
 pub mod notify;
 pub mod rebuild;
+pub mod seen;
 pub mod topics;
 pub use tollgate_schemas::window;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,6 +39,7 @@ use tracing::{debug, error, info, warn};
 use engine::{Engine, Usage};
 use guards::{Guards, Sample};
 use notify::Notifier;
+use seen::{Seen, Verdict};
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -56,6 +58,11 @@ pub struct Config {
     /// How often scopes, alert ids and guard workflows whose windows have passed are forgotten,
     /// and idle `Clear` keys tombstoned.
     pub gc_every: Duration,
+    /// Event ids counted are remembered at least this long, and until the meter has recorded
+    /// them (see `seen`): a copy re-sent within it is told apart without asking ClickHouse.
+    pub seen_min_age: Duration,
+    /// Most event ids remembered; past it the oldest are forgotten early (counted).
+    pub seen_max_ids: usize,
     pub kafka_extra: Vec<(String, String)>,
     pub metrics: Option<PrometheusHandle>,
 }
@@ -73,6 +80,8 @@ impl Config {
             watch_pct: 50,
             evaluate_every: Duration::from_millis(10),
             gc_every: Duration::from_secs(30),
+            seen_min_age: Duration::from_secs(600),
+            seen_max_ids: 2_000_000,
             kafka_extra: Vec::new(),
             metrics: None,
         }
@@ -208,6 +217,22 @@ async fn enforce(
         "windows rebuilt from clickhouse"
     );
 
+    // Copies of the events the rebuild counted ended no later than the latest of them.
+    let Some(forgot_until) = tollgate_runtime::retry_with_backoff(
+        shutdown,
+        "clickhouse",
+        "reading when the counted events ended",
+        |_: &clickhouse::error::Error| {},
+        || tollgate_store::latest_ended_before(&ch, &config.usage_topic, &covered),
+    )
+    .await
+    else {
+        return Ok(Stopped::Shutdown);
+    };
+    let mut seen = Seen::new(forgot_until, i64::MIN, config.seen_min_age, config.seen_max_ids);
+    let mut doubtful: Vec<(UsageEvent, seen::Position)> = Vec::new();
+    let mut last_prune = Instant::now();
+
     info!(topic = %config.usage_topic, resume = ?covered, "enforcer consuming usage");
     // The next offset of each partition, so the consumer can be re-created where it is when it
     // switches between its active and quiet fetch waits (tollgate_runtime::kafka).
@@ -219,7 +244,6 @@ async fn enforce(
     let publisher = Publisher::new(producer, config)?;
     publisher.publish(&mut engine, &mut guards, notifier, now_us(), true).await;
 
-    let mut seen = RecentIds::default();
     let mut pending = 0usize;
     let mut oldest_pending: Option<i64> = None;
     let mut tick = tokio::time::interval(config.evaluate_every);
@@ -254,6 +278,13 @@ async fn enforce(
                     publisher.tombstone(&mut engine, tombstones, now).await;
                     last_gc = Instant::now();
                 }
+                if !doubtful.is_empty() || last_prune.elapsed() >= PRUNE_SEEN_EVERY {
+                    last_prune = Instant::now();
+                    let resolved = settle_seen(&ch, &config.usage_topic, &mut seen, &mut doubtful).await;
+                    for ev in resolved {
+                        count(&ev, &mut engine, &mut guards, &mut pending, &mut oldest_pending);
+                    }
+                }
                 if !quiet && last_event.elapsed() >= tollgate_runtime::kafka::QUIET_AFTER {
                     switch_to = Some(true);
                 }
@@ -272,19 +303,21 @@ async fn enforce(
                         set_aside(producer, config, &m, &why).await;
                     }
                     Some(Ok(ev)) => {
-                        if !seen.insert(&ev.event_id) {
-                            metrics::duplicate();
-                            continue;
-                        }
-                        metrics::event(ev.input_tokens, ev.output_tokens, ev.cost_nanos);
-                        if let Some(u) = Usage::of(&ev) {
-                            let now = now_us();
-                            engine.observe(&u, now);
-                            if let Some(s) = Sample::of(&ev) {
-                                guards.observe(&s, now);
+                        let at = (m.partition(), m.offset());
+                        match seen.check(&ev.event_id, at, ev.ended_at_us, Instant::now()) {
+                            Verdict::New => count(&ev, &mut engine, &mut guards, &mut pending, &mut oldest_pending),
+                            Verdict::Duplicate => metrics::duplicate(),
+                            Verdict::Doubtful if doubtful.len() < MAX_DOUBTFUL => {
+                                metrics::doubtful_waiting(doubtful.len() + 1);
+                                doubtful.push((ev, at));
                             }
-                            pending += 1;
-                            oldest_pending.get_or_insert(ev.ended_at_us);
+                            Verdict::Doubtful => {
+                                // Too many waiting (the meter is far behind): counting it may
+                                // count a copy twice, which errs toward enforcing, and is counted.
+                                metrics::doubtful("unverified");
+                                seen.remember(&ev.event_id, at, ev.ended_at_us, Instant::now());
+                                count(&ev, &mut engine, &mut guards, &mut pending, &mut oldest_pending);
+                            }
                         }
                     }
                     Some(Err(e)) => set_aside(producer, config, &m, &format!("cannot decode: {e}")).await,
@@ -544,25 +577,83 @@ impl<'a> Publisher<'a> {
     }
 }
 
-/// Event ids seen in the last 10 to 20 minutes: the ingress re-sends an event whose delivery it
-/// could not confirm, and such a copy must not count twice.
-#[derive(Default)]
-struct RecentIds {
-    current: HashSet<String>,
-    previous: HashSet<String>,
-    rotated: Option<std::time::Instant>,
+/// How often the ids the meter has recorded are forgotten.
+const PRUNE_SEEN_EVERY: Duration = Duration::from_secs(5);
+/// Most doubtful events waiting for the meter at once.
+const MAX_DOUBTFUL: usize = 100_000;
+/// How long one ClickHouse call of the consume loop may take before it is tried again later.
+const LOOP_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Counts one event into the windows and guards.
+fn count(
+    ev: &UsageEvent,
+    engine: &mut Engine,
+    guards: &mut Guards,
+    pending: &mut usize,
+    oldest_pending: &mut Option<i64>,
+) {
+    metrics::event(ev.input_tokens, ev.output_tokens, ev.cost_nanos);
+    if let Some(u) = Usage::of(ev) {
+        let now = now_us();
+        engine.observe(&u, now);
+        if let Some(s) = Sample::of(ev) {
+            guards.observe(&s, now);
+        }
+        *pending += 1;
+        oldest_pending.get_or_insert(ev.ended_at_us);
+    }
 }
 
-impl RecentIds {
-    fn insert(&mut self, id: &str) -> bool {
-        let now = std::time::Instant::now();
-        if self.rotated.is_none_or(|t| now.duration_since(t) > Duration::from_secs(600)) {
-            self.previous = std::mem::take(&mut self.current);
-            self.rotated = Some(now);
+/// Reads the meter's checkpoints; forgets the ids it has recorded; decides the doubtful events
+/// whose offsets it has passed (every earlier copy is then in `event_positions`). Returns those
+/// to count. ClickHouse away or slow: nothing changes, and the next housekeeping tries again.
+async fn settle_seen(
+    ch: &clickhouse::Client,
+    topic: &str,
+    seen: &mut Seen,
+    doubtful: &mut Vec<(UsageEvent, seen::Position)>,
+) -> Vec<UsageEvent> {
+    let durable = match tokio::time::timeout(LOOP_QUERY_TIMEOUT, tollgate_store::checkpoints(ch, topic)).await {
+        Ok(Ok(d)) => d,
+        Ok(Err(e)) => {
+            debug!(error = %e, "cannot read the meter's checkpoints; trying again later");
+            return Vec::new();
         }
-        if self.previous.contains(id) {
-            return false;
-        }
-        self.current.insert(id.to_owned())
+        Err(_) => return Vec::new(),
+    };
+    let (forgotten, evicted) = seen.prune(&durable, Instant::now());
+    metrics::seen_ids(seen.len(), forgotten, evicted);
+    let ready: Vec<usize> = (0..doubtful.len())
+        .filter(|i| durable.get(&doubtful[*i].1.0).is_some_and(|next| *next >= doubtful[*i].1.1))
+        .collect();
+    if ready.is_empty() {
+        return Vec::new();
     }
+    let ids: Vec<&str> = ready.iter().map(|i| doubtful[*i].0.event_id.as_str()).collect();
+    let first = match tokio::time::timeout(LOOP_QUERY_TIMEOUT, tollgate_store::first_positions(ch, topic, &ids)).await {
+        Ok(Ok(f)) => f,
+        Ok(Err(e)) => {
+            debug!(error = %e, "cannot read event positions; trying again later");
+            return Vec::new();
+        }
+        Err(_) => return Vec::new(),
+    };
+    let mut taken = vec![false; doubtful.len()];
+    for i in &ready {
+        taken[*i] = true;
+    }
+    let mut counted = Vec::new();
+    for (i, (ev, at)) in std::mem::take(doubtful).into_iter().enumerate() {
+        if !taken[i] {
+            doubtful.push((ev, at));
+        } else if first.get(&ev.event_id).is_some_and(|f| *f < at) || seen.contains(&ev.event_id) {
+            metrics::doubtful("duplicate");
+        } else {
+            metrics::doubtful("counted");
+            seen.remember(&ev.event_id, at, ev.ended_at_us, Instant::now());
+            counted.push(ev);
+        }
+    }
+    metrics::doubtful_waiting(doubtful.len());
+    counted
 }

@@ -9,6 +9,23 @@ pub fn describe() {
         "Usage events not counted: undecodable or implausible (negative amounts), copied to the dead-letter topic"
     );
     describe_counter!("tollgate_enforcer_duplicate_events_total", "Usage events seen twice (re-sent), counted once");
+    describe_counter!(
+        "tollgate_enforcer_doubtful_events_total",
+        "Events that ended before an event id the enforcer forgot, decided against event_positions once the meter passed them, by outcome"
+    );
+    describe_gauge!(
+        "tollgate_enforcer_doubtful_waiting",
+        "Doubtful events waiting for the meter to pass their offsets"
+    );
+    describe_gauge!("tollgate_enforcer_seen_ids", "Event ids of counted events remembered");
+    describe_counter!(
+        "tollgate_enforcer_seen_ids_forgotten_total",
+        "Event ids forgotten once the meter recorded their positions"
+    );
+    describe_counter!(
+        "tollgate_enforcer_seen_ids_evicted_total",
+        "Event ids forgotten before the meter recorded them, past the enforcer's cap; their copies wait for the meter"
+    );
     describe_counter!("tollgate_enforcer_tokens_total", "Tokens seen on the usage stream, by kind");
     describe_counter!("tollgate_enforcer_cost_nanos_total", "Cost in nano-USD seen on the usage stream");
     describe_gauge!("tollgate_enforcer_policy_rules", "Rules loaded, by kind");
@@ -39,6 +56,24 @@ pub fn event(input: i64, output: i64, cost_nanos: i64) {
     counter!("tollgate_enforcer_tokens_total", "kind" => "input").increment(input.unsigned_abs());
     counter!("tollgate_enforcer_tokens_total", "kind" => "output").increment(output.unsigned_abs());
     counter!("tollgate_enforcer_cost_nanos_total").increment(cost_nanos.unsigned_abs());
+}
+
+/// A doubtful event (see `seen`) decided: `counted`, `duplicate`, or `unverified` (counted
+/// without waiting, because too many were waiting).
+pub fn doubtful(outcome: &'static str) {
+    counter!("tollgate_enforcer_doubtful_events_total", "outcome" => outcome).increment(1);
+}
+
+pub fn doubtful_waiting(n: usize) {
+    gauge!("tollgate_enforcer_doubtful_waiting").set(n as f64);
+}
+
+/// Event ids remembered, and those forgotten since the last call: once the meter recorded them,
+/// or evicted before (past `seen_max_ids`).
+pub fn seen_ids(held: usize, forgotten: usize, evicted: usize) {
+    gauge!("tollgate_enforcer_seen_ids").set(held as f64);
+    counter!("tollgate_enforcer_seen_ids_forgotten_total").increment(forgotten as u64);
+    counter!("tollgate_enforcer_seen_ids_evicted_total").increment(evicted as u64);
 }
 
 pub fn duplicate() {
