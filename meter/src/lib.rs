@@ -161,12 +161,6 @@ async fn consume(config: &Config, shutdown: &CancellationToken) -> anyhow::Resul
     };
     let finish = |mut meter: Meter, stopped_cleanly: bool| async move {
         let unsent = meter.batch.len();
-        // Shutting down: the batch being read goes to the writer, which writes what it holds.
-        if stopped_cleanly {
-            let _ = meter.hand_over().await;
-        }
-        let Meter { writer, .. } = meter;
-        drop(writer);
         let timeout = tokio::spawn({
             let stop = stop_writing.clone();
             let after = config.final_flush_timeout;
@@ -175,6 +169,12 @@ async fn consume(config: &Config, shutdown: &CancellationToken) -> anyhow::Resul
                 stop.cancel();
             }
         });
+        // Shutting down: the batch being read goes to the writer, which writes what it holds.
+        if stopped_cleanly {
+            let _ = meter.hand_over(&stop_writing).await;
+        }
+        let Meter { writer, .. } = meter;
+        drop(writer);
         let wrote_all = writing.await.unwrap_or(false);
         timeout.abort();
         if !wrote_all {
@@ -254,7 +254,7 @@ async fn consume(config: &Config, shutdown: &CancellationToken) -> anyhow::Resul
                 }
             },
         };
-        if hand_over && !meter.hand_over().await {
+        if hand_over && !meter.hand_over(shutdown).await {
             break false;
         }
     };
@@ -304,10 +304,10 @@ impl Meter {
     async fn rebalance(&mut self, event: Rebalance, shutdown: &CancellationToken) -> bool {
         match event {
             Rebalance::Assign(partitions) => self.assign(partitions, shutdown).await,
-            Rebalance::Revoke { partitions, lost } => self.revoke(&partitions, lost).await,
+            Rebalance::Revoke { partitions, lost } => self.revoke(&partitions, lost, shutdown).await,
             Rebalance::Error { partitions, error } => {
                 warn!(%error, ?partitions, "consumer group rebalance failed; dropping the partitions");
-                self.revoke(&partitions, true).await
+                self.revoke(&partitions, true, shutdown).await
             }
         }
     }
@@ -327,7 +327,7 @@ impl Meter {
         let before =
             if group::cooperative(&*self.consumer) { BTreeSet::new() } else { std::mem::take(&mut self.owned) };
         let forget: Vec<i32> = before.iter().chain(&partitions).copied().collect();
-        if !self.forget(forget).await {
+        if !self.forget(forget, shutdown).await {
             let _ = group::assign(&*self.consumer, &group::list(&self.topic, &partitions));
             return false;
         }
@@ -350,7 +350,7 @@ impl Meter {
 
     /// Gives up `partitions` (eager protocols: all), after writing what was read of them unless
     /// the assignment is already lost. Nothing of them stays in memory.
-    async fn revoke(&mut self, partitions: &[i32], lost: bool) -> bool {
+    async fn revoke(&mut self, partitions: &[i32], lost: bool, shutdown: &CancellationToken) -> bool {
         metrics::rebalance(if lost { "lost" } else { "revoke" });
         let gone: BTreeSet<i32> = if group::cooperative(&*self.consumer) {
             partitions.iter().copied().collect()
@@ -362,9 +362,9 @@ impl Meter {
         // written and the next owner starts exactly where it ends. Lost: batches the writer
         // already holds are still written; every window row is an absolute total versioned by
         // the offset it covers, so a late write by this meter never adds to the new owner's.
-        let flushed = lost || (self.hand_over().await && self.writer.drained().await);
+        let flushed = lost || (self.hand_over(shutdown).await && self.writer.drained(shutdown).await);
         let dropped = self.batch.iter().filter(|r| gone.contains(&r.kafka_partition)).count();
-        let forgotten = self.forget(gone.iter().copied().collect()).await;
+        let forgotten = self.forget(gone.iter().copied().collect(), shutdown).await;
         self.owned.retain(|p| !gone.contains(p));
         if let Err(e) = group::unassign(&*self.consumer, &group::list(&self.topic, partitions)) {
             warn!(error = %e, ?partitions, "unassigning partitions failed");
@@ -375,25 +375,25 @@ impl Meter {
 
     /// Drops every unwritten row, offset and window of `partitions`: the next owner replays
     /// them from the checkpoint. False once the writer has stopped.
-    async fn forget(&mut self, partitions: Vec<i32>) -> bool {
+    async fn forget(&mut self, partitions: Vec<i32>, shutdown: &CancellationToken) -> bool {
         self.batch.retain(|r| !partitions.contains(&r.kafka_partition));
         self.last.retain(|p, _| !partitions.contains(p));
         if self.batch.is_empty() && self.last.is_empty() {
             self.deadline = None;
         }
-        self.writer.send(writer::Job::Forget(partitions)).await
+        self.writer.send(writer::Job::Forget(partitions), shutdown).await
     }
 
     /// Hands the batch and its offsets to the writer and starts the next one; waits only while
-    /// the writer already holds a batch. False once the writer has stopped.
-    async fn hand_over(&mut self) -> bool {
+    /// the writer already holds a batch. False once the writer has stopped or `interrupt` fired.
+    async fn hand_over(&mut self, interrupt: &CancellationToken) -> bool {
         self.deadline = None;
         if self.batch.is_empty() && self.last.is_empty() {
             return true;
         }
         let rows = std::mem::replace(&mut self.batch, Vec::with_capacity(self.batch_max_rows.min(100_000)));
         let last = std::mem::take(&mut self.last);
-        self.writer.send(writer::Job::Write { rows, last }).await
+        self.writer.send(writer::Job::Write { rows, last }, interrupt).await
     }
 }
 

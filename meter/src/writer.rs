@@ -43,15 +43,29 @@ pub struct WriterHandle {
 }
 
 impl WriterHandle {
-    /// Queues `job`; false once the writer has stopped (shutdown interrupted its retries).
-    pub async fn send(&self, job: Job) -> bool {
-        self.jobs.send(job).await.is_ok()
+    /// Queues `job`, waiting while the writer holds a batch already (it may be retrying a
+    /// ClickHouse that is away); false once the writer has stopped, or when `interrupt` fires
+    /// first (the job is then dropped: what it held is read again from the checkpoints).
+    pub async fn send(&self, job: Job, interrupt: &CancellationToken) -> bool {
+        tokio::select! {
+            biased;
+            sent = self.jobs.send(job) => sent.is_ok(),
+            () = interrupt.cancelled() => false,
+        }
     }
 
-    /// Waits until every job sent so far is done; false once the writer has stopped.
-    pub async fn drained(&self) -> bool {
+    /// Waits until every job sent so far is done; false once the writer has stopped or
+    /// `interrupt` fired.
+    pub async fn drained(&self, interrupt: &CancellationToken) -> bool {
         let (tx, rx) = oneshot::channel();
-        self.send(Job::Barrier(tx)).await && rx.await.is_ok()
+        if !self.send(Job::Barrier(tx), interrupt).await {
+            return false;
+        }
+        tokio::select! {
+            biased;
+            done = rx => done.is_ok(),
+            () = interrupt.cancelled() => false,
+        }
     }
 }
 

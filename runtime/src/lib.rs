@@ -115,7 +115,14 @@ where
 {
     let mut backoff = std::time::Duration::from_millis(100);
     loop {
-        match f().await {
+        // An attempt that hangs (a server that accepts and never answers) gives way to
+        // `shutdown` too: what it was writing is written again by whoever replays it.
+        let attempt = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return None,
+            r = f() => r,
+        };
+        match attempt {
             Ok(v) => return Some(v),
             Err(e) => {
                 on_error(&e);
