@@ -2,7 +2,7 @@
 //! and budget alerts. Pure and synchronous; the caller feeds it events and the clock and publishes
 //! what it returns.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use tollgate_schemas::decision::{Alert, AlertKind, BreachDecision, DecisionState, Measure, RuleKind, Severity};
@@ -91,6 +91,8 @@ struct ScopeState {
 pub struct Output {
     pub decisions: Vec<BreachDecision>,
     pub alerts: Vec<Alert>,
+    /// Keys the evaluation looked at (counted into, or due).
+    pub evaluated: usize,
 }
 
 pub struct Engine {
@@ -100,6 +102,11 @@ pub struct Engine {
     states: HashMap<String, ScopeState>,
     /// Keys counted into since the last evaluation.
     dirty: HashSet<String>,
+    /// Keys whose last word is not `Clear`, each once, by when their verdict can next change
+    /// with time alone (usage leaving the window, a refresh falling due): an evaluation looks at
+    /// the keys counted into and the keys due, not at every key in force.
+    due: BTreeSet<(i64, String)>,
+    due_at: HashMap<String, i64>,
     /// What was last published per key (from the compacted topic at start, then our own).
     published: HashMap<String, Published>,
     /// Alert ids already raised (from the alerts topic at start, then our own), each with the
@@ -123,6 +130,8 @@ impl Engine {
             subjects,
             states: HashMap::new(),
             dirty: HashSet::new(),
+            due: BTreeSet::new(),
+            due_at: HashMap::new(),
             published: HashMap::new(),
             alerted: HashMap::new(),
             last_version: 0,
@@ -142,6 +151,10 @@ impl Engine {
         match self.published.get(&d.key()) {
             Some(old) if old.version >= d.version => {}
             _ => {
+                if p.state != DecisionState::Clear {
+                    // Looked at by the first evaluation (its breach may have lifted meanwhile).
+                    schedule(&mut self.due, &mut self.due_at, &d.key(), i64::MIN);
+                }
                 self.published.insert(d.key(), p);
             }
         }
@@ -174,13 +187,20 @@ impl Engine {
     }
 
     /// Decisions and alerts for every scope counted into since the last call, and for every scope
-    /// whose last published decision was not `Clear` (its breach may have lifted with time).
+    /// in force (last word not `Clear`) whose verdict time alone may have changed since.
     pub fn evaluate(&mut self, now_us: i64) -> Output {
         let mut keys: Vec<String> = self.dirty.drain().collect();
-        keys.extend(self.published.iter().filter(|(_, p)| p.state != DecisionState::Clear).map(|(k, _)| k.clone()));
+        while let Some((at, _)) = self.due.first() {
+            if *at > now_us {
+                break;
+            }
+            let Some((_, key)) = self.due.pop_first() else { break };
+            self.due_at.remove(&key);
+            keys.push(key);
+        }
         keys.sort();
         keys.dedup();
-        let Engine { rules, states, published, alerted, last_version, guard_ids, watch_pct, .. } = self;
+        let Engine { rules, states, published, alerted, last_version, guard_ids, watch_pct, due, due_at, .. } = self;
         let by_id: HashMap<&str, &Rule> = rules.iter().map(|r| (r.id.as_str(), r)).collect();
         let mut out = Output::default();
         for key in keys {
@@ -188,6 +208,7 @@ impl Engine {
             if guard_ids.contains(rule_id) {
                 continue; // the guards decide these
             }
+            out.evaluated += 1;
             let Some(rule) = by_id.get(rule_id) else {
                 // The rule left the policy: lift what it had decided.
                 if let Some(p) = published.get(&key).copied() {
@@ -197,6 +218,7 @@ impl Engine {
                         out.decisions.push(d);
                     }
                 }
+                unschedule(due, due_at, &key);
                 continue;
             };
             let (observed, bounds, lifts_at, covered) = match states.get_mut(&key) {
@@ -228,6 +250,17 @@ impl Engine {
             };
             if let Some(d) = decide(published, last_version, rule, scope, verdict, now_us) {
                 out.decisions.push(d);
+            }
+            // In force: look again when time alone can change the verdict, or when a change the
+            // refresh interval held back falls due.
+            match published.get(&key) {
+                Some(p) if p.state != DecisionState::Clear => {
+                    let next = states.get(&key).map_or(i64::MAX, |s| s.counter.next_change_us());
+                    let held_back =
+                        if p.observed == observed { i64::MAX } else { p.decided_at_us + BREACHED_REFRESH_US };
+                    schedule(due, due_at, &key, next.min(held_back).max(now_us + 1));
+                }
+                _ => unschedule(due, due_at, &key),
             }
             for t in &rule.alerts {
                 if observed.saturating_mul(100) < rule.limit.saturating_mul(i64::from(t.at_pct)) {
@@ -408,6 +441,23 @@ fn decide(
     };
     published.insert(key, published_of(&d));
     Some(d)
+}
+
+/// (Re)schedules `key` for the evaluation at or after `at_us`; one entry per key.
+fn schedule(due: &mut BTreeSet<(i64, String)>, due_at: &mut HashMap<String, i64>, key: &str, at_us: i64) {
+    if let Some(old) = due_at.insert(key.to_owned(), at_us) {
+        if old == at_us {
+            return;
+        }
+        due.remove(&(old, key.to_owned()));
+    }
+    due.insert((at_us, key.to_owned()));
+}
+
+fn unschedule(due: &mut BTreeSet<(i64, String)>, due_at: &mut HashMap<String, i64>, key: &str) {
+    if let Some(old) = due_at.remove(key) {
+        due.remove(&(old, key.to_owned()));
+    }
 }
 
 fn next_version(last: &mut i64, now_us: i64) -> i64 {

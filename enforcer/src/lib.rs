@@ -516,6 +516,7 @@ impl<'a> Publisher<'a> {
     /// Publishes what the rules and guards decide now; `sweep` re-judges every guard scope.
     async fn publish(&self, engine: &mut Engine, guards: &mut Guards, notifier: &Notifier, now: i64, sweep: bool) {
         let mut out = engine.evaluate(now);
+        metrics::keys_evaluated(out.evaluated);
         guards.evaluate(engine, now, sweep, &mut out);
         if out.decisions.is_empty() && out.alerts.is_empty() {
             return;

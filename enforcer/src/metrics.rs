@@ -19,6 +19,10 @@ pub fn describe() {
     );
     describe_gauge!("tollgate_enforcer_seen_ids", "Event ids of counted events remembered");
     describe_counter!(
+        "tollgate_enforcer_keys_evaluated_total",
+        "Rate-limit and budget keys evaluated: those counted into, and those in force whose verdict time alone may have changed"
+    );
+    describe_counter!(
         "tollgate_enforcer_seen_ids_forgotten_total",
         "Event ids forgotten once the meter recorded their positions"
     );
@@ -74,6 +78,11 @@ pub fn seen_ids(held: usize, forgotten: usize, evicted: usize) {
     gauge!("tollgate_enforcer_seen_ids").set(held as f64);
     counter!("tollgate_enforcer_seen_ids_forgotten_total").increment(forgotten as u64);
     counter!("tollgate_enforcer_seen_ids_evicted_total").increment(evicted as u64);
+}
+
+/// Keys an evaluation looked at: those counted into and those whose verdict time may change.
+pub fn keys_evaluated(n: usize) {
+    counter!("tollgate_enforcer_keys_evaluated_total").increment(n as u64);
 }
 
 pub fn duplicate() {

@@ -70,6 +70,18 @@ impl Counter {
         self.value(now_us) == 0
     }
 
+    /// When the total next changes if nothing more is added: the oldest bucket leaves the
+    /// window, or the calendar window ends (`i64::MAX` when nothing is counted).
+    pub fn next_change_us(&self) -> i64 {
+        match self {
+            Counter::Sliding(s) => {
+                s.buckets.front().map_or(i64::MAX, |&(idx, _)| s.expires_at_s(idx).saturating_mul(US))
+            }
+            Counter::Calendar(c) if c.total != 0 => c.end_us,
+            Counter::Calendar(_) => i64::MAX,
+        }
+    }
+
     /// When everything counted so far has left the window (0 when nothing is counted): the
     /// counter can be forgotten from then on unless more is added.
     pub fn drained_at_us(&self) -> i64 {

@@ -195,3 +195,38 @@ fn usd_formats_money() {
     assert_eq!(usd(1_289_000), "$0.001289", "exact: a small spend is not $0.00");
     assert_eq!(usd(12_345_678_900_000), "$12,345.6789");
 }
+
+#[test]
+fn an_evaluation_looks_at_the_keys_counted_into_and_the_keys_due_only() {
+    let mut e = Engine::new(demo(), 50);
+    // 1,000 watched sessions (110K of 200K tokens an hour), counted in the first minute.
+    for i in 0..1_000 {
+        let s = format!("s{i}");
+        e.observe(&usage(T0, &[("session", &s), ("environment", "production")], 110_000, 0), T0);
+    }
+    let first = e.evaluate(T0);
+    assert_eq!(states(&first, "per-session-loop-guard").len(), 1_000);
+    assert!(first.evaluated >= 1_000);
+    // One more event: one key looked at, not the 1,000 in force.
+    let prod = [("session", "s7"), ("environment", "production")];
+    e.observe(&usage(T0 + 10 * US, &prod, 1_000, 0), T0 + 10 * US);
+    let one = e.evaluate(T0 + 10 * US);
+    assert_eq!(one.evaluated, 1, "s7's session key");
+    assert_eq!(states(&one, "per-session-loop-guard"), vec![(DecisionState::Watch, 111_000)]);
+    // A small change within a second of the last word is held back, and falls due a second on.
+    e.observe(&usage(T0 + 10 * US + 500_000, &prod, 1_000, 0), T0 + 10 * US + 500_000);
+    assert!(e.evaluate(T0 + 10 * US + 500_000).decisions.is_empty(), "held back");
+    assert_eq!(e.evaluate(T0 + 10 * US + 900_000).evaluated, 0);
+    let refreshed = e.evaluate(T0 + 11 * US);
+    assert_eq!(refreshed.evaluated, 1);
+    assert_eq!(states(&refreshed, "per-session-loop-guard"), vec![(DecisionState::Watch, 112_000)]);
+    assert_eq!(e.evaluate(T0 + 20 * US).evaluated, 0, "nothing counted, nothing due");
+    assert_eq!(e.evaluate(T0 + 2_000 * US).evaluated, 0);
+    // The first minute's usage leaves the hour: every session is looked at again, and cleared.
+    let lifted = e.evaluate(T0 + 3661 * US);
+    assert_eq!(lifted.evaluated, 1_000);
+    let cleared = states(&lifted, "per-session-loop-guard");
+    assert_eq!(cleared.len(), 1_000);
+    assert!(cleared.iter().all(|(s, _)| *s == DecisionState::Clear));
+    assert_eq!(e.evaluate(T0 + 7200 * US).evaluated, 0, "cleared keys are not due any more");
+}
