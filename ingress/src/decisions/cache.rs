@@ -129,18 +129,19 @@ impl Entry {
         self.decision.state == DecisionState::Breached || self.locally_breached()
     }
 
-    /// Adds `amount`, at most what is left of the headroom, unless the headroom is already used
-    /// up (atomically: concurrent admissions never both take the last unit). Returns what was
+    /// Adds `amount`, at most the whole headroom, unless the headroom is already used up
+    /// (atomically: concurrent admissions never both take the last unit). Returns what was
     /// added (see `OwnCount::try_admit` for why it is capped).
     fn try_admit(&self, amount: i64) -> Option<i64> {
         let headroom = self.decision.headroom;
+        let added = amount.min(headroom);
         self.local
             .total
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
-                (cur < headroom).then(|| cur.saturating_add(amount.min(headroom - cur)))
+                (cur < headroom).then(|| cur.saturating_add(added))
             })
             .ok()
-            .map(|prev| amount.min(headroom - prev))
+            .map(|_| added)
     }
 }
 

@@ -62,18 +62,18 @@ impl OwnCount {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Adds `amount` at `now_us`, at most what is left under `limit`, unless the count already
-    /// reached it (check and add under one lock: two concurrent requests never both take the last
-    /// unit). Returns what was added: a worst case larger than the headroom (a caller's
-    /// `max_tokens` of 10^12) reserves the headroom, not more, so it cannot push the count far
-    /// past the limit and keep the scope refused after the request is settled.
+    /// Adds `amount` at `now_us`, at most `limit`, unless the count already reached the limit
+    /// (check and add under one lock: two concurrent requests never both take the last unit).
+    /// Returns what was added. A worst case above the whole limit (a caller's `max_tokens` of
+    /// 10^12 prices at `i64::MAX`) takes the limit: enough to hold the scope while the request is
+    /// in flight, and the sum cannot saturate and lose what was counted before it.
     pub fn try_admit(&self, amount: i64, limit: i64, now_us: i64) -> Result<i64, Reached> {
         let mut s = self.state();
         let observed = s.counter.value(now_us);
         if observed >= limit {
             return Err(Reached { observed, lifts_at_us: s.counter.lifts_at(now_us, limit) });
         }
-        let added = amount.min(limit - observed);
+        let added = amount.min(limit);
         s.counter.add(now_us, added, now_us);
         s.due_us = s.counter.drained_at_us();
         Ok(added)

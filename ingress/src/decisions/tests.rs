@@ -121,7 +121,7 @@ fn watch_tokens_count_the_estimate_then_settle_to_the_real_total() {
     a.settle(crate::clock::now_us(), 100, 0);
     assert_eq!(entry.local(), 550, "a retry's tokens add to the first attempt's");
     let b = cache.admit(&[], &watches, res(600)).unwrap();
-    assert_eq!(entry.local(), 1_000, "the estimate reserves what is left of the headroom, not more");
+    assert_eq!(entry.local(), 1_150);
     assert!(entry.locally_breached());
     assert!(cache.admit(&[], &watches, res(1)).is_err());
     let mut rx = cache.subscribe();
@@ -264,7 +264,7 @@ fn own_cost_counts_reserve_the_worst_case() {
 }
 
 #[test]
-fn a_worst_case_beyond_the_headroom_reserves_the_headroom_only() {
+fn a_worst_case_beyond_the_whole_limit_reserves_the_limit() {
     use tollgate_schemas::rules::Window;
     let cache = DecisionCache::new(false);
     let owns = [OwnHold {
@@ -274,14 +274,16 @@ fn a_worst_case_beyond_the_headroom_reserves_the_headroom_only() {
     }];
     cache.apply(KEY, Some(decision(DecisionState::Watch, Measure::CostNanos, 5_000, 1)));
     let watches = watch_of(&cache, false);
+    let earlier = cache.admit(&owns, &watches, res(3_000)).unwrap();
     // A caller's `max_tokens` of 10^12 priced at the output rate saturates the cost.
     let huge = cache.admit(&owns, &watches, Reservation { tokens: 10, cost_nanos: i64::MAX }).unwrap();
     let now = crate::clock::now_us();
-    assert_eq!(owns[0].count.value(now), 10_000, "the count stops at the limit");
-    assert_eq!(cache.get(KEY).unwrap().local(), 5_000, "the local count stops at the headroom");
-    assert!(cache.admit(&owns, &[], res(1)).is_err(), "the scope is refused while it is in flight");
+    assert_eq!(owns[0].count.value(now), 13_000, "the limit is added, not i64::MAX");
+    assert_eq!(cache.get(KEY).unwrap().local(), 8_000, "the headroom is added");
+    assert!(cache.admit(&owns, &[], res(1)).is_err(), "the scope is held while it is in flight");
     huge.settle(now, 10, 700);
-    assert_eq!(owns[0].count.value(now), 700, "settled to what it used");
-    assert_eq!(cache.get(KEY).unwrap().local(), 700);
+    earlier.settle(now, 10, 2_900);
+    assert_eq!(owns[0].count.value(now), 3_600, "settled to what both used: nothing counted before was lost");
+    assert_eq!(cache.get(KEY).unwrap().local(), 3_600);
     assert!(cache.admit(&owns, &watches, res(1)).is_ok(), "and the scope has room again");
 }
