@@ -9,6 +9,13 @@ use tollgate_meter::Config;
 use tollgate_meter::report::{self, Dimension, Format, Output, Period, Reporter};
 use tollgate_store::ClickHouseConfig;
 
+/// mimalloc, as the ingress: every event allocates a dozen strings that live until its batch is
+/// written, and glibc's malloc and free were about a tenth of the meter's profile (perf,
+/// tests/bench/meter). The CPU per event came out the same within noise (7.4 µs against 7.6 µs
+/// with glibc, 300,000 events, one run each); it is kept for one allocator across the services.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Tollgate meter: usage events from Kafka into ClickHouse, exactly once.
 #[derive(Parser, Debug)]
 #[command(version)]

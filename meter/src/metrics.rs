@@ -1,6 +1,6 @@
 //! The meter's Prometheus metrics, each declared once with its description.
 
-use metrics::{Unit, counter, describe_counter, describe_histogram, histogram};
+use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 
 pub fn describe() {
     describe_counter!("tollgate_meter_events_consumed_total", "Usage events read from Kafka");
@@ -32,6 +32,11 @@ pub fn describe() {
         "tollgate_meter_rows_read_back_total",
         "Rollup rows read back from ClickHouse before a batch adds to them, by table (usage_windows, session_hours)"
     );
+    describe_counter!(
+        "tollgate_meter_windows_dropped_total",
+        "Written rollup windows and session hours dropped from memory, by reason (passed: ended a while ago; cap: over the open-window cap)"
+    );
+    describe_gauge!("tollgate_meter_open_windows", "Rollup windows and session hours held in memory");
     describe_histogram!("tollgate_meter_batch_rows", "Rows per ClickHouse insert");
     describe_histogram!("tollgate_meter_insert_seconds", Unit::Seconds, "Time per ClickHouse insert");
 }
@@ -43,6 +48,16 @@ pub fn read_back(windows: usize, sessions: usize) {
 
 pub fn consumed() {
     counter!("tollgate_meter_events_consumed_total").increment(1);
+}
+
+pub fn windows_dropped(reason: &'static str, n: usize) {
+    if n > 0 {
+        counter!("tollgate_meter_windows_dropped_total", "reason" => reason).increment(n as u64);
+    }
+}
+
+pub fn open_windows(n: usize) {
+    gauge!("tollgate_meter_open_windows").set(n as f64);
 }
 
 pub fn resent(n: usize) {

@@ -32,6 +32,17 @@ impl Granularity {
         }
     }
 
+    /// End of the window that starts at `start` (the next one's start).
+    pub fn end(self, start: u32) -> u32 {
+        match self {
+            Granularity::Minute => start.saturating_add(60),
+            Granularity::Hour => start.saturating_add(3600),
+            Granularity::Day => start.saturating_add(86_400),
+            // 31 days on is always inside the next month; its start is this month's end.
+            Granularity::Month => Granularity::Month.start(start.saturating_add(31 * 86_400)),
+        }
+    }
+
     fn parse(s: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|g| g.as_str() == s)
     }
@@ -614,12 +625,29 @@ impl Windows {
     }
 
     /// Drops clean windows when memory holds more than `max` (they are re-read on demand).
-    pub fn evict(&mut self, max: usize) {
-        if self.len() > max {
-            self.windows.retain(|_, e| e.dirty);
-            self.sessions.retain(|_, e| e.dirty);
-            self.prune_dims();
+    /// Returns how many it dropped.
+    pub fn evict(&mut self, max: usize) -> usize {
+        if self.len() <= max {
+            return 0;
         }
+        let before = self.len();
+        self.windows.retain(|_, e| e.dirty);
+        self.sessions.retain(|_, e| e.dirty);
+        self.prune_dims();
+        before - self.len()
+    }
+
+    /// Drops clean windows and session hours that ended more than `grace_s` before `now_s`: a
+    /// late event for one of them (a copy re-sent after an outage) reads it back from ClickHouse.
+    /// So memory holds what recent traffic touches, not every session ever seen. Returns how
+    /// many it dropped.
+    pub fn drop_passed(&mut self, now_s: u32, grace_s: u32) -> usize {
+        let before = self.len();
+        let cutoff = now_s.saturating_sub(grace_s);
+        self.windows.retain(|k, e| e.dirty || k.granularity.end(k.start) > cutoff);
+        self.sessions.retain(|k, e| e.dirty || k.hour.saturating_add(3600) > cutoff);
+        self.prune_dims();
+        before - self.len()
     }
 }
 
@@ -849,6 +877,24 @@ mod tests {
         w.consumed(1, 7);
         w.apply(&[row(1, 7, 1_796_443_200, "a", 10)]);
         assert_eq!(w.len(), 10, "no jump is seen after a forget: partition 1 starts afresh");
+    }
+
+    #[test]
+    fn windows_that_passed_are_dropped_once_written() {
+        assert_eq!(Granularity::Month.end(1_793_491_200), 1_796_083_200, "2026-11 ends at 2026-12-01");
+        let mut w = Windows::default();
+        let t = 1_796_443_200; // 2026-12-05 08:00:00 UTC
+        w.apply([&row(0, 0, t, "a", 10)]);
+        assert_eq!(w.drop_passed(t + 7200, 600), 0, "dirty windows are kept until written");
+        w.written();
+        assert_eq!(w.len(), 5);
+        assert_eq!(w.drop_passed(t + 30, 600), 0, "nothing has ended yet");
+        // Two hours on: the minute, the hour and the session hour ended; the day and month not.
+        assert_eq!(w.drop_passed(t + 7200, 600), 3);
+        assert_eq!(w.len(), 2);
+        assert_eq!(w.dims.len(), 1, "the combination is still held by the day and the month");
+        assert_eq!(w.drop_passed(t + 40 * 86_400, 600), 2);
+        assert!(w.is_empty() && w.dims.is_empty());
     }
 
     #[test]

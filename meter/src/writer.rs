@@ -25,6 +25,9 @@ use crate::{metrics, retry_clickhouse, sink};
 
 /// Most windows kept in memory before clean ones are dropped (they are re-read on demand).
 const MAX_OPEN_WINDOWS: usize = 500_000;
+/// How often written windows that ended over `PASSED_GRACE_S` ago are dropped.
+const DROP_PASSED_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+const PASSED_GRACE_S: u32 = 600;
 
 /// What the consume loop asks of the writer, done in the order sent.
 pub enum Job {
@@ -78,7 +81,7 @@ pub fn spawn(
     stop: CancellationToken,
 ) -> (WriterHandle, tokio::task::JoinHandle<bool>) {
     let (jobs, mut rx) = mpsc::channel(1);
-    let mut w = Writer { ch, consumer, topic, windows: Windows::default() };
+    let mut w = Writer { ch, consumer, topic, windows: Windows::default(), dropped_passed_at: Instant::now() };
     let task = tokio::spawn(async move {
         while let Some(job) = rx.recv().await {
             match job {
@@ -107,6 +110,7 @@ struct Writer {
     consumer: Arc<StreamConsumer<MeterContext>>,
     topic: String,
     windows: Windows,
+    dropped_passed_at: Instant,
 }
 
 impl Writer {
@@ -115,7 +119,7 @@ impl Writer {
     /// two steps is repaired by the replay from the checkpoint. Returns false when `stop`
     /// interrupted the retries.
     async fn write(&mut self, rows: &[UsageRow], last: &BTreeMap<i32, i64>, stop: &CancellationToken) -> bool {
-        let Writer { ch, consumer, topic, windows } = self;
+        let Writer { ch, consumer, topic, windows, dropped_passed_at } = self;
         let ch: &Client = ch;
         let started = Instant::now();
         for r in rows {
@@ -191,7 +195,16 @@ impl Writer {
         if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
             debug!(error = %e, "offset commit failed (informational only)");
         }
-        windows.evict(MAX_OPEN_WINDOWS);
+        if dropped_passed_at.elapsed() >= DROP_PASSED_EVERY {
+            *dropped_passed_at = Instant::now();
+            let now_s = u32::try_from(
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            )
+            .unwrap_or(u32::MAX);
+            metrics::windows_dropped("passed", windows.drop_passed(now_s, PASSED_GRACE_S));
+        }
+        metrics::windows_dropped("cap", windows.evict(MAX_OPEN_WINDOWS));
+        metrics::open_windows(windows.len());
         true
     }
 }

@@ -13,6 +13,10 @@
 //! `TOLLGATE_BENCH_KEEP=1` keeps the databases.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::print_stdout)]
 
+/// The meter binary's allocator, so the meter running in this process measures as it runs.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod common;
 
 use std::collections::{BTreeMap, HashSet};
