@@ -231,7 +231,8 @@ async fn enforce(
     };
     let mut seen = Seen::new(forgot_until, i64::MIN, config.seen_min_age, config.seen_max_ids);
     let mut doubtful: Vec<(UsageEvent, seen::Position)> = Vec::new();
-    let mut last_prune = Instant::now();
+    let mut next_prune = Instant::now() + PRUNE_SEEN_EVERY;
+    let mut next_doubtful = Instant::now();
 
     info!(topic = %config.usage_topic, resume = ?covered, "enforcer consuming usage");
     // The next offset of each partition, so the consumer can be re-created where it is when it
@@ -278,11 +279,20 @@ async fn enforce(
                     publisher.tombstone(&mut engine, tombstones, now).await;
                     last_gc = Instant::now();
                 }
-                if !doubtful.is_empty() || last_prune.elapsed() >= PRUNE_SEEN_EVERY {
-                    last_prune = Instant::now();
-                    let resolved = settle_seen(&ch, &config.usage_topic, &mut seen, &mut doubtful).await;
-                    for ev in resolved {
-                        count(&ev, &mut engine, &mut guards, &mut pending, &mut oldest_pending);
+                if Instant::now() >= next_prune || (!doubtful.is_empty() && Instant::now() >= next_doubtful) {
+                    match settle_seen(&ch, &config.usage_topic, &mut seen, &mut doubtful).await {
+                        Some(resolved) => {
+                            next_prune = Instant::now() + PRUNE_SEEN_EVERY;
+                            next_doubtful = Instant::now();
+                            for ev in resolved {
+                                count(&ev, &mut engine, &mut guards, &mut pending, &mut oldest_pending);
+                            }
+                        }
+                        // ClickHouse away or slow: the loop must not stall on it every second.
+                        None => {
+                            next_prune = Instant::now() + SEEN_BACKOFF;
+                            next_doubtful = next_prune;
+                        }
                     }
                 }
                 if !quiet && last_event.elapsed() >= tollgate_runtime::kafka::QUIET_AFTER {
@@ -582,8 +592,11 @@ impl<'a> Publisher<'a> {
 const PRUNE_SEEN_EVERY: Duration = Duration::from_secs(5);
 /// Most doubtful events waiting for the meter at once.
 const MAX_DOUBTFUL: usize = 100_000;
-/// How long one ClickHouse call of the consume loop may take before it is tried again later.
-const LOOP_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one ClickHouse call of the consume loop may take before it is tried again later
+/// (the loop waits for it: decisions too).
+const LOOP_QUERY_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long the loop leaves ClickHouse alone after such a call failed.
+const SEEN_BACKOFF: Duration = Duration::from_secs(30);
 
 /// Counts one event into the windows and guards.
 fn count(
@@ -607,20 +620,23 @@ fn count(
 
 /// Reads the meter's checkpoints; forgets the ids it has recorded; decides the doubtful events
 /// whose offsets it has passed (every earlier copy is then in `event_positions`). Returns those
-/// to count. ClickHouse away or slow: nothing changes, and the next housekeeping tries again.
+/// to count; `None` when ClickHouse is away or slow (nothing changes; tried again later).
 async fn settle_seen(
     ch: &clickhouse::Client,
     topic: &str,
     seen: &mut Seen,
     doubtful: &mut Vec<(UsageEvent, seen::Position)>,
-) -> Vec<UsageEvent> {
+) -> Option<Vec<UsageEvent>> {
     let durable = match tokio::time::timeout(LOOP_QUERY_TIMEOUT, tollgate_store::checkpoints(ch, topic)).await {
         Ok(Ok(d)) => d,
         Ok(Err(e)) => {
-            debug!(error = %e, "cannot read the meter's checkpoints; trying again later");
-            return Vec::new();
+            warn!(error = %e, "cannot read the meter's checkpoints; trying again in 30 s");
+            return None;
         }
-        Err(_) => return Vec::new(),
+        Err(_) => {
+            warn!("reading the meter's checkpoints timed out; trying again in 30 s");
+            return None;
+        }
     };
     let (forgotten, evicted) = seen.prune(&durable, Instant::now());
     metrics::seen_ids(seen.len(), forgotten, evicted);
@@ -628,16 +644,19 @@ async fn settle_seen(
         .filter(|i| durable.get(&doubtful[*i].1.0).is_some_and(|next| *next >= doubtful[*i].1.1))
         .collect();
     if ready.is_empty() {
-        return Vec::new();
+        return Some(Vec::new());
     }
     let ids: Vec<&str> = ready.iter().map(|i| doubtful[*i].0.event_id.as_str()).collect();
     let first = match tokio::time::timeout(LOOP_QUERY_TIMEOUT, tollgate_store::first_positions(ch, topic, &ids)).await {
         Ok(Ok(f)) => f,
         Ok(Err(e)) => {
-            debug!(error = %e, "cannot read event positions; trying again later");
-            return Vec::new();
+            warn!(error = %e, "cannot read event positions; trying again in 30 s");
+            return None;
         }
-        Err(_) => return Vec::new(),
+        Err(_) => {
+            warn!("reading event positions timed out; trying again in 30 s");
+            return None;
+        }
     };
     let mut taken = vec![false; doubtful.len()];
     for i in &ready {
@@ -656,5 +675,5 @@ async fn settle_seen(
         }
     }
     metrics::doubtful_waiting(doubtful.len());
-    counted
+    Some(counted)
 }
