@@ -81,6 +81,10 @@ struct LoopState {
     /// session → (hour start, workflow, tokens this hour)
     sessions: HashMap<String, (i64, String, i64)>,
     dirty: HashSet<String>,
+    /// The hour the last sweep saw: within an hour a session's verdict changes only when it
+    /// counts (dirty) or the baseline moves (`set_baseline`), so the sessions of past hours are
+    /// dropped and the sessions in force judged again once per hour, not every second.
+    swept_hour: i64,
 }
 
 struct StuffingState {
@@ -150,6 +154,7 @@ impl Guards {
                     baseline: Baseline::new(),
                     sessions: HashMap::new(),
                     dirty: HashSet::new(),
+                    swept_hour: i64::MIN,
                 }),
                 Guard::ContextStuffing(c) => g.stuffing.push(StuffingState {
                     cfg: c.clone(),
@@ -279,7 +284,8 @@ impl Guards {
     pub fn evaluate(&mut self, engine: &mut Engine, now_us: i64, sweep: bool, out: &mut Output) {
         let hour = now_us.div_euclid(HOUR_US) * HOUR_US;
         for l in &mut self.loops {
-            if sweep {
+            if sweep && l.swept_hour != hour {
+                l.swept_hour = hour;
                 l.sessions.retain(|_, (h, _, _)| *h == hour);
                 if let Some(rule) = &l.rule {
                     for scope in engine.in_force(&rule.id) {
