@@ -618,6 +618,25 @@ fn count(
     }
 }
 
+/// One ClickHouse read of the consume loop, bounded by `LOOP_QUERY_TIMEOUT`; `None` (logged)
+/// when it fails or times out.
+async fn loop_query<T>(
+    what: &str,
+    query: impl std::future::Future<Output = Result<T, clickhouse::error::Error>>,
+) -> Option<T> {
+    match tokio::time::timeout(LOOP_QUERY_TIMEOUT, query).await {
+        Ok(Ok(v)) => Some(v),
+        Ok(Err(e)) => {
+            warn!(error = %e, "cannot read {what}; trying again in 30 s");
+            None
+        }
+        Err(_) => {
+            warn!("reading {what} timed out; trying again in 30 s");
+            None
+        }
+    }
+}
+
 /// Reads the meter's checkpoints; forgets the ids it has recorded; decides the doubtful events
 /// whose offsets it has passed (every earlier copy is then in `event_positions`). Returns those
 /// to count; `None` when ClickHouse is away or slow (nothing changes; tried again later).
@@ -627,17 +646,7 @@ async fn settle_seen(
     seen: &mut Seen,
     doubtful: &mut Vec<(UsageEvent, seen::Position)>,
 ) -> Option<Vec<UsageEvent>> {
-    let durable = match tokio::time::timeout(LOOP_QUERY_TIMEOUT, tollgate_store::checkpoints(ch, topic)).await {
-        Ok(Ok(d)) => d,
-        Ok(Err(e)) => {
-            warn!(error = %e, "cannot read the meter's checkpoints; trying again in 30 s");
-            return None;
-        }
-        Err(_) => {
-            warn!("reading the meter's checkpoints timed out; trying again in 30 s");
-            return None;
-        }
-    };
+    let durable = loop_query("the meter's checkpoints", tollgate_store::checkpoints(ch, topic)).await?;
     let (forgotten, evicted) = seen.prune(&durable, Instant::now());
     metrics::seen_ids(seen.len(), forgotten, evicted);
     let ready: Vec<usize> = (0..doubtful.len())
@@ -647,17 +656,7 @@ async fn settle_seen(
         return Some(Vec::new());
     }
     let ids: Vec<&str> = ready.iter().map(|i| doubtful[*i].0.event_id.as_str()).collect();
-    let first = match tokio::time::timeout(LOOP_QUERY_TIMEOUT, tollgate_store::first_positions(ch, topic, &ids)).await {
-        Ok(Ok(f)) => f,
-        Ok(Err(e)) => {
-            warn!(error = %e, "cannot read event positions; trying again in 30 s");
-            return None;
-        }
-        Err(_) => {
-            warn!("reading event positions timed out; trying again in 30 s");
-            return None;
-        }
-    };
+    let first = loop_query("event positions", tollgate_store::first_positions(ch, topic, &ids)).await?;
     let mut taken = vec![false; doubtful.len()];
     for i in &ready {
         taken[*i] = true;

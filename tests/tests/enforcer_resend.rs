@@ -69,11 +69,15 @@ async fn re_sent_events_count_once_after_the_enforcer_forgot_them_and_after_a_re
         metric(m, "tollgate_enforcer_doubtful_events_total{outcome=\"duplicate\"}")
             + metric(m, "tollgate_enforcer_duplicate_events_total")
     };
+    // Waits until `n` more copies than `before` were set aside as duplicates.
+    let found = |before: u64, n: u64| async move {
+        let reached =
+            until_at_least(before + n, Duration::from_secs(60), || async { duplicates(&metrics().render()) }).await;
+        assert_eq!(reached, Ok(before + n), "each copy is found to be one");
+    };
     let before = duplicates(&metrics().render());
     produce_usage(&t.usage, &first[..20]).await;
-    let reached =
-        until_at_least(before + 20, Duration::from_secs(60), || async { duplicates(&metrics().render()) }).await;
-    assert_eq!(reached, Ok(before + 20), "each copy is found to be one");
+    found(before, 20).await;
     produce_usage(&t.usage, &[event()]).await;
     let d = log.wait_for(KEY, |d| d.observed >= 121_000).await;
     assert_eq!((d.state, d.observed), (DecisionState::Watch, 121_000), "the copies added nothing");
@@ -90,9 +94,7 @@ async fn re_sent_events_count_once_after_the_enforcer_forgot_them_and_after_a_re
     let waiting = || async { metric(&metrics().render(), "tollgate_enforcer_doubtful_waiting") };
     assert_eq!(until_at_least(20, Duration::from_secs(60), waiting).await, Ok(20), "waiting for the meter");
     let meter = start_meter(meter_config(&t.usage, &t.db)).await;
-    let reached =
-        until_at_least(before + 20, Duration::from_secs(60), || async { duplicates(&metrics().render()) }).await;
-    assert_eq!(reached, Ok(before + 20), "each copy is found to be one");
+    found(before, 20).await;
     produce_usage(&t.usage, &[event()]).await;
     let d = log.wait_for(KEY, |d| d.observed >= 122_000).await;
     assert_eq!((d.state, d.observed), (DecisionState::Watch, 122_000), "nor after a restart");
