@@ -214,20 +214,27 @@ async fn consume(config: &Config, shutdown: &CancellationToken) -> anyhow::Resul
     let dead_letters = DeadLetters::new(config)?;
 
     let codec = UsageEvent::codec()?;
+    let consumed = metrics::consumed();
+    // Both made once, the timer reset per batch: made afresh in every turn of the loop, they
+    // registered a timer and a waiter for every message.
+    let batch_timer = tokio::time::sleep_until(Instant::now());
+    tokio::pin!(batch_timer);
+    let cancelled = shutdown.cancelled();
+    tokio::pin!(cancelled);
     let stopped_cleanly = loop {
         let hand_over = tokio::select! {
             biased;
-            () = shutdown.cancelled() => break true,
+            () = &mut cancelled => break true,
             Some(event) = rebalances.recv() => {
                 if !meter.rebalance(event, shutdown).await {
                     break false;
                 }
                 false
             }
-            () = sleep_until(meter.deadline), if meter.deadline.is_some() => true,
+            () = &mut batch_timer, if meter.deadline.is_some() => true,
             msg = consumer.recv() => match msg {
                 Ok(m) => {
-                    metrics::consumed();
+                    consumed.increment(1);
                     if meter.owned.contains(&m.partition()) {
                         match decode(&codec, m.payload()) {
                             Ok(ev) => meter.batch.push(UsageRow::new(ev, &topic, m.partition(), m.offset())),
@@ -238,7 +245,9 @@ async fn consume(config: &Config, shutdown: &CancellationToken) -> anyhow::Resul
                         }
                         meter.last.insert(m.partition(), m.offset());
                         if meter.deadline.is_none() {
-                            meter.deadline = Some(Instant::now() + config.batch_max_wait);
+                            let deadline = Instant::now() + config.batch_max_wait;
+                            meter.deadline = Some(deadline);
+                            batch_timer.as_mut().reset(deadline);
                         }
                     } else {
                         // librdkafka drops what it fetched for a partition it no longer assigns;
@@ -291,7 +300,7 @@ struct Meter {
     batch_max_rows: usize,
     /// Last offset read per partition since the last hand-over (decodable or not).
     last: BTreeMap<i32, i64>,
-    /// When the batch is handed over at the latest.
+    /// When the batch is handed over at the latest (`None`: the batch is empty).
     deadline: Option<Instant>,
     /// Writes handed-over batches, their windows and checkpoints (see `writer`).
     writer: writer::WriterHandle,
@@ -391,7 +400,8 @@ impl Meter {
         if self.batch.is_empty() && self.last.is_empty() {
             return true;
         }
-        let rows = std::mem::replace(&mut self.batch, Vec::with_capacity(self.batch_max_rows.min(100_000)));
+        let next = self.writer.spare().unwrap_or_else(|| Vec::with_capacity(self.batch_max_rows.min(100_000)));
+        let rows = std::mem::replace(&mut self.batch, next);
         let last = std::mem::take(&mut self.last);
         self.writer.send(writer::Job::Write { rows, last }, interrupt).await
     }

@@ -5,10 +5,10 @@
 //! event replayed after a crash is added only to windows whose covered offset is below it, so a
 //! replay neither loses nor double-counts, whatever step the crash interrupted.
 
-use std::hash::{Hash, Hasher, RandomState};
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
-use hashbrown::{Equivalent, HashMap, HashSet};
+use hashbrown::{DefaultHashBuilder, Equivalent, HashMap, HashSet};
 use tollgate_store::rows::UsageRow;
 pub use tollgate_store::rows::{SessionRow, WindowRow};
 
@@ -325,14 +325,19 @@ struct Entry<T> {
 }
 
 /// Open windows in memory. Anything not in memory is loaded from ClickHouse before use, so
-/// eviction only costs a read. Maps keyed by what callers choose (session ids, users) hash with
-/// SipHash's random keys.
+/// eviction only costs a read.
+///
+/// Maps keyed by what callers choose (session ids, users) hash with hashbrown's default,
+/// foldhash seeded at random per process. It is "minimally DoS-resistant": colliding keys
+/// would have to be found by timing this process, which answers no caller (it reads the topic
+/// and writes ClickHouse), and every map here is bounded or pruned. SipHash cost 8% of the
+/// meter's CPU.
 #[derive(Debug, Default)]
 pub struct Windows {
-    windows: HashMap<WindowKey, Entry<Totals>, RandomState>,
-    sessions: HashMap<SessionKey, Entry<SessionTotals>, RandomState>,
+    windows: HashMap<WindowKey, Entry<Totals>, DefaultHashBuilder>,
+    sessions: HashMap<SessionKey, Entry<SessionTotals>, DefaultHashBuilder>,
     /// Every dimension combination a held window has (and those of the batch being applied).
-    dims: HashSet<Arc<Dims>, RandomState>,
+    dims: HashSet<Arc<Dims>, DefaultHashBuilder>,
     /// Keys changed since the last `written`, so writing costs what changed, not what is held.
     dirty_windows: Vec<WindowKey>,
     dirty_sessions: Vec<SessionKey>,
@@ -345,8 +350,14 @@ pub struct Windows {
 /// hour or month holds.
 #[derive(Debug, Default)]
 pub struct Missing {
-    pub windows: HashSet<WindowKey, RandomState>,
-    pub sessions: HashSet<SessionKey, RandomState>,
+    pub windows: HashSet<WindowKey, DefaultHashBuilder>,
+    pub sessions: HashSet<SessionKey, DefaultHashBuilder>,
+}
+
+/// A batch's rows, each with its interned dimension combination: `missing` and `apply` both
+/// take it, so a row's eleven dimension strings are hashed and compared once, not twice.
+pub struct Batch<'a> {
+    rows: Vec<(&'a UsageRow, DimsRef)>,
 }
 
 impl Missing {
@@ -434,12 +445,18 @@ impl Windows {
         self.prune_dims();
     }
 
-    /// What must be read from ClickHouse before `apply(rows)`.
-    pub fn missing<'a>(&mut self, rows: impl IntoIterator<Item = &'a UsageRow>) -> Missing {
+    /// `rows` with their interned dimensions, for `missing` and `apply`. Hold it only between
+    /// the two: its combinations count as held.
+    pub fn batch<'a>(&mut self, rows: impl IntoIterator<Item = &'a UsageRow>) -> Batch<'a> {
+        Batch { rows: rows.into_iter().map(|r| (r, self.intern(r))).collect() }
+    }
+
+    /// What must be read from ClickHouse before `apply(batch)`.
+    pub fn missing(&self, batch: &Batch<'_>) -> Missing {
         let mut m = Missing::default();
-        for r in rows {
-            let dims = self.intern(r);
-            for k in window_keys(r, dims) {
+        for (r, dims) in &batch.rows {
+            let r: &UsageRow = r;
+            for k in window_keys(r, dims.clone()) {
                 if !self.windows.contains_key(&k) {
                     m.windows.insert(k);
                 }
@@ -509,12 +526,12 @@ impl Windows {
         }
     }
 
-    /// Adds each row to its windows unless the window already covers its offset. Call after
-    /// `load` of what `missing` named: a window absent from memory is taken to be new.
-    pub fn apply<'a>(&mut self, rows: impl IntoIterator<Item = &'a UsageRow>) {
-        for r in rows {
-            let dims = self.intern(r);
-            for k in window_keys(r, dims) {
+    /// Adds each row of `batch` to its windows unless the window already covers its offset. Call
+    /// after `load` of what `missing` named: a window absent from memory is taken to be new.
+    pub fn apply(&mut self, batch: &Batch<'_>) {
+        for (r, dims) in &batch.rows {
+            let r: &UsageRow = r;
+            for k in window_keys(r, dims.clone()) {
                 let e = match self.windows.get_mut(&k) {
                     Some(e) => e,
                     None => self.windows.entry(k.clone()).or_insert(Entry {
@@ -675,6 +692,16 @@ mod tests {
         UsageRow::new(ev, "t", partition, offset)
     }
 
+    fn apply<'a>(w: &mut Windows, rows: impl IntoIterator<Item = &'a UsageRow>) {
+        let batch = w.batch(rows);
+        w.apply(&batch);
+    }
+
+    fn missing<'a>(w: &mut Windows, rows: impl IntoIterator<Item = &'a UsageRow>) -> Missing {
+        let batch = w.batch(rows);
+        w.missing(&batch)
+    }
+
     #[test]
     fn window_starts_match_clickhouse() {
         // 2026-11-29 04:02:38 UTC
@@ -742,7 +769,8 @@ mod tests {
                 };
                 // As `flush` does for every batch: read what ClickHouse holds of the windows
                 // memory lacks, then apply.
-                let missing = mem.missing(slice);
+                let batch = mem.batch(slice);
+                let missing = mem.missing(&batch);
                 let wanted: Vec<WindowRow> = final_rows(&written)
                     .into_iter()
                     .filter(|w| {
@@ -750,7 +778,7 @@ mod tests {
                     })
                     .collect();
                 mem.load(wanted, vec![]);
-                mem.apply(slice);
+                mem.apply(&batch);
                 written.extend(mem.dirty().0);
                 mem.written();
                 pos += n;
@@ -782,11 +810,12 @@ mod tests {
         fn batch(&mut self, events: &[UsageRow], n: usize, written: &mut Vec<WindowRow>, checkpoint: &mut usize) {
             let end = (self.next + n).min(events.len());
             let slice = &events[self.next..end];
-            let missing = self.mem.missing(slice);
+            let batch = self.mem.batch(slice);
+            let missing = self.mem.missing(&batch);
             let wanted: Vec<WindowRow> =
                 final_rows(written).into_iter().filter(|w| missing.windows.iter().any(|k| k.matches(w))).collect();
             self.mem.load(wanted, vec![]);
-            self.mem.apply(slice);
+            self.mem.apply(&batch);
             written.extend(self.mem.dirty().0);
             self.mem.written();
             *checkpoint = (*checkpoint).max(end);
@@ -847,8 +876,8 @@ mod tests {
         for r in &first {
             w.consumed(1, r.kafka_offset);
         }
-        w.apply(&first);
-        w.apply(&[row(0, 0, 1_796_443_200, "a", 10)]);
+        apply(&mut w, &first);
+        apply(&mut w, &[row(0, 0, 1_796_443_200, "a", 10)]);
         w.consumed(0, 0);
         w.written();
         let held = w.len();
@@ -858,8 +887,8 @@ mod tests {
         assert_eq!(w.len(), held, "a replay keeps memory");
         w.consumed(1, 9);
         assert!(w.len() < held, "offsets 3..8 were another meter's: partition 1 is read again");
-        assert!(w.missing(&[row(0, 3, 1_796_443_200, "a", 10)]).is_empty(), "partition 0 kept");
-        assert!(!w.missing(&[row(1, 9, 1_796_443_200, "a", 10)]).is_empty());
+        assert!(missing(&mut w, &[row(0, 3, 1_796_443_200, "a", 10)]).is_empty(), "partition 0 kept");
+        assert!(!missing(&mut w, &[row(1, 9, 1_796_443_200, "a", 10)]).is_empty());
     }
 
     #[test]
@@ -869,13 +898,13 @@ mod tests {
         for r in &rows {
             w.consumed(r.kafka_partition, r.kafka_offset);
         }
-        w.apply(&rows);
+        apply(&mut w, &rows);
         w.written();
         w.forget(1);
-        assert!(w.missing(&rows[..1]).is_empty(), "partition 0 kept");
-        assert!(!w.missing(&rows[1..]).is_empty(), "partition 1 is read again from ClickHouse");
+        assert!(missing(&mut w, &rows[..1]).is_empty(), "partition 0 kept");
+        assert!(!missing(&mut w, &rows[1..]).is_empty(), "partition 1 is read again from ClickHouse");
         w.consumed(1, 7);
-        w.apply(&[row(1, 7, 1_796_443_200, "a", 10)]);
+        apply(&mut w, &[row(1, 7, 1_796_443_200, "a", 10)]);
         assert_eq!(w.len(), 10, "no jump is seen after a forget: partition 1 starts afresh");
     }
 
@@ -884,7 +913,7 @@ mod tests {
         assert_eq!(Granularity::Month.end(1_793_491_200), 1_796_083_200, "2026-11 ends at 2026-12-01");
         let mut w = Windows::default();
         let t = 1_796_443_200; // 2026-12-05 08:00:00 UTC
-        w.apply([&row(0, 0, t, "a", 10)]);
+        apply(&mut w, [&row(0, 0, t, "a", 10)]);
         assert_eq!(w.drop_passed(t + 7200, 600), 0, "dirty windows are kept until written");
         w.written();
         assert_eq!(w.len(), 5);
@@ -900,7 +929,7 @@ mod tests {
     #[test]
     fn borrowed_keys_hash_and_compare_as_the_owned_ones() {
         use std::hash::BuildHasher;
-        let hasher = RandomState::new();
+        let hasher = DefaultHashBuilder::default();
         let r = row(3, 7, 1_796_443_200, "a", 10);
         assert_eq!(hasher.hash_one(DimsOf(&r)), hasher.hash_one(Dims::of(&r)));
         assert!(DimsOf(&r).equivalent(&Arc::new(Dims::of(&r))));
@@ -910,7 +939,7 @@ mod tests {
         assert!(SessionOf(&r).equivalent(&SessionOf(&r).owned()));
         assert!(!SessionOf(&other).equivalent(&SessionOf(&r).owned()));
         let mut w = Windows::default();
-        w.apply([&r, &r.clone()]);
+        apply(&mut w, [&r, &r.clone()]);
         assert_eq!(w.dims.len(), 1, "one combination, interned once");
         assert_eq!(w.len(), 5, "four windows and one session hour");
     }
@@ -919,7 +948,7 @@ mod tests {
     fn errors_latency_and_sessions_are_counted() {
         let mut w = Windows::default();
         let rows: Vec<UsageRow> = (0..10).map(|i| row(0, i, 1_796_443_200, "a", 100)).collect();
-        w.apply(&rows);
+        apply(&mut w, &rows);
         let (wins, sessions) = w.dirty();
         let minute = wins.iter().find(|r| r.granularity == "minute").unwrap();
         assert_eq!((minute.requests, minute.errors, minute.latency_us_sum, minute.version), (10, 2, 2500, 9));
@@ -927,7 +956,7 @@ mod tests {
         assert_eq!(sessions.iter().map(|s| s.requests).sum::<i64>(), 10);
         w.written();
         assert!(w.dirty().0.is_empty());
-        w.apply(&rows);
+        apply(&mut w, &rows);
         assert!(w.dirty().0.is_empty(), "a replay of covered offsets changes nothing");
     }
 }

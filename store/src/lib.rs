@@ -78,12 +78,32 @@ where
     if rows.is_empty() {
         return Ok(());
     }
-    // A server that stops answering mid-INSERT must become an error the caller retries, not a
-    // wait without end; re-sending a batch is safe (ReplacingMergeTree, read with FINAL).
-    let mut insert =
-        client.insert::<T>(table).await?.with_timeouts(Some(INSERT_SEND_TIMEOUT), Some(INSERT_END_TIMEOUT));
+    let mut insert = open_insert::<T>(client, table).await?;
     for r in rows {
         insert.write(r).await?;
+    }
+    insert.end().await
+}
+
+/// An INSERT into `table` with the send and end timeouts: a server that stops answering
+/// mid-INSERT must become an error the caller retries, not a wait without end; re-sending a
+/// batch is safe (ReplacingMergeTree, read with FINAL).
+async fn open_insert<T: Row>(
+    client: &Client,
+    table: &str,
+) -> Result<clickhouse::insert::Insert<T>, clickhouse::error::Error> {
+    Ok(client.insert::<T>(table).await?.with_timeouts(Some(INSERT_SEND_TIMEOUT), Some(INSERT_END_TIMEOUT)))
+}
+
+/// Inserts the position of each of `rows` into `event_positions`. Each row is written as it is
+/// made, borrowing the event id and topic: no copy of the batch is built.
+pub async fn insert_positions(client: &Client, rows: &[rows::UsageRow]) -> Result<(), clickhouse::error::Error> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut insert = open_insert::<rows::PositionRow<'static>>(client, tables::EVENT_POSITIONS).await?;
+    for r in rows {
+        insert.write(&rows::PositionRow::of(r)).await?;
     }
     insert.end().await
 }
@@ -97,6 +117,42 @@ const ID_LOOKUP_CHUNK: usize = 4000;
 /// still narrows by the primary key with a set from a subquery.
 pub const IN_ARRAY: &str = "(SELECT arrayJoin(?))";
 
+/// `values` as an IN set literal, `('a','b')`, when every value is plain (ASCII letters, digits,
+/// `-`, `_`, `.`, `:`: nothing to escape, and no `?` the client would take for a marker); `None`
+/// otherwise, and then the caller binds them. Written here because the meter looks up every
+/// event id of every batch: the client escapes a bound string character by character into a
+/// string grown by doubling, which cost about 4% of the meter's CPU. Event ids are UUIDs from
+/// the ingress, so the bound path is for ids some other producer chose.
+pub fn plain_in_set(values: &[&str]) -> Option<String> {
+    // One table lookup per byte: the same test as a closure of comparisons cost 2.5% of the meter.
+    static PLAIN: [bool; 256] = {
+        let mut t = [false; 256];
+        let mut b = 0;
+        while b < 256 {
+            let c = b as u8;
+            t[b] = c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b':');
+            b += 1;
+        }
+        t
+    };
+    let plain = |v: &str| v.bytes().all(|b| PLAIN[usize::from(b)]);
+    if values.is_empty() || !values.iter().all(|v| plain(v)) {
+        return None;
+    }
+    let mut out = String::with_capacity(2 + values.iter().map(|v| v.len() + 3).sum::<usize>());
+    out.push('(');
+    for (i, v) in values.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push('\'');
+        out.push_str(v);
+        out.push('\'');
+    }
+    out.push(')');
+    Some(out)
+}
+
 /// The first position (partition, offset) `event_positions` holds of each of `ids` read from
 /// `topic`; ids it does not hold are absent.
 pub async fn first_positions(
@@ -106,14 +162,20 @@ pub async fn first_positions(
 ) -> Result<std::collections::HashMap<String, (i32, i64)>, clickhouse::error::Error> {
     let mut first = std::collections::HashMap::with_capacity(ids.len());
     for chunk in ids.chunks(ID_LOOKUP_CHUNK) {
+        let (set, bound) = match plain_in_set(chunk) {
+            Some(literal) => (literal, None),
+            None => (IN_ARRAY.to_owned(), Some(chunk)),
+        };
         let sql = format!(
-            "SELECT event_id, kafka_partition, min(kafka_offset) FROM {} WHERE kafka_topic = ? AND event_id IN {IN_ARRAY} \
+            "SELECT event_id, kafka_partition, min(kafka_offset) FROM {} WHERE kafka_topic = ? AND event_id IN {set} \
              GROUP BY event_id, kafka_partition",
             tables::EVENT_POSITIONS,
         );
-        for (id, partition, offset) in
-            client.query(&sql).bind(topic).bind(chunk).fetch_all::<(String, i32, i64)>().await?
-        {
+        let mut q = client.query(&sql).bind(topic);
+        if let Some(ids) = bound {
+            q = q.bind(ids);
+        }
+        for (id, partition, offset) in q.fetch_all::<(String, i32, i64)>().await? {
             first
                 .entry(id)
                 .and_modify(|f: &mut (i32, i64)| *f = (*f).min((partition, offset)))
@@ -157,4 +219,20 @@ pub async fn checkpoints(client: &Client, topic: &str) -> Result<BTreeMap<i32, i
         .fetch_all()
         .await?;
     Ok(rows.into_iter().map(|(p, o)| (p, i64::try_from(o).unwrap_or(i64::MAX))).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn plain_ids_are_written_into_the_sql_and_others_are_left_to_the_bind() {
+        assert_eq!(plain_in_set(&["0b9c-1f", "a_b.c:d"]).unwrap(), "('0b9c-1f','a_b.c:d')");
+        assert_eq!(plain_in_set(&[]), None);
+        assert_eq!(plain_in_set(&[""]).unwrap(), "('')");
+        for odd in ["it's", "a?b", "back\\slash", "tab\t", "é"] {
+            assert_eq!(plain_in_set(&["plain", odd]), None, "{odd:?}");
+        }
+    }
 }

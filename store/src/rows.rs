@@ -263,21 +263,22 @@ impl AlertRow {
     }
 }
 
-/// One row of `event_positions`: where the meter read a copy of an event.
-#[derive(Debug, Clone, Row, Serialize, Deserialize)]
-pub struct PositionRow {
-    pub event_id: String,
-    pub kafka_topic: String,
+/// One row of `event_positions`: where the meter read a copy of an event. Borrowed from its
+/// `UsageRow`, to be written as it is made (`insert_positions`).
+#[derive(Debug, Clone, Row, Serialize)]
+pub struct PositionRow<'a> {
+    pub event_id: &'a str,
+    pub kafka_topic: &'a str,
     pub kafka_partition: i32,
     pub kafka_offset: i64,
     pub ended_at: u32,
 }
 
-impl PositionRow {
-    pub fn of(r: &UsageRow) -> Self {
+impl<'a> PositionRow<'a> {
+    pub fn of(r: &'a UsageRow) -> Self {
         PositionRow {
-            event_id: r.event_id.clone(),
-            kafka_topic: r.kafka_topic.clone(),
+            event_id: &r.event_id,
+            kafka_topic: &r.kafka_topic,
             kafka_partition: r.kafka_partition,
             kafka_offset: r.kafka_offset,
             ended_at: r.ended_at,

@@ -135,7 +135,8 @@ async fn seed(cfg: &ClickHouseConfig, events: &[UsageEvent], replayed: &[usize])
     let all: Vec<UsageRow> = rows.into_iter().chain(again).collect();
     let firsts = sink::first_copies(&client, "tollgate.usage.v1", &all).await.unwrap();
     let mut windows = Windows::default();
-    windows.apply(firsts);
+    let batch = windows.batch(firsts);
+    windows.apply(&batch);
     let (w, sessions) = windows.dirty();
     tollgate_store::insert_rows(&client, tollgate_store::tables::USAGE_WINDOWS, &w).await.unwrap();
     tollgate_store::insert_rows(&client, tollgate_store::tables::SESSION_HOURS, &sessions).await.unwrap();

@@ -569,8 +569,9 @@ async fn meter_flush_steps() {
         record("3 insert raw rows", t.elapsed(), batch.len());
 
         let t = Instant::now();
-        let missing = windows.missing(batch);
-        record("4 windows: find missing", t.elapsed(), batch.len());
+        let prepared = windows.batch(batch);
+        let missing = windows.missing(&prepared);
+        record("4 windows: intern, find missing", t.elapsed(), batch.len());
         if !missing.is_empty() {
             let t = Instant::now();
             let (w, ss) = sink::load_windows(&ch, &missing).await.unwrap();
@@ -581,7 +582,7 @@ async fn meter_flush_steps() {
             record("6 windows: load into memory", t.elapsed(), loaded);
         }
         let t = Instant::now();
-        windows.apply(batch);
+        windows.apply(&prepared);
         record("7 windows: apply", t.elapsed(), batch.len());
         let t = Instant::now();
         let (w, ss) = windows.dirty();
