@@ -244,6 +244,18 @@ impl Totals {
         self.cost_nanos = self.cost_nanos.saturating_add(r.cost_nanos);
         self.latency_us_sum = self.latency_us_sum.saturating_add(r.ended_at_us.saturating_sub(r.started_at_us).max(0));
     }
+
+    fn merge(&mut self, o: &Totals) {
+        self.requests = self.requests.saturating_add(o.requests);
+        self.errors = self.errors.saturating_add(o.errors);
+        self.input_tokens = self.input_tokens.saturating_add(o.input_tokens);
+        self.output_tokens = self.output_tokens.saturating_add(o.output_tokens);
+        self.cached_input_tokens = self.cached_input_tokens.saturating_add(o.cached_input_tokens);
+        self.cache_write_tokens = self.cache_write_tokens.saturating_add(o.cache_write_tokens);
+        self.reasoning_tokens = self.reasoning_tokens.saturating_add(o.reasoning_tokens);
+        self.cost_nanos = self.cost_nanos.saturating_add(o.cost_nanos);
+        self.latency_us_sum = self.latency_us_sum.saturating_add(o.latency_us_sum);
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -316,6 +328,22 @@ pub struct SessionTotals {
     pub cost_nanos: i64,
 }
 
+impl SessionTotals {
+    fn add(&mut self, r: &UsageRow) {
+        self.requests = self.requests.saturating_add(1);
+        self.input_tokens = self.input_tokens.saturating_add(r.input_tokens);
+        self.output_tokens = self.output_tokens.saturating_add(r.output_tokens);
+        self.cost_nanos = self.cost_nanos.saturating_add(r.cost_nanos);
+    }
+
+    fn merge(&mut self, o: &SessionTotals) {
+        self.requests = self.requests.saturating_add(o.requests);
+        self.input_tokens = self.input_tokens.saturating_add(o.input_tokens);
+        self.output_tokens = self.output_tokens.saturating_add(o.output_tokens);
+        self.cost_nanos = self.cost_nanos.saturating_add(o.cost_nanos);
+    }
+}
+
 /// A window's totals and the offset of its partition they cover (-1: none yet).
 #[derive(Debug, Clone, Copy)]
 struct Entry<T> {
@@ -354,10 +382,46 @@ pub struct Missing {
     pub sessions: HashSet<SessionKey, DefaultHashBuilder>,
 }
 
-/// A batch's rows, each with its interned dimension combination: `missing` and `apply` both
-/// take it, so a row's eleven dimension strings are hashed and compared once, not twice.
+/// A batch's rows, each with its interned dimension combination, gathered by the window and
+/// session hour they add to. `missing` and `apply` both take it, so a row's dimension strings
+/// are hashed once, and the windows held (a large map, mostly out of cache) are looked up once
+/// per window the batch touches, not once per row and granularity.
 pub struct Batch<'a> {
     rows: Vec<(&'a UsageRow, DimsRef)>,
+    windows: HashMap<GroupKey, (WindowKey, Group<Totals>), DefaultHashBuilder>,
+    sessions: HashMap<SessionKey, Group<SessionTotals>, DefaultHashBuilder>,
+}
+
+/// A window as a batch gathers its rows: (granularity, start, partition, the combination's
+/// address), so no reference count moves per row.
+type GroupKey = (Granularity, u32, i32, usize);
+
+/// What a batch adds to one window: its rows' sum, and the offsets it spans.
+struct Group<T> {
+    totals: T,
+    first: i64,
+    last: i64,
+    /// The rows' offsets only rise (they do within a partition's batch): only then is the sum
+    /// what adding the rows one by one would give.
+    ascending: bool,
+}
+
+impl<T: Default> Group<T> {
+    /// A group whose first row is at `offset` (then `note` it as every row).
+    fn new(offset: i64) -> Self {
+        Group { totals: T::default(), first: offset, last: i64::MIN, ascending: true }
+    }
+
+    fn note(&mut self, offset: i64) {
+        self.ascending &= offset > self.last;
+        self.last = offset;
+    }
+
+    /// Whether adding the whole group to a window that covers offsets up to `covered` is what
+    /// adding its rows one by one would do: offsets rising, and the first past `covered`.
+    fn fits(&self, covered: i64) -> bool {
+        self.ascending && covered < self.first
+    }
 }
 
 impl Missing {
@@ -448,22 +512,42 @@ impl Windows {
     /// `rows` with their interned dimensions, for `missing` and `apply`. Hold it only between
     /// the two: its combinations count as held.
     pub fn batch<'a>(&mut self, rows: impl IntoIterator<Item = &'a UsageRow>) -> Batch<'a> {
-        Batch { rows: rows.into_iter().map(|r| (r, self.intern(r))).collect() }
+        let mut b = Batch { rows: Vec::new(), windows: HashMap::default(), sessions: HashMap::default() };
+        for r in rows {
+            let dims = self.intern(r);
+            let at = Arc::as_ptr(&dims.0) as usize;
+            for g in Granularity::ALL {
+                let start = g.start(r.ended_at);
+                let (_, group) = b.windows.entry((g, start, r.kafka_partition, at)).or_insert_with(|| {
+                    let key = WindowKey { granularity: g, start, partition: r.kafka_partition, dims: dims.clone() };
+                    (key, Group::new(r.kafka_offset))
+                });
+                group.totals.add(r);
+                group.note(r.kafka_offset);
+            }
+            let s = SessionOf(r);
+            let group = match b.sessions.get_mut(&s) {
+                Some(g) => g,
+                None => b.sessions.entry(s.owned()).or_insert_with(|| Group::new(r.kafka_offset)),
+            };
+            group.totals.add(r);
+            group.note(r.kafka_offset);
+            b.rows.push((r, dims));
+        }
+        b
     }
 
     /// What must be read from ClickHouse before `apply(batch)`.
     pub fn missing(&self, batch: &Batch<'_>) -> Missing {
         let mut m = Missing::default();
-        for (r, dims) in &batch.rows {
-            let r: &UsageRow = r;
-            for k in window_keys(r, dims.clone()) {
-                if !self.windows.contains_key(&k) {
-                    m.windows.insert(k);
-                }
+        for (k, _) in batch.windows.values() {
+            if !self.windows.contains_key(k) {
+                m.windows.insert(k.clone());
             }
-            let s = SessionOf(r);
-            if !self.sessions.contains_key(&s) && !m.sessions.contains(&s) {
-                m.sessions.insert(s.owned());
+        }
+        for k in batch.sessions.keys() {
+            if !self.sessions.contains_key(k) {
+                m.sessions.insert(k.clone());
             }
         }
         m
@@ -529,6 +613,55 @@ impl Windows {
     /// Adds each row of `batch` to its windows unless the window already covers its offset. Call
     /// after `load` of what `missing` named: a window absent from memory is taken to be new.
     pub fn apply(&mut self, batch: &Batch<'_>) {
+        let covered = |e: Option<i64>| e.unwrap_or(-1);
+        let whole = batch.windows.values().all(|(k, g)| g.fits(covered(self.windows.get(k).map(|e| e.covered))))
+            && batch.sessions.iter().all(|(k, g)| g.fits(covered(self.sessions.get(k).map(|e| e.covered))));
+        if whole {
+            self.apply_groups(batch);
+        } else {
+            self.apply_rows(batch);
+        }
+    }
+
+    /// Adds each group whole: every row of the batch is past what its windows cover (the case
+    /// but for replays).
+    fn apply_groups(&mut self, batch: &Batch<'_>) {
+        for (k, g) in batch.windows.values() {
+            let e = match self.windows.get_mut(k) {
+                Some(e) => e,
+                None => self.windows.entry(k.clone()).or_insert(Entry {
+                    totals: Totals::default(),
+                    covered: -1,
+                    dirty: false,
+                }),
+            };
+            e.totals.merge(&g.totals);
+            e.covered = g.last;
+            if !e.dirty {
+                e.dirty = true;
+                self.dirty_windows.push(k.clone());
+            }
+        }
+        for (k, g) in &batch.sessions {
+            let e = match self.sessions.get_mut(k) {
+                Some(e) => e,
+                None => self.sessions.entry(k.clone()).or_insert(Entry {
+                    totals: SessionTotals::default(),
+                    covered: -1,
+                    dirty: false,
+                }),
+            };
+            e.totals.merge(&g.totals);
+            e.covered = g.last;
+            if !e.dirty {
+                e.dirty = true;
+                self.dirty_sessions.push(k.clone());
+            }
+        }
+    }
+
+    /// Adds the rows one by one, each to the windows that do not cover it yet (a replay).
+    fn apply_rows(&mut self, batch: &Batch<'_>) {
         for (r, dims) in &batch.rows {
             let r: &UsageRow = r;
             for k in window_keys(r, dims.clone()) {
@@ -559,10 +692,7 @@ impl Windows {
                 }),
             };
             if r.kafka_offset > e.covered {
-                e.totals.requests = e.totals.requests.saturating_add(1);
-                e.totals.input_tokens = e.totals.input_tokens.saturating_add(r.input_tokens);
-                e.totals.output_tokens = e.totals.output_tokens.saturating_add(r.output_tokens);
-                e.totals.cost_nanos = e.totals.cost_nanos.saturating_add(r.cost_nanos);
+                e.totals.add(r);
                 e.covered = r.kafka_offset;
                 if !e.dirty {
                     e.dirty = true;
@@ -795,6 +925,69 @@ mod tests {
                 }
             }
             prop_assert_eq!(got, expect);
+        }
+    }
+
+    /// Rows (and their windows) in a canonical order, to compare two memories.
+    #[allow(clippy::type_complexity)]
+    fn snapshot(
+        w: &Windows,
+    ) -> (Vec<((Granularity, u32, i32, Dims), Totals, i64)>, Vec<(SessionKey, SessionTotals, i64)>) {
+        // Combinations by content: each memory interns its own.
+        let mut windows: Vec<_> = w
+            .windows
+            .iter()
+            .map(|(k, e)| ((k.granularity, k.start, k.partition, (*k.dims).clone()), e.totals, e.covered))
+            .collect();
+        windows.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut sessions: Vec<_> = w.sessions.iter().map(|(k, e)| (k.clone(), e.totals, e.covered)).collect();
+        sessions.sort_by(|a, b| a.0.cmp(&b.0));
+        (windows, sessions)
+    }
+
+    proptest! {
+        /// Adding a batch by groups gives what adding its rows one by one gives, whatever the
+        /// offsets (repeated, falling, behind what a window covers) and however rows share
+        /// windows and sessions.
+        #[test]
+        fn groups_add_up_as_rows_do(
+            batches in proptest::collection::vec(
+                (any::<bool>(), proptest::collection::vec((0i32..2, 0i64..40, 0u32..7200, 0usize..3), 1..30)),
+                1..6,
+            ),
+        ) {
+            let (mut grouped, mut by_row) = (Windows::default(), Windows::default());
+            // Rising batches continue each partition's offsets as a topic would (the groups are
+            // added whole); the others take offsets at random (row by row).
+            let mut next = [0i64; 2];
+            for (rising, spec) in &batches {
+                let rows: Vec<UsageRow> = spec
+                    .iter()
+                    .map(|&(p, o, t, who)| {
+                        let o = if *rising {
+                            let at = &mut next[usize::try_from(p).unwrap()];
+                            *at += 1 + o % 3;
+                            *at
+                        } else {
+                            o
+                        };
+                        row(p, o, 1_796_443_200 + t, ["a", "b", "c"][who], 10 + o)
+                    })
+                    .collect();
+                let b = grouped.batch(&rows);
+                grouped.apply(&b);
+                let b = by_row.batch(&rows);
+                by_row.apply_rows(&b);
+                prop_assert_eq!(snapshot(&grouped), snapshot(&by_row));
+                let (mut dg, mut dr) = (grouped.dirty(), by_row.dirty());
+                for d in [&mut dg, &mut dr] {
+                    d.0.sort_by(|a, b| (&a.granularity, a.window_start, a.kafka_partition, &a.project).cmp(&(&b.granularity, b.window_start, b.kafka_partition, &b.project)));
+                    d.1.sort_by(|a, b| (a.hour, &a.session_id, a.kafka_partition, &a.project).cmp(&(b.hour, &b.session_id, b.kafka_partition, &b.project)));
+                }
+                prop_assert_eq!(format!("{dg:?}"), format!("{dr:?}"));
+                grouped.written();
+                by_row.written();
+            }
         }
     }
 

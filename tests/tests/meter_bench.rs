@@ -571,7 +571,7 @@ async fn meter_flush_steps() {
         let t = Instant::now();
         let prepared = windows.batch(batch);
         let missing = windows.missing(&prepared);
-        record("4 windows: intern, find missing", t.elapsed(), batch.len());
+        record("4 windows: intern and group, find missing", t.elapsed(), batch.len());
         if !missing.is_empty() {
             let t = Instant::now();
             let (w, ss) = sink::load_windows(&ch, &missing).await.unwrap();
