@@ -455,6 +455,34 @@ fn window_keys(r: &UsageRow, dims: DimsRef) -> impl Iterator<Item = WindowKey> +
     })
 }
 
+/// Adds `add` to `key`'s entry (an empty one when memory holds none) unless the entry already
+/// covers `offset`; it then covers `offset` and is listed in `dirty` once until written.
+fn add_past<K, Q, T>(
+    map: &mut HashMap<K, Entry<T>, DefaultHashBuilder>,
+    dirty: &mut Vec<K>,
+    key: &Q,
+    owned: impl Fn(&Q) -> K,
+    offset: i64,
+    add: impl FnOnce(&mut T),
+) where
+    K: Hash + Eq,
+    Q: Hash + Equivalent<K> + ?Sized,
+    T: Default,
+{
+    let e = match map.get_mut(key) {
+        Some(e) => e,
+        None => map.entry(owned(key)).or_insert(Entry { totals: T::default(), covered: -1, dirty: false }),
+    };
+    if offset > e.covered {
+        add(&mut e.totals);
+        e.covered = offset;
+        if !e.dirty {
+            e.dirty = true;
+            dirty.push(owned(key));
+        }
+    }
+}
+
 impl Windows {
     pub fn len(&self) -> usize {
         self.windows.len() + self.sessions.len()
@@ -627,36 +655,12 @@ impl Windows {
     /// but for replays).
     fn apply_groups(&mut self, batch: &Batch<'_>) {
         for (k, g) in batch.windows.values() {
-            let e = match self.windows.get_mut(k) {
-                Some(e) => e,
-                None => self.windows.entry(k.clone()).or_insert(Entry {
-                    totals: Totals::default(),
-                    covered: -1,
-                    dirty: false,
-                }),
-            };
-            e.totals.merge(&g.totals);
-            e.covered = g.last;
-            if !e.dirty {
-                e.dirty = true;
-                self.dirty_windows.push(k.clone());
-            }
+            add_past(&mut self.windows, &mut self.dirty_windows, k, WindowKey::clone, g.last, |t| t.merge(&g.totals));
         }
         for (k, g) in &batch.sessions {
-            let e = match self.sessions.get_mut(k) {
-                Some(e) => e,
-                None => self.sessions.entry(k.clone()).or_insert(Entry {
-                    totals: SessionTotals::default(),
-                    covered: -1,
-                    dirty: false,
-                }),
-            };
-            e.totals.merge(&g.totals);
-            e.covered = g.last;
-            if !e.dirty {
-                e.dirty = true;
-                self.dirty_sessions.push(k.clone());
-            }
+            add_past(&mut self.sessions, &mut self.dirty_sessions, k, SessionKey::clone, g.last, |t| {
+                t.merge(&g.totals)
+            });
         }
     }
 
@@ -665,40 +669,18 @@ impl Windows {
         for (r, dims) in &batch.rows {
             let r: &UsageRow = r;
             for k in window_keys(r, dims.clone()) {
-                let e = match self.windows.get_mut(&k) {
-                    Some(e) => e,
-                    None => self.windows.entry(k.clone()).or_insert(Entry {
-                        totals: Totals::default(),
-                        covered: -1,
-                        dirty: false,
-                    }),
-                };
-                if r.kafka_offset > e.covered {
-                    e.totals.add(r);
-                    e.covered = r.kafka_offset;
-                    if !e.dirty {
-                        e.dirty = true;
-                        self.dirty_windows.push(k);
-                    }
-                }
+                add_past(&mut self.windows, &mut self.dirty_windows, &k, WindowKey::clone, r.kafka_offset, |t| {
+                    t.add(r)
+                });
             }
-            let s = SessionOf(r);
-            let e = match self.sessions.get_mut(&s) {
-                Some(e) => e,
-                None => self.sessions.entry(s.owned()).or_insert(Entry {
-                    totals: SessionTotals::default(),
-                    covered: -1,
-                    dirty: false,
-                }),
-            };
-            if r.kafka_offset > e.covered {
-                e.totals.add(r);
-                e.covered = r.kafka_offset;
-                if !e.dirty {
-                    e.dirty = true;
-                    self.dirty_sessions.push(s.owned());
-                }
-            }
+            add_past(
+                &mut self.sessions,
+                &mut self.dirty_sessions,
+                &SessionOf(r),
+                SessionOf::owned,
+                r.kafka_offset,
+                |t| t.add(r),
+            );
         }
     }
 
