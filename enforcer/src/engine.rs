@@ -8,7 +8,7 @@ use std::sync::Arc;
 use tollgate_schemas::decision::{Alert, AlertKind, BreachDecision, DecisionState, Measure, RuleKind, Severity};
 use tollgate_schemas::policy::{Policy, Subject};
 use tollgate_schemas::rules::Rule;
-use tollgate_schemas::usage::{Envelope, Status, UsageEvent};
+use tollgate_schemas::usage::{Envelope, UsageEvent};
 
 use tollgate_schemas::window::Counter;
 
@@ -27,7 +27,7 @@ pub struct Usage {
 impl Usage {
     /// `None` for requests Tollgate refused: they reached no provider and cost nothing.
     pub fn of(ev: &UsageEvent) -> Option<Usage> {
-        if ev.status == Status::Rejected {
+        if !tollgate_schemas::measures::attempted(ev) {
             return None;
         }
         Some(Usage {
@@ -166,8 +166,13 @@ impl Engine {
 
     /// Counts one unit of usage into every rule and scope it falls in.
     pub fn observe(&mut self, u: &Usage, now_us: i64) {
+        self.observe_rules(u, now_us, |_| true);
+    }
+
+    /// Counts one unit of usage into the rules `take` accepts, in every scope it falls in.
+    pub fn observe_rules(&mut self, u: &Usage, now_us: i64, take: impl Fn(&Rule) -> bool) {
         let subject = u.api_key_id.as_ref().and_then(|k| self.subjects.get(k));
-        for rule in &self.rules {
+        for rule in self.rules.iter().filter(|r| take(r)) {
             let Some(scope) = rule.scope_of(&u.envelope, u.api_key_id.as_deref(), subject) else { continue };
             let amount = u.amount(rule.measure);
             if amount == 0 {

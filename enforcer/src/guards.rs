@@ -12,7 +12,7 @@ use tollgate_schemas::policy::{
 };
 use tollgate_schemas::price::ModelTier;
 use tollgate_schemas::rules::Rule;
-use tollgate_schemas::usage::{Status, UsageEvent};
+use tollgate_schemas::usage::UsageEvent;
 
 use crate::engine::{Engine, Output, Verdict, usd};
 use tollgate_schemas::window::Sliding;
@@ -48,7 +48,7 @@ pub struct Sample {
 
 impl Sample {
     pub fn of(ev: &UsageEvent) -> Option<Sample> {
-        if ev.status == Status::Rejected {
+        if !measures::attempted(ev) {
             return None;
         }
         // Which requests each measure counts is `measures`' (shared with the views and reports).

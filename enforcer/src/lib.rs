@@ -186,7 +186,7 @@ async fn enforce(
         return Ok(Stopped::Shutdown);
     };
     // Each attempt starts from the seeded engine: a failed one may have counted part of the rows.
-    let Some((rebuilt, mut engine, mut guards)) = tollgate_runtime::retry_with_backoff(
+    let Some(((rebuilt, mut above), mut engine, mut guards)) = tollgate_runtime::retry_with_backoff(
         shutdown,
         "clickhouse",
         "rebuilding windows from clickhouse",
@@ -194,7 +194,7 @@ async fn enforce(
         || async {
             let now = now_us();
             let mut e = seeded();
-            let r = rebuild::rebuild(&ch, &config.usage_topic, &covered, &mut e, now).await?;
+            let r = rebuild::rebuild(&ch, &config.usage_topic, &covered, &mut e, now, rebuild::Source::Best).await?;
             let mut g = Guards::new(&policy);
             rebuild::rebuild_guards(&ch, &config.usage_topic, &covered, &mut g, now).await?;
             for (i, pct, days) in g.baselines_wanted() {
@@ -209,8 +209,11 @@ async fn enforce(
     };
     info!(
         decisions = decisions.len(),
-        buckets = rebuilt.buckets,
-        requests = rebuilt.requests,
+        raw_buckets = rebuilt.raw_buckets,
+        raw_requests = rebuilt.raw_requests,
+        rollup_buckets = rebuilt.rollup_buckets,
+        rollup_requests = rebuilt.rollup_requests,
+        rows_past_checkpoints = above.len(),
         scopes = engine.scopes(),
         resume = ?covered,
         elapsed_ms = started.elapsed().as_millis() as u64,
@@ -272,6 +275,9 @@ async fn enforce(
             _ = housekeeping.tick() => {
                 let now = now_us();
                 publisher.publish(&mut engine, &mut guards, notifier, now, true).await;
+                if !above.is_empty() {
+                    above.passed(&next);
+                }
                 if last_gc.elapsed() >= config.gc_every {
                     let tombstones = engine.gc(now);
                     guards.gc(&engine, now);
@@ -284,8 +290,8 @@ async fn enforce(
                         Some(resolved) => {
                             next_prune = Instant::now() + PRUNE_SEEN_EVERY;
                             next_doubtful = Instant::now();
-                            for ev in resolved {
-                                count(&ev, &mut engine, &mut guards, &mut pending, &mut oldest_pending);
+                            for (ev, at) in resolved {
+                                count(&ev, at, &mut engine, &mut guards, &above, &mut pending, &mut oldest_pending);
                             }
                         }
                         // ClickHouse away or slow: the loop must not stall on it every second.
@@ -315,7 +321,9 @@ async fn enforce(
                     Some(Ok(ev)) => {
                         let at = (m.partition(), m.offset());
                         match seen.check(&ev.event_id, at, ev.ended_at_us, Instant::now()) {
-                            Verdict::New => count(&ev, &mut engine, &mut guards, &mut pending, &mut oldest_pending),
+                            Verdict::New => {
+                                count(&ev, at, &mut engine, &mut guards, &above, &mut pending, &mut oldest_pending)
+                            }
                             Verdict::Duplicate => metrics::duplicate(),
                             Verdict::Doubtful if doubtful.len() < MAX_DOUBTFUL => {
                                 metrics::doubtful_waiting(doubtful.len() + 1);
@@ -326,7 +334,7 @@ async fn enforce(
                                 // count a copy twice, which errs toward enforcing, and is counted.
                                 metrics::doubtful("unverified");
                                 seen.remember(&ev.event_id, at, ev.ended_at_us, Instant::now());
-                                count(&ev, &mut engine, &mut guards, &mut pending, &mut oldest_pending);
+                                count(&ev, at, &mut engine, &mut guards, &above, &mut pending, &mut oldest_pending);
                             }
                         }
                     }
@@ -601,15 +609,17 @@ const SEEN_BACKOFF: Duration = Duration::from_secs(30);
 /// Counts one event into the windows and guards.
 fn count(
     ev: &UsageEvent,
+    at: seen::Position,
     engine: &mut Engine,
     guards: &mut Guards,
+    above: &rebuild::Covered,
     pending: &mut usize,
     oldest_pending: &mut Option<i64>,
 ) {
     metrics::event(ev.input_tokens, ev.output_tokens, ev.cost_nanos);
     if let Some(u) = Usage::of(ev) {
         let now = now_us();
-        engine.observe(&u, now);
+        above.observe(engine, ev, &u, at, now);
         if let Some(s) = Sample::of(ev) {
             guards.observe(&s, now);
         }
@@ -645,7 +655,7 @@ async fn settle_seen(
     topic: &str,
     seen: &mut Seen,
     doubtful: &mut Vec<(UsageEvent, seen::Position)>,
-) -> Option<Vec<UsageEvent>> {
+) -> Option<Vec<(UsageEvent, seen::Position)>> {
     let durable = loop_query("the meter's checkpoints", tollgate_store::checkpoints(ch, topic)).await?;
     let (forgotten, evicted) = seen.prune(&durable, Instant::now());
     metrics::seen_ids(seen.len(), forgotten, evicted);
@@ -670,7 +680,7 @@ async fn settle_seen(
         } else {
             metrics::doubtful("counted");
             seen.remember(&ev.event_id, at, ev.ended_at_us, Instant::now());
-            counted.push(ev);
+            counted.push((ev, at));
         }
     }
     metrics::doubtful_waiting(doubtful.len());

@@ -1,20 +1,30 @@
-//! Rebuilding the open windows at start: the usage ClickHouse already holds, up to the per-partition
-//! offsets the meter has checkpointed, summed per time bucket and rule dimensions. The enforcer
-//! then consumes the usage topic from exactly those offsets, so nothing is forgotten or counted
-//! twice across a restart.
+//! Rebuilding the open windows at start, up to the per-partition offsets the meter has
+//! checkpointed; the enforcer then consumes the usage topic from exactly those offsets, so
+//! nothing is forgotten or counted twice across a restart.
+//!
+//! Rules that neither look at the session nor count in buckets finer than a minute are rebuilt
+//! from the meter's minute rows of `usage_windows`, which hold each event once, at its first
+//! copy, and are far fewer than the events; the others from the raw events, each event that
+//! has a copy below the checkpoints once. A window row can cover events past the checkpoint
+//! (the meter writes the windows, then the checkpoint): such rows are kept apart as
+//! [`Covered`], and the events they cover are not counted again into those rules when they
+//! are consumed. `tests/tests/enforcer_rebuild.rs` checks that both ways give the same counts.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 
 use clickhouse::Client;
 use clickhouse::Row;
 use serde::Deserialize;
-use tollgate_schemas::measures::{self, DRIFT_ROWS, SESSION_HOUR_HAS_TOKENS, STUFFING_ROWS};
+use tollgate_schemas::measures::{
+    self, ATTEMPTED_ROWS, ATTEMPTED_WINDOW_REQUESTS, DRIFT_ROWS, SESSION_HOUR_HAS_TOKENS, STUFFING_ROWS,
+};
 use tollgate_schemas::policy::Policy;
-use tollgate_schemas::rules::Window;
-use tollgate_schemas::usage::Envelope;
+use tollgate_schemas::rules::{Field, Rule, Scope, Window};
 use tollgate_schemas::usage::sql::{PROMPT_TOKENS, TOTAL_TOKENS};
-use tollgate_store::tables::{SESSION_HOURS, USAGE_EVENTS};
+use tollgate_schemas::usage::{Envelope, UsageEvent};
+use tollgate_store::rows::{Dims, Granularity, UsageRow};
+use tollgate_store::tables::{SESSION_HOURS, USAGE_EVENTS, USAGE_WINDOWS};
 
 use crate::engine::{Engine, Usage};
 use tollgate_schemas::window::{Counter, bucket_seconds};
@@ -35,7 +45,29 @@ struct Bucket {
     cost_center: String,
     api_key_id: String,
     bucket: i64,
-    requests: u64,
+    requests: i64,
+    tokens: i64,
+    cost: i64,
+}
+
+/// A minute row of `usage_windows` that covers events past the meter's checkpoint.
+#[derive(Debug, Row, Deserialize)]
+struct AboveRow {
+    window_start: u32,
+    project: String,
+    team: String,
+    user_id: String,
+    cost_center: String,
+    workflow_tag: String,
+    environment: String,
+    api_key_id: String,
+    virtual_model: String,
+    provider: String,
+    model: String,
+    model_version: String,
+    kafka_partition: i32,
+    version: u64,
+    requests: i64,
     tokens: i64,
     cost: i64,
 }
@@ -43,13 +75,42 @@ struct Bucket {
 /// What the rebuild read.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Rebuilt {
-    pub buckets: u64,
-    pub requests: u64,
+    /// Aggregated rows read from the raw events and from the rollups.
+    pub raw_buckets: u64,
+    pub rollup_buckets: u64,
+    /// Requests counted from each.
+    pub raw_requests: i64,
+    pub rollup_requests: i64,
 }
 
-/// The time ranges to read: sliding windows need recent usage at their bucket resolution, calendar
-/// windows everything since the earliest open period started, at 15 minutes.
+/// Where the rebuild reads each rule's usage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The rollups for every rule [`from_rollups`] accepts, the raw events for the others.
+    Best,
+    /// The raw events for every rule (for comparing the two).
+    Raw,
+}
+
+/// Whether a rule's counts can be rebuilt from the minute rows of `usage_windows`: they are
+/// kept without the session, and a sliding window must count in whole minutes (calendar
+/// windows are rebuilt by quarter-hour, which minutes make up).
+pub fn from_rollups(rule: &Rule) -> bool {
+    let session =
+        rule.scope == Scope::Field(Field::SessionId) || rule.matchers.iter().any(|(f, _)| *f == Field::SessionId);
+    let minutes = match &rule.window {
+        Window::Sliding { seconds } => bucket_seconds(*seconds) % 60 == 0,
+        Window::Calendar { .. } => true,
+    };
+    !session && minutes
+}
+
+/// The time ranges to read for some rules: sliding windows need recent usage at a resolution that
+/// divides each one's buckets, calendar windows everything since the earliest open period
+/// started, at 15 minutes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Plan {
+    /// On a quarter-hour.
     sliding_since_s: i64,
     sliding_bucket_s: i64,
     calendar_since_s: Option<i64>,
@@ -59,12 +120,14 @@ fn gcd(a: i64, b: i64) -> i64 {
     if b == 0 { a } else { gcd(b, a % b) }
 }
 
-fn plan(policy: &Policy, now_us: i64) -> Plan {
+fn plan<'a>(rules: impl Iterator<Item = &'a Rule>, now_us: i64) -> Option<Plan> {
     let now_s = now_us / US;
     let mut longest = 0i64;
     let mut bucket = CALENDAR_BUCKET_S;
     let mut calendar_since: Option<i64> = None;
-    for rule in &policy.rules {
+    let mut any = false;
+    for rule in rules {
+        any = true;
         match &rule.window {
             Window::Sliding { seconds } => {
                 let b = bucket_seconds(*seconds);
@@ -77,60 +140,188 @@ fn plan(policy: &Policy, now_us: i64) -> Plan {
             }
         }
     }
-    let sliding_since_s = now_s - longest;
-    Plan {
+    let bucket = bucket.max(1);
+    // On a quarter-hour (which `bucket` divides), so that the calendar range's last bucket ends
+    // where the sliding range starts: a quarter-hour bucket straddling it would be counted at
+    // its end, later than its events, into sliding windows they have left.
+    let sliding_since_s = (now_s - longest).div_euclid(CALENDAR_BUCKET_S) * CALENDAR_BUCKET_S;
+    any.then_some(Plan {
         sliding_since_s,
-        sliding_bucket_s: bucket.max(1),
+        sliding_bucket_s: bucket,
         calendar_since_s: calendar_since.filter(|c| *c < sliding_since_s),
+    })
+}
+
+impl Plan {
+    /// (from, to or unbounded, bucket) in seconds: the sliding range, then the calendar one.
+    fn ranges(&self) -> Vec<(i64, Option<i64>, i64)> {
+        let mut r = vec![(self.sliding_since_s, None, self.sliding_bucket_s)];
+        if let Some(since) = self.calendar_since_s {
+            r.push((since, Some(self.sliding_since_s), CALENDAR_BUCKET_S));
+        }
+        r
+    }
+
+    /// The bucket a usage at `at_s` is read in.
+    fn bucket_of(&self, at_s: i64) -> i64 {
+        if at_s >= self.sliding_since_s { self.sliding_bucket_s } else { CALENDAR_BUCKET_S }
+    }
+}
+
+/// The minute rows the rebuild read that cover events past the meter's checkpoint, each with the
+/// last offset it covers: an event at or below it was counted by the rebuild into the rules
+/// rebuilt from the rollups. Small (what the meter wrote between its windows and its
+/// checkpoint), and forgotten as the consumer passes each row's offset.
+#[derive(Debug, Default)]
+pub struct Covered {
+    rows: HashMap<(i32, u32, Dims), i64>,
+}
+
+impl Covered {
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Whether the rebuild counted `row`'s event (its first copy) into the rollup rules.
+    pub fn counted(&self, row: &UsageRow) -> bool {
+        let key = (row.kafka_partition, Granularity::Minute.start(row.ended_at), Dims::of(row));
+        self.rows.get(&key).is_some_and(|last| row.kafka_offset <= *last)
+    }
+
+    /// Whether the rebuild counted `ev`, consumed at `at`, into the rollup rules.
+    fn counted_event(&self, ev: &UsageEvent, at: (i32, i64)) -> bool {
+        // Built only while rows are held: right after a start, until the consumer passes them.
+        !self.is_empty() && self.counted(&UsageRow::new(ev.clone(), "", at.0, at.1))
+    }
+
+    /// Counts the first copy of a consumed event, read at `at`, into the engine: into every
+    /// rule, or only into those rebuilt from the raw events when a row the rebuild read covers it.
+    pub fn observe(&self, engine: &mut Engine, ev: &UsageEvent, u: &Usage, at: (i32, i64), now_us: i64) {
+        if self.counted_event(ev, at) {
+            engine.observe_rules(u, now_us, |r| !from_rollups(r));
+        } else {
+            engine.observe(u, now_us);
+        }
+    }
+
+    /// Forgets the rows whose last offset the consumer has passed (`next`: the next offset of
+    /// each partition).
+    pub fn passed(&mut self, next: &BTreeMap<i32, i64>) {
+        self.rows.retain(|(p, _, _), last| next.get(p).is_none_or(|n| *last >= *n));
     }
 }
 
 /// Feeds the engine everything ClickHouse holds below `covered` (partition → next offset not yet
-/// in ClickHouse) that can still matter to an open window.
+/// in the windows) that can still matter to an open window. Returns what it read, and the rows
+/// that cover events past `covered`.
 pub async fn rebuild(
     ch: &Client,
     topic: &str,
     covered: &BTreeMap<i32, i64>,
     engine: &mut Engine,
     now_us: i64,
-) -> Result<Rebuilt, clickhouse::error::Error> {
-    if covered.is_empty() || engine.policy().rules.is_empty() {
-        return Ok(Rebuilt::default());
-    }
-    let p = plan(engine.policy(), now_us);
-    let mut ranges = vec![(p.sliding_since_s, now_us / US + 1, p.sliding_bucket_s)];
-    if let Some(since) = p.calendar_since_s {
-        ranges.push((since, p.sliding_since_s, CALENDAR_BUCKET_S));
-    }
+    source: Source,
+) -> Result<(Rebuilt, Covered), clickhouse::error::Error> {
     let mut rebuilt = Rebuilt::default();
-    for (from_s, to_s, bucket_s) in ranges {
-        let rows: Vec<Bucket> = ch.query(&query(covered, from_s, to_s, bucket_s)).bind(topic).fetch_all().await?;
-        for r in rows {
-            let opt = |s: String| if s.is_empty() { None } else { Some(s) };
-            let usage = Usage {
-                // The bucket's last instant: a sliding window keeps it longest, and it lies in the
-                // same calendar period as every event of the bucket.
-                at_us: (r.bucket + bucket_s) * US - 1,
-                envelope: Envelope {
-                    project: opt(r.project),
-                    team: opt(r.team),
-                    user_id: opt(r.user_id),
-                    session_id: opt(r.session_id),
-                    workflow_tag: opt(r.workflow_tag),
-                    environment: opt(r.environment),
-                    cost_center: opt(r.cost_center),
-                },
-                api_key_id: opt(r.api_key_id),
-                requests: i64::try_from(r.requests).unwrap_or(i64::MAX),
-                tokens: r.tokens,
-                cost_nanos: r.cost,
-            };
-            engine.observe(&usage, now_us);
-            rebuilt.buckets += 1;
-            rebuilt.requests += r.requests;
+    let mut above = Covered::default();
+    if covered.is_empty() || engine.policy().rules.is_empty() {
+        return Ok((rebuilt, above));
+    }
+    let policy = std::sync::Arc::clone(engine.policy());
+    let limits = || policy.rules.iter().filter(|r| r.kind != tollgate_schemas::decision::RuleKind::Guard);
+    let rolled = |r: &Rule| source == Source::Best && from_rollups(r);
+    if let Some(p) = plan(limits().filter(|r| !rolled(r)), now_us) {
+        // When every raw rule is keyed on the session, only events with one can count.
+        let sessions_only = limits().filter(|r| !rolled(r)).all(|r| {
+            r.scope == Scope::Field(Field::SessionId) || r.matchers.iter().any(|(f, _)| *f == Field::SessionId)
+        });
+        for (from_s, to_s, bucket_s) in p.ranges() {
+            let sql = raw_query(covered, from_s, to_s, bucket_s, sessions_only);
+            let rows: Vec<Bucket> = ch.query(&sql).bind(topic).fetch_all().await?;
+            for r in rows {
+                rebuilt.raw_buckets += 1;
+                rebuilt.raw_requests += r.requests;
+                feed(engine, r, bucket_s, now_us, |rule| !rolled(rule));
+            }
         }
     }
-    Ok(rebuilt)
+    if let Some(p) = plan(limits().filter(|r| rolled(r)), now_us) {
+        for (from_s, to_s, bucket_s) in p.ranges() {
+            let rows: Vec<Bucket> = ch.query(&rollup_query(covered, from_s, to_s, bucket_s)).fetch_all().await?;
+            for r in rows {
+                rebuilt.rollup_buckets += 1;
+                rebuilt.rollup_requests += r.requests;
+                feed(engine, r, bucket_s, now_us, rolled);
+            }
+        }
+        let since = p.calendar_since_s.unwrap_or(p.sliding_since_s);
+        let rows: Vec<AboveRow> = ch.query(&above_query(covered, since)).fetch_all().await?;
+        for r in rows {
+            let at_s = i64::from(r.window_start);
+            let bucket_s = p.bucket_of(at_s);
+            let bucket = Bucket {
+                project: r.project.clone(),
+                team: r.team.clone(),
+                user_id: r.user_id.clone(),
+                session_id: String::new(),
+                workflow_tag: r.workflow_tag.clone(),
+                environment: r.environment.clone(),
+                cost_center: r.cost_center.clone(),
+                api_key_id: r.api_key_id.clone(),
+                bucket: at_s.div_euclid(bucket_s) * bucket_s,
+                requests: r.requests,
+                tokens: r.tokens,
+                cost: r.cost,
+            };
+            rebuilt.rollup_buckets += 1;
+            rebuilt.rollup_requests += r.requests;
+            feed(engine, bucket, bucket_s, now_us, rolled);
+            let dims = Dims {
+                project: r.project,
+                team: r.team,
+                user_id: r.user_id,
+                cost_center: r.cost_center,
+                workflow_tag: r.workflow_tag,
+                environment: r.environment,
+                api_key_id: r.api_key_id,
+                virtual_model: r.virtual_model,
+                provider: r.provider,
+                model: r.model,
+                model_version: r.model_version,
+            };
+            let last = i64::try_from(r.version).unwrap_or(i64::MAX);
+            above.rows.insert((r.kafka_partition, r.window_start, dims), last);
+        }
+    }
+    Ok((rebuilt, above))
+}
+
+/// Counts one aggregated row into the rules `take` accepts.
+fn feed(engine: &mut Engine, r: Bucket, bucket_s: i64, now_us: i64, take: impl Fn(&Rule) -> bool) {
+    let opt = |s: String| if s.is_empty() { None } else { Some(s) };
+    let usage = Usage {
+        // The bucket's last instant: a sliding window keeps it longest, it lies in the same
+        // calendar period as every event of the bucket, and the bucket divides the rules'.
+        at_us: (r.bucket + bucket_s) * US - 1,
+        envelope: Envelope {
+            project: opt(r.project),
+            team: opt(r.team),
+            user_id: opt(r.user_id),
+            session_id: opt(r.session_id),
+            workflow_tag: opt(r.workflow_tag),
+            environment: opt(r.environment),
+            cost_center: opt(r.cost_center),
+        },
+        api_key_id: opt(r.api_key_id),
+        requests: r.requests,
+        tokens: r.tokens,
+        cost_nanos: r.cost,
+    };
+    engine.observe_rules(&usage, now_us, take);
 }
 
 /// `(kafka_partition = 0 AND kafka_offset < 10) OR …`: the rows the meter's checkpoints cover.
@@ -145,21 +336,93 @@ fn covered_filter(covered: &BTreeMap<i32, i64>) -> String {
     offsets
 }
 
-/// One aggregate query; the topic is bound, the numbers are formatted in (they are integers).
-fn query(covered: &BTreeMap<i32, i64>, from_s: i64, to_s: i64, bucket_s: i64) -> String {
-    let offsets = covered_filter(covered);
+/// Each event that has a copy below `covered` and meets `cond`, once (its copies are the same
+/// event): the events the meter has counted by its checkpoints. (`FINAL` would keep the last
+/// copy inserted, which may lie past the checkpoint while the first lies below.) The topic is
+/// the one `?`.
+fn events_below(covered: &BTreeMap<i32, i64>, cond: &str) -> String {
+    format!(
+        "(SELECT * FROM {USAGE_EVENTS} WHERE kafka_topic = ? AND ({offsets}) AND {cond} LIMIT 1 BY event_id)",
+        offsets = covered_filter(covered)
+    )
+}
+
+fn time_range(column: &str, from: String, to: Option<String>) -> String {
+    match to {
+        Some(to) => format!("{column} >= {from} AND {column} < {to}"),
+        None => format!("{column} >= {from}"),
+    }
+}
+
+/// The raw rebuild query; the topic is bound, the numbers are formatted in (they are integers).
+fn raw_query(
+    covered: &BTreeMap<i32, i64>,
+    from_s: i64,
+    to_s: Option<i64>,
+    bucket_s: i64,
+    sessions_only: bool,
+) -> String {
+    let mut cond = format!(
+        "{ATTEMPTED_ROWS} AND {}",
+        time_range("ended_at_us", (from_s * US).to_string(), to_s.map(|t| (t * US).to_string()))
+    );
+    if sessions_only {
+        cond.push_str(" AND session_id != ''");
+    }
     format!(
         "SELECT project, team, user_id, session_id, workflow_tag, environment, cost_center, api_key_id, \
-         intDiv(ended_at_us, {bucket_us}) * {bucket_s} AS bucket, count() AS requests, \
-         sum({TOTAL_TOKENS}) AS tokens, \
-         sum(cost_nanos) AS cost \
-         FROM {USAGE_EVENTS} FINAL \
-         WHERE kafka_topic = ? AND ended_at_us >= {from_us} AND ended_at_us < {to_us} \
-         AND status != 'rejected' AND ({offsets}) \
+         toInt64(intDiv(ended_at_us, {bucket_us}) * {bucket_s}) AS bucket, toInt64(count()) AS requests, \
+         sum({TOTAL_TOKENS}) AS tokens, sum(cost_nanos) AS cost \
+         FROM {events} \
          GROUP BY project, team, user_id, session_id, workflow_tag, environment, cost_center, api_key_id, bucket",
         bucket_us = bucket_s * US,
-        from_us = from_s * US,
-        to_us = to_s * US,
+        events = events_below(covered, &cond),
+    )
+}
+
+/// The minute rows of `usage_windows` in a time range, for the partitions the checkpoints name,
+/// each at its latest version (`argMax` rather than `FINAL`: with `FINAL`, a condition on
+/// `version` could be applied before the versions are collapsed), with `version_is` a
+/// condition on its `version` (named `v`) against its partition's checkpoint (`next`).
+fn minute_rows(covered: &BTreeMap<i32, i64>, from_s: i64, to_s: Option<i64>, version_is: &str) -> String {
+    let partitions = covered.keys().map(ToString::to_string).collect::<Vec<_>>().join(",");
+    let mut next = String::from("multiIf(");
+    for (p, n) in covered {
+        let _ = write!(next, "kafka_partition = {p}, {n}, ");
+    }
+    next.push_str("0)");
+    format!(
+        "SELECT window_start, project, team, user_id, cost_center, workflow_tag, environment, api_key_id, \
+         virtual_model, provider, model, model_version, kafka_partition, max(version) AS v, \
+         argMax({ATTEMPTED_WINDOW_REQUESTS}, version) AS requests, argMax({TOTAL_TOKENS}, version) AS tokens, \
+         argMax(cost_nanos, version) AS cost \
+         FROM {USAGE_WINDOWS} WHERE granularity = 'minute' AND {range} AND kafka_partition IN ({partitions}) \
+         GROUP BY window_start, project, team, user_id, cost_center, workflow_tag, environment, api_key_id, \
+         virtual_model, provider, model, model_version, kafka_partition \
+         HAVING v {version_is} {next}",
+        range = time_range("window_start", format!("toDateTime({from_s})"), to_s.map(|t| format!("toDateTime({t})"))),
+    )
+}
+
+/// The rollup rebuild query: the minute rows wholly below the checkpoints, summed by bucket and
+/// the dimensions rules look at.
+fn rollup_query(covered: &BTreeMap<i32, i64>, from_s: i64, to_s: Option<i64>, bucket_s: i64) -> String {
+    format!(
+        "SELECT project, team, user_id, '' AS session_id, workflow_tag, environment, cost_center, api_key_id, \
+         toInt64(intDiv(toUInt32(window_start), {bucket_s}) * {bucket_s}) AS bucket, sum(requests) AS requests, \
+         sum(tokens) AS tokens, sum(cost) AS cost FROM ({rows}) \
+         GROUP BY project, team, user_id, workflow_tag, environment, cost_center, api_key_id, bucket",
+        rows = minute_rows(covered, from_s, to_s, "<"),
+    )
+}
+
+/// The minute rows since `from_s` that cover events at or past the checkpoints.
+fn above_query(covered: &BTreeMap<i32, i64>, from_s: i64) -> String {
+    format!(
+        "SELECT toUInt32(window_start) AS window_start, project, team, user_id, cost_center, workflow_tag, \
+         environment, api_key_id, virtual_model, provider, model, model_version, kafka_partition, \
+         v AS version, requests, tokens, cost FROM ({rows})",
+        rows = minute_rows(covered, from_s, None, ">="),
     )
 }
 
@@ -168,20 +431,54 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    fn demo() -> Policy {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../compose/policy");
+        Policy::load_dir(&dir).unwrap()
+    }
+
     #[test]
     fn the_demo_policy_reads_a_day_by_minute_and_the_month_by_quarter_hour() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../compose/policy");
-        let policy = Policy::load_dir(&dir).unwrap();
-        let now = 1_794_268_800 * US + 5 * 86_400 * US; // 2026-11-15
-        let p = plan(&policy, now);
+        let policy = demo();
+        let now = 1_794_268_800 * US + 5 * 86_400 * US + 37 * US; // 2026-11-15, 37 s past midnight
+        let p = plan(policy.rules.iter(), now).unwrap();
         assert_eq!(p.sliding_bucket_s, 60, "gcd of 60 (1h), 1440 (1d) and 900");
-        assert_eq!(p.sliding_since_s, now / US - 86_400 - 1_440);
+        assert_eq!(p.sliding_since_s, (now / US - 86_400 - 1_440) / 900 * 900, "on a quarter-hour");
         assert_eq!(p.calendar_since_s, Some(1_793_491_200), "2026-11-01T00:00Z");
-        let sql = query(&BTreeMap::from([(0, 10), (3, 7)]), 100, 200, 60);
+        let sql = raw_query(&BTreeMap::from([(0, 10), (3, 7)]), 100, Some(200), 60, false);
         assert!(
             sql.contains("(kafka_partition = 0 AND kafka_offset < 10) OR (kafka_partition = 3 AND kafka_offset < 7)")
         );
         assert!(sql.contains("ended_at_us >= 100000000 AND ended_at_us < 200000000"));
+        let sql = rollup_query(&BTreeMap::from([(0, 10), (3, 7)]), 120, None, 60);
+        assert!(sql.contains("window_start >= toDateTime(120) AND kafka_partition IN (0,3)"), "{sql}");
+        assert!(sql.contains("HAVING v < multiIf(kafka_partition = 0, 10, kafka_partition = 3, 7, 0)"), "{sql}");
+    }
+
+    #[test]
+    fn session_rules_and_sub_minute_buckets_are_read_raw() {
+        let policy = demo();
+        let raw: Vec<&str> = policy.rules.iter().filter(|r| !from_rollups(r)).map(|r| r.id.as_str()).collect();
+        assert!(raw.iter().all(|id| id.contains("session")), "{raw:?}");
+        assert!(!raw.is_empty() && raw.len() < policy.rules.len(), "{raw:?}");
+        let mut short = policy.rules.iter().find(|r| from_rollups(r)).unwrap().clone();
+        short.window = Window::Sliding { seconds: 120 };
+        assert!(!from_rollups(&short), "two-minute windows count in two-second buckets");
+    }
+
+    #[test]
+    fn covered_rows_count_the_offsets_up_to_their_last_and_are_forgotten_once_passed() {
+        let ev = tollgate_schemas::usage::UsageEvent::example("e".into(), None, 1_794_268_837 * US);
+        let row = |offset| UsageRow::new(ev.clone(), "t", 2, offset);
+        let mut c = Covered::default();
+        let r = row(10);
+        c.rows.insert((2, 1_794_268_800, Dims::of(&r)), 12);
+        assert!(c.counted(&row(10)) && c.counted(&row(12)));
+        assert!(!c.counted(&row(13)), "past the row's last offset");
+        assert!(!c.counted(&UsageRow::new(ev.clone(), "t", 1, 5)), "another partition");
+        c.passed(&BTreeMap::from([(2, 12)]));
+        assert_eq!(c.len(), 1, "offset 12 not consumed yet");
+        c.passed(&BTreeMap::from([(2, 13)]));
+        assert!(c.is_empty());
     }
 }
 
@@ -245,7 +542,6 @@ pub async fn rebuild_guards(
 
 /// The guards' three rebuild queries (the topic is the one `?`).
 fn guard_queries(covered: &BTreeMap<i32, i64>, lookback_s: i64, now_us: i64) -> [String; 3] {
-    let offsets = covered_filter(covered);
     let hour_us = now_us / (3600 * US) * 3600 * US;
     let recent_us = now_us - lookback_s.min(86_400 * 7) * US;
     let bucket_us = 60 * US;
@@ -257,14 +553,15 @@ fn guard_queries(covered: &BTreeMap<i32, i64>, lookback_s: i64, now_us: i64) -> 
          sumIf({PROMPT_TOKENS}, {DRIFT_ROWS}) AS referenced_prompt_tokens, \
          sumIf(ifNull(reference_input_tokens, 0), {DRIFT_ROWS}) AS reference_tokens, sum(cost_nanos) AS cost"
     );
-    let from = format!("FROM {USAGE_EVENTS} FINAL WHERE kafka_topic = ? AND status != 'rejected' AND ({offsets})");
+    let from = |cond: String| format!("FROM {}", events_below(covered, &format!("{ATTEMPTED_ROWS} AND {cond}")));
     [
         // Loop guards: this hour per session (only session and workflow matter).
         format!(
             "SELECT session_id, workflow_tag, '' AS provider, '' AS model, '' AS model_version, max(ended_at_us) AS at_us, \
              toUInt64(0) AS requests, sum({TOTAL_TOKENS}) AS io_tokens, toInt64(0) AS prompt_tokens, \
              toUInt64(0) AS referenced_requests, toInt64(0) AS referenced_prompt_tokens, toInt64(0) AS reference_tokens, \
-             toInt64(0) AS cost {from} AND ended_at_us >= {hour_us} GROUP BY session_id, workflow_tag"
+             toInt64(0) AS cost {from} GROUP BY session_id, workflow_tag",
+            from = from(format!("ended_at_us >= {hour_us}")),
         ),
         // Context stuffing and frontier share: per workflow and model, by minute.
         format!(
@@ -272,14 +569,15 @@ fn guard_queries(covered: &BTreeMap<i32, i64>, lookback_s: i64, now_us: i64) -> 
              intDiv(ended_at_us, {bucket_us}) * {bucket_us} + {bucket_us} - 1 AS at_us, countIf({STUFFING_ROWS}) AS requests, \
              toInt64(0) AS io_tokens, sumIf({PROMPT_TOKENS}, {STUFFING_ROWS}) AS prompt_tokens, \
              toUInt64(0) AS referenced_requests, toInt64(0) AS referenced_prompt_tokens, toInt64(0) AS reference_tokens, \
-             sum(cost_nanos) AS cost {from} AND ended_at_us >= {recent_us} GROUP BY workflow_tag, provider, model, at_us"
+             sum(cost_nanos) AS cost {from} GROUP BY workflow_tag, provider, model, at_us",
+            from = from(format!("ended_at_us >= {recent_us}")),
         ),
         // Tokenizer drift: per model version, since it was first seen (30 days at most).
         format!(
             "SELECT {none_but_version}, model_version, min(ended_at_us) AS at_us, {sums} {from} \
-             AND model_version != '' AND ended_at_us >= {month_us} GROUP BY provider, model, model_version",
+             GROUP BY provider, model, model_version",
             none_but_version = "'' AS session_id, '' AS workflow_tag, provider, model",
-            month_us = now_us - 30 * 86_400 * US,
+            from = from(format!("model_version != '' AND ended_at_us >= {}", now_us - 30 * 86_400 * US)),
         ),
     ]
 }
@@ -313,8 +611,13 @@ fn baseline_query(percentile: u32, days: u32, now_us: i64) -> String {
 /// checking them on another ClickHouse (the tests run them on current ClickHouse through chdb).
 pub fn startup_sql(policy: &Policy, topic: &str, now_us: i64) -> Vec<String> {
     let covered = BTreeMap::from([(0, 100), (1, 7)]);
-    let p = plan(policy, now_us);
-    let mut out = vec![query(&covered, p.sliding_since_s, now_us / US, p.sliding_bucket_s)];
+    let Some(p) = plan(policy.rules.iter(), now_us) else { return Vec::new() };
+    let mut out = vec![
+        raw_query(&covered, p.sliding_since_s, None, p.sliding_bucket_s, true),
+        raw_query(&covered, p.calendar_since_s.unwrap_or(0), Some(p.sliding_since_s), CALENDAR_BUCKET_S, false),
+        rollup_query(&covered, p.sliding_since_s, None, p.sliding_bucket_s),
+        above_query(&covered, p.sliding_since_s),
+    ];
     out.extend(guard_queries(&covered, 86_400, now_us));
     let quoted = format!("'{}'", topic.replace('\'', ""));
     let mut out: Vec<String> = out.into_iter().map(|q| q.replacen('?', &quoted, 1)).collect();

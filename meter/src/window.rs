@@ -9,98 +9,9 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use hashbrown::{DefaultHashBuilder, Equivalent, HashMap, HashSet};
-use tollgate_store::rows::UsageRow;
-pub use tollgate_store::rows::{SessionRow, WindowRow};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Granularity {
-    Minute,
-    Hour,
-    Day,
-    Month,
-}
-
-impl Granularity {
-    pub const ALL: [Granularity; 4] = [Granularity::Minute, Granularity::Hour, Granularity::Day, Granularity::Month];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Granularity::Minute => "minute",
-            Granularity::Hour => "hour",
-            Granularity::Day => "day",
-            Granularity::Month => "month",
-        }
-    }
-
-    /// End of the window that starts at `start` (the next one's start).
-    pub fn end(self, start: u32) -> u32 {
-        match self {
-            Granularity::Minute => start.saturating_add(60),
-            Granularity::Hour => start.saturating_add(3600),
-            Granularity::Day => start.saturating_add(86_400),
-            // 31 days on is always inside the next month; its start is this month's end.
-            Granularity::Month => Granularity::Month.start(start.saturating_add(31 * 86_400)),
-        }
-    }
-
-    fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|g| g.as_str() == s)
-    }
-
-    /// Start of the window holding `t` (UTC seconds), as ClickHouse's `toStartOfMinute`,
-    /// `toStartOfHour`, `toStartOfDay` and `toStartOfMonth` compute it.
-    pub fn start(self, t: u32) -> u32 {
-        match self {
-            Granularity::Minute => t - t % 60,
-            Granularity::Hour => t - t % 3600,
-            Granularity::Day => t - t % 86_400,
-            Granularity::Month => {
-                let (y, m, _) = civil_from_days(i64::from(t / 86_400));
-                u32::try_from(days_from_civil(y, m, 1) * 86_400).unwrap_or(0)
-            }
-        }
-    }
-}
-
-// Howard Hinnant's civil-calendar algorithms (public domain): days since 1970-01-01 <-> date.
-// Written here because the month boundary is the only calendar arithmetic the meter needs.
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
-}
-
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let m = i64::from(m);
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// The dimensions a window is kept by.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Dims {
-    pub project: String,
-    pub team: String,
-    pub user_id: String,
-    pub cost_center: String,
-    pub workflow_tag: String,
-    pub environment: String,
-    pub api_key_id: String,
-    pub virtual_model: String,
-    pub provider: String,
-    pub model: String,
-    pub model_version: String,
-}
+use tollgate_schemas::usage::Status;
+use tollgate_store::rows::{Dims, UsageRow};
+pub use tollgate_store::rows::{Granularity, SessionRow, WindowRow};
 
 /// A row's dimensions, borrowed: looks up the interned `Dims` without building one. Hashes as
 /// `Dims` does (each field as a `str`, in order).
@@ -192,24 +103,6 @@ impl PartialOrd for DimsRef {
     }
 }
 
-impl Dims {
-    fn of(r: &UsageRow) -> Self {
-        Dims {
-            project: r.project.clone(),
-            team: r.team.clone(),
-            user_id: r.user_id.clone(),
-            cost_center: r.cost_center.clone(),
-            workflow_tag: r.workflow_tag.clone(),
-            environment: r.environment.clone(),
-            api_key_id: r.api_key_id.clone(),
-            virtual_model: r.virtual_model.clone(),
-            provider: r.provider.clone(),
-            model: r.model.clone(),
-            model_version: r.model_version.clone(),
-        }
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct WindowKey {
     pub granularity: Granularity,
@@ -222,6 +115,7 @@ pub struct WindowKey {
 pub struct Totals {
     pub requests: i64,
     pub errors: i64,
+    pub rejected: i64,
     pub input_tokens: i64,
     pub output_tokens: i64,
     pub cached_input_tokens: i64,
@@ -235,7 +129,8 @@ impl Totals {
     fn add(&mut self, r: &UsageRow) {
         // Figures come from the usage topic: sums saturate rather than wrap or panic.
         self.requests = self.requests.saturating_add(1);
-        self.errors = self.errors.saturating_add(i64::from(r.status != "ok"));
+        self.errors = self.errors.saturating_add(i64::from(r.status != Status::Ok.as_str()));
+        self.rejected = self.rejected.saturating_add(i64::from(r.status == Status::Rejected.as_str()));
         self.input_tokens = self.input_tokens.saturating_add(r.input_tokens);
         self.output_tokens = self.output_tokens.saturating_add(r.output_tokens);
         self.cached_input_tokens = self.cached_input_tokens.saturating_add(r.cached_input_tokens);
@@ -248,6 +143,7 @@ impl Totals {
     fn merge(&mut self, o: &Totals) {
         self.requests = self.requests.saturating_add(o.requests);
         self.errors = self.errors.saturating_add(o.errors);
+        self.rejected = self.rejected.saturating_add(o.rejected);
         self.input_tokens = self.input_tokens.saturating_add(o.input_tokens);
         self.output_tokens = self.output_tokens.saturating_add(o.output_tokens);
         self.cached_input_tokens = self.cached_input_tokens.saturating_add(o.cached_input_tokens);
@@ -606,6 +502,7 @@ impl Windows {
             let totals = Totals {
                 requests: w.requests,
                 errors: w.errors,
+                rejected: w.rejected,
                 input_tokens: w.input_tokens,
                 output_tokens: w.output_tokens,
                 cached_input_tokens: w.cached_input_tokens,
@@ -707,6 +604,7 @@ impl Windows {
                 kafka_partition: k.partition,
                 requests: e.totals.requests,
                 errors: e.totals.errors,
+                rejected: e.totals.rejected,
                 input_tokens: e.totals.input_tokens,
                 output_tokens: e.totals.output_tokens,
                 cached_input_tokens: e.totals.cached_input_tokens,

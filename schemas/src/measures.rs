@@ -10,6 +10,21 @@
 
 use crate::usage::{Status, TokenSource, UsageEvent};
 
+/// Rate limits, budgets and the anomaly guards count every request Tollgate let through to a
+/// provider, failed attempts included (a provider may bill them); a request Tollgate refused
+/// reached none and costs nothing.
+pub fn attempted(ev: &UsageEvent) -> bool {
+    ev.status != Status::Rejected
+}
+
+/// [`attempted`] over `usage_events`.
+pub const ATTEMPTED_ROWS: &str = "status != 'rejected'";
+
+/// The [`attempted`] requests of a `usage_windows` row, whose `requests` counts refused ones
+/// too (and `rejected` those alone). Its tokens and cost need no condition: a refused request
+/// has none.
+pub const ATTEMPTED_WINDOW_REQUESTS: &str = "(requests - rejected)";
+
 /// Context stuffing (prompt tokens per request, per workflow) counts successful requests only:
 /// a failed attempt's input may be an estimate, and a refused one read nothing.
 pub fn stuffing_counts(ev: &UsageEvent) -> bool {

@@ -15,6 +15,7 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
     (5, "one_token_definition", include_str!("../migrations/0005_one_token_definition.sql")),
     (6, "one_measure_definition", include_str!("../migrations/0006_one_measure_definition.sql")),
     (7, "event_positions", include_str!("../migrations/0007_event_positions.sql")),
+    (8, "window_rejected", include_str!("../migrations/0008_window_rejected.sql")),
 ];
 
 /// Statements that create the database and the version table, before any migration.

@@ -112,6 +112,81 @@ impl UsageRow {
     }
 }
 
+/// The `granularity` of a `usage_windows` row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Granularity {
+    Minute,
+    Hour,
+    Day,
+    Month,
+}
+
+impl Granularity {
+    pub const ALL: [Granularity; 4] = [Granularity::Minute, Granularity::Hour, Granularity::Day, Granularity::Month];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Granularity::Minute => "minute",
+            Granularity::Hour => "hour",
+            Granularity::Day => "day",
+            Granularity::Month => "month",
+        }
+    }
+
+    /// End of the window that starts at `start` (the next one's start).
+    pub fn end(self, start: u32) -> u32 {
+        match self {
+            Granularity::Minute => start.saturating_add(60),
+            Granularity::Hour => start.saturating_add(3600),
+            Granularity::Day => start.saturating_add(86_400),
+            // 31 days on is always inside the next month; its start is this month's end.
+            Granularity::Month => Granularity::Month.start(start.saturating_add(31 * 86_400)),
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|g| g.as_str() == s)
+    }
+
+    /// Start of the window holding `t` (UTC seconds), as ClickHouse's `toStartOfMinute`,
+    /// `toStartOfHour`, `toStartOfDay` and `toStartOfMonth` compute it.
+    pub fn start(self, t: u32) -> u32 {
+        match self {
+            Granularity::Minute => t - t % 60,
+            Granularity::Hour => t - t % 3600,
+            Granularity::Day => t - t % 86_400,
+            Granularity::Month => {
+                let (y, m, _) = civil_from_days(i64::from(t / 86_400));
+                u32::try_from(days_from_civil(y, m, 1) * 86_400).unwrap_or(0)
+            }
+        }
+    }
+}
+
+// Howard Hinnant's civil-calendar algorithms (public domain): days since 1970-01-01 <-> date.
+// Written here because the month boundary is the only calendar arithmetic the rollups need.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let m = i64::from(m);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
 /// One row of `usage_windows`.
 #[derive(Debug, Clone, PartialEq, Eq, Row, Serialize, Deserialize)]
 pub struct WindowRow {
@@ -131,6 +206,8 @@ pub struct WindowRow {
     pub kafka_partition: i32,
     pub requests: i64,
     pub errors: i64,
+    /// Of `requests`, those Tollgate refused.
+    pub rejected: i64,
     pub input_tokens: i64,
     pub output_tokens: i64,
     pub cached_input_tokens: i64,
@@ -139,6 +216,41 @@ pub struct WindowRow {
     pub cost_nanos: i64,
     pub latency_us_sum: i64,
     pub version: u64,
+}
+
+/// The dimensions a `usage_windows` row is kept by (with its granularity, start and partition).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Dims {
+    pub project: String,
+    pub team: String,
+    pub user_id: String,
+    pub cost_center: String,
+    pub workflow_tag: String,
+    pub environment: String,
+    pub api_key_id: String,
+    pub virtual_model: String,
+    pub provider: String,
+    pub model: String,
+    pub model_version: String,
+}
+
+impl Dims {
+    /// A raw row's window dimensions.
+    pub fn of(r: &UsageRow) -> Self {
+        Dims {
+            project: r.project.clone(),
+            team: r.team.clone(),
+            user_id: r.user_id.clone(),
+            cost_center: r.cost_center.clone(),
+            workflow_tag: r.workflow_tag.clone(),
+            environment: r.environment.clone(),
+            api_key_id: r.api_key_id.clone(),
+            virtual_model: r.virtual_model.clone(),
+            provider: r.provider.clone(),
+            model: r.model.clone(),
+            model_version: r.model_version.clone(),
+        }
+    }
 }
 
 /// One row of `session_hours`.

@@ -488,13 +488,13 @@ pub async fn assert_windows_match_raw(db: &str) {
         ("month", "toDateTime(toStartOfMonth(ended_at))"),
     ] {
         let from_windows = ch(&format!(
-            "SELECT window_start, {WINDOW_GROUPS}, sum(requests), sum(errors), sum(input_tokens), sum(output_tokens), \
+            "SELECT window_start, {WINDOW_GROUPS}, sum(requests), sum(errors), sum(rejected), sum(input_tokens), sum(output_tokens), \
              sum(cached_input_tokens), sum(cost_nanos), sum(latency_us_sum) FROM {db}.usage_windows FINAL \
              WHERE granularity = '{granularity}' GROUP BY window_start, {WINDOW_GROUPS} ORDER BY window_start, {WINDOW_GROUPS} FORMAT TabSeparated"
         ))
         .await;
         let from_raw = ch(&format!(
-            "SELECT {start} AS w, {WINDOW_GROUPS}, count(), sum(status != 'ok'), sum(input_tokens), sum(output_tokens), \
+            "SELECT {start} AS w, {WINDOW_GROUPS}, count(), sum(status != 'ok'), sum(status = 'rejected'), sum(input_tokens), sum(output_tokens), \
              sum(cached_input_tokens), sum(cost_nanos), sum(ended_at_us - started_at_us) FROM {db}.usage_events FINAL \
              GROUP BY w, {WINDOW_GROUPS} ORDER BY w, {WINDOW_GROUPS} FORMAT TabSeparated"
         ))
