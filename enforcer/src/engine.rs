@@ -2,38 +2,44 @@
 //! and budget alerts. Pure and synchronous; the caller feeds it events and the clock and publishes
 //! what it returns.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::borrow::Cow;
+use std::collections::BTreeSet;
+
+// foldhash (hashbrown's default), not SipHash, though scope values are callers' choice: the
+// enforcer answers no caller, so its hash timing cannot be probed, and every map here is pruned
+// when its window passes (`gc`). SipHash was a seventh of the enforcer's profile.
+use hashbrown::{HashMap, HashSet};
 use std::sync::Arc;
 
 use tollgate_schemas::decision::{Alert, AlertKind, BreachDecision, DecisionState, Measure, RuleKind, Severity};
 use tollgate_schemas::policy::{Policy, Subject};
-use tollgate_schemas::rules::Rule;
+use tollgate_schemas::rules::{Rule, RuleIndex};
 use tollgate_schemas::usage::{Envelope, UsageEvent};
 
 use tollgate_schemas::window::Counter;
 
-/// Usage as the engine counts it: one event, or (when rebuilding from ClickHouse) the sum of
-/// many events that share a time bucket and the dimensions rules look at.
+/// Usage as the engine counts it: one event (borrowed from it), or (when rebuilding from
+/// ClickHouse) the sum of many events that share a time bucket and the dimensions rules look at.
 #[derive(Debug, Clone, Default)]
-pub struct Usage {
+pub struct Usage<'a> {
     pub at_us: i64,
-    pub envelope: Envelope,
-    pub api_key_id: Option<String>,
+    pub envelope: Cow<'a, Envelope>,
+    pub api_key_id: Option<Cow<'a, str>>,
     pub requests: i64,
     pub tokens: i64,
     pub cost_nanos: i64,
 }
 
-impl Usage {
+impl<'a> Usage<'a> {
     /// `None` for requests Tollgate refused: they reached no provider and cost nothing.
-    pub fn of(ev: &UsageEvent) -> Option<Usage> {
+    pub fn of(ev: &'a UsageEvent) -> Option<Usage<'a>> {
         if !tollgate_schemas::measures::attempted(ev) {
             return None;
         }
         Some(Usage {
             at_us: ev.ended_at_us,
-            envelope: ev.envelope.clone(),
-            api_key_id: ev.api_key_id.clone(),
+            envelope: Cow::Borrowed(&ev.envelope),
+            api_key_id: ev.api_key_id.as_deref().map(Cow::Borrowed),
             requests: 1,
             // What a token limit counts: everything the model read or wrote, cache included once.
             tokens: ev.total_tokens(),
@@ -98,6 +104,8 @@ pub struct Output {
 pub struct Engine {
     policy: Arc<Policy>,
     rules: Vec<Rule>,
+    /// `rules` by their first matcher: an event is checked against the few that may apply.
+    index: RuleIndex,
     subjects: HashMap<String, Subject>,
     states: HashMap<String, ScopeState>,
     /// Keys counted into since the last evaluation.
@@ -113,6 +121,8 @@ pub struct Engine {
     /// time it can be forgotten (`Alert::kept_until_us`).
     alerted: HashMap<String, i64>,
     last_version: i64,
+    /// Each rule's position in `rules`, by id.
+    rule_at: HashMap<String, usize>,
     /// Rules whose decisions the anomaly guards make (not counted here).
     guard_ids: HashSet<String>,
     /// A scope at or above this percentage of its limit is published as `Watch` with its headroom.
@@ -126,6 +136,8 @@ impl Engine {
         let guard_ids = policy.guards.iter().map(|g| g.id().to_owned()).collect();
         Engine {
             policy,
+            index: RuleIndex::new(&rules),
+            rule_at: rules.iter().enumerate().map(|(i, r)| (r.id.clone(), i)).collect(),
             rules,
             subjects,
             states: HashMap::new(),
@@ -171,15 +183,17 @@ impl Engine {
 
     /// Counts one unit of usage into the rules `take` accepts, in every scope it falls in.
     pub fn observe_rules(&mut self, u: &Usage, now_us: i64, take: impl Fn(&Rule) -> bool) {
-        let subject = u.api_key_id.as_ref().and_then(|k| self.subjects.get(k));
-        for rule in self.rules.iter().filter(|r| take(r)) {
+        let subject = u.api_key_id.as_deref().and_then(|k| self.subjects.get(k));
+        // One buffer for the keys; a key is copied only into a map that does not hold it yet.
+        let mut key = String::new();
+        for rule in self.index.candidates(&u.envelope).map(|i| &self.rules[i]).filter(|r| take(r)) {
             let Some(scope) = rule.scope_of(&u.envelope, u.api_key_id.as_deref(), subject) else { continue };
             let amount = u.amount(rule.measure);
             if amount == 0 {
                 continue;
             }
-            let key = tollgate_schemas::decision::decision_key(&rule.id, &scope);
-            let state = self.states.entry(key.clone()).or_insert_with(|| ScopeState {
+            tollgate_schemas::decision::decision_key_into(&mut key, &rule.id, &scope);
+            let state = self.states.entry_ref(key.as_str()).or_insert_with(|| ScopeState {
                 rule_id: rule.id.clone(),
                 scope,
                 counter: Counter::new(&rule.window),
@@ -187,26 +201,30 @@ impl Engine {
             });
             state.counter.add(u.at_us, amount, now_us);
             state.last_at_us = state.last_at_us.max(u.at_us);
-            self.dirty.insert(key);
+            self.dirty.get_or_insert_with(key.as_str(), ToOwned::to_owned);
         }
     }
 
     /// Decisions and alerts for every scope counted into since the last call, and for every scope
     /// in force (last word not `Clear`) whose verdict time alone may have changed since.
     pub fn evaluate(&mut self, now_us: i64) -> Output {
-        let mut keys: Vec<String> = self.dirty.drain().collect();
+        // Each key once, in no particular order (keys are independent): the due ones not also
+        // counted into, then those counted into.
+        let mut keys: Vec<String> = Vec::with_capacity(self.dirty.len());
         while let Some((at, _)) = self.due.first() {
             if *at > now_us {
                 break;
             }
             let Some((_, key)) = self.due.pop_first() else { break };
             self.due_at.remove(&key);
-            keys.push(key);
+            if !self.dirty.contains(&key) {
+                keys.push(key);
+            }
         }
-        keys.sort();
-        keys.dedup();
-        let Engine { rules, states, published, alerted, last_version, guard_ids, watch_pct, due, due_at, .. } = self;
-        let by_id: HashMap<&str, &Rule> = rules.iter().map(|r| (r.id.as_str(), r)).collect();
+        keys.extend(self.dirty.drain());
+        let Engine {
+            rules, rule_at, states, published, alerted, last_version, guard_ids, watch_pct, due, due_at, ..
+        } = self;
         let mut out = Output::default();
         for key in keys {
             let Some((rule_id, scope)) = key.split_once('/') else { continue };
@@ -214,7 +232,7 @@ impl Engine {
                 continue; // the guards decide these
             }
             out.evaluated += 1;
-            let Some(rule) = by_id.get(rule_id) else {
+            let Some(rule) = rule_at.get(rule_id).and_then(|i| rules.get(*i)) else {
                 // The rule left the policy: lift what it had decided.
                 if let Some(p) = published.get(&key).copied() {
                     if p.state != DecisionState::Clear {

@@ -248,8 +248,7 @@ async fn enforce(
     let publisher = Publisher::new(producer, config)?;
     publisher.publish(&mut engine, &mut guards, notifier, now_us(), true).await;
 
-    let mut pending = 0usize;
-    let mut oldest_pending: Option<i64> = None;
+    let mut tally = Tally { pending: 0, oldest_pending: None, counters: metrics::EventCounters::default() };
     let mut tick = tokio::time::interval(config.evaluate_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
@@ -264,13 +263,13 @@ async fn enforce(
             () = shutdown.cancelled() => break Stopped::Shutdown,
             Ok(()) = policies.changed() => break Stopped::Reload,
             Some((i, baseline)) = baselines.recv() => guards.set_baseline(i, baseline),
-            _ = tick.tick(), if pending > 0 => {
+            _ = tick.tick(), if tally.pending > 0 => {
                 let now = now_us();
                 publisher.publish(&mut engine, &mut guards, notifier, now, false).await;
-                if let Some(oldest) = oldest_pending.take() {
-                    metrics::evaluated(pending, (now - oldest).max(0) as f64 / 1e6);
+                if let Some(oldest) = tally.oldest_pending.take() {
+                    metrics::evaluated(tally.pending, (now - oldest).max(0) as f64 / 1e6);
                 }
-                pending = 0;
+                tally.pending = 0;
             }
             _ = housekeeping.tick() => {
                 let now = now_us();
@@ -291,7 +290,7 @@ async fn enforce(
                             next_prune = Instant::now() + PRUNE_SEEN_EVERY;
                             next_doubtful = Instant::now();
                             for (ev, at) in resolved {
-                                count(&ev, at, &mut engine, &mut guards, &above, &mut pending, &mut oldest_pending);
+                                count(&ev, at, &mut engine, &mut guards, &above, &mut tally);
                             }
                         }
                         // ClickHouse away or slow: the loop must not stall on it every second.
@@ -322,7 +321,7 @@ async fn enforce(
                         let at = (m.partition(), m.offset());
                         match seen.check(&ev.event_id, at, ev.ended_at_us, Instant::now()) {
                             Verdict::New => {
-                                count(&ev, at, &mut engine, &mut guards, &above, &mut pending, &mut oldest_pending)
+                                count(&ev, at, &mut engine, &mut guards, &above, &mut tally)
                             }
                             Verdict::Duplicate => metrics::duplicate(),
                             Verdict::Doubtful if doubtful.len() < MAX_DOUBTFUL => {
@@ -334,7 +333,7 @@ async fn enforce(
                                 // count a copy twice, which errs toward enforcing, and is counted.
                                 metrics::doubtful("unverified");
                                 seen.remember(&ev.event_id, at, ev.ended_at_us, Instant::now());
-                                count(&ev, at, &mut engine, &mut guards, &above, &mut pending, &mut oldest_pending);
+                                count(&ev, at, &mut engine, &mut guards, &above, &mut tally);
                             }
                         }
                     }
@@ -363,7 +362,7 @@ async fn enforce(
             }
         }
     };
-    if pending > 0 {
+    if tally.pending > 0 {
         publisher.publish(&mut engine, &mut guards, notifier, now_us(), false).await;
     }
     refresh.abort();
@@ -606,6 +605,13 @@ const LOOP_QUERY_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long the loop leaves ClickHouse alone after such a call failed.
 const SEEN_BACKOFF: Duration = Duration::from_secs(30);
 
+/// What the consume loop has counted since its last evaluation, and the counters of every event.
+struct Tally {
+    pending: usize,
+    oldest_pending: Option<i64>,
+    counters: metrics::EventCounters,
+}
+
 /// Counts one event into the windows and guards.
 fn count(
     ev: &UsageEvent,
@@ -613,18 +619,17 @@ fn count(
     engine: &mut Engine,
     guards: &mut Guards,
     above: &rebuild::Covered,
-    pending: &mut usize,
-    oldest_pending: &mut Option<i64>,
+    tally: &mut Tally,
 ) {
-    metrics::event(ev.input_tokens, ev.output_tokens, ev.cost_nanos);
+    tally.counters.event(ev.input_tokens, ev.output_tokens, ev.cost_nanos);
     if let Some(u) = Usage::of(ev) {
         let now = now_us();
         above.observe(engine, ev, &u, at, now);
         if let Some(s) = Sample::of(ev) {
             guards.observe(&s, now);
         }
-        *pending += 1;
-        oldest_pending.get_or_insert(ev.ended_at_us);
+        tally.pending += 1;
+        tally.oldest_pending.get_or_insert(ev.ended_at_us);
     }
 }
 

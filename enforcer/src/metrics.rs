@@ -55,11 +55,33 @@ pub fn rules(kind: &'static str, n: usize) {
     gauge!("tollgate_enforcer_policy_rules", "kind" => kind).set(n as f64);
 }
 
-pub fn event(input: i64, output: i64, cost_nanos: i64) {
-    counter!("tollgate_enforcer_events_total").increment(1);
-    counter!("tollgate_enforcer_tokens_total", "kind" => "input").increment(input.unsigned_abs());
-    counter!("tollgate_enforcer_tokens_total", "kind" => "output").increment(output.unsigned_abs());
-    counter!("tollgate_enforcer_cost_nanos_total").increment(cost_nanos.unsigned_abs());
+/// The counters every event adds to, fetched from the registry once (a lookup hashes the name
+/// and labels each time).
+pub struct EventCounters {
+    events: metrics::Counter,
+    input: metrics::Counter,
+    output: metrics::Counter,
+    cost: metrics::Counter,
+}
+
+impl Default for EventCounters {
+    fn default() -> Self {
+        EventCounters {
+            events: counter!("tollgate_enforcer_events_total"),
+            input: counter!("tollgate_enforcer_tokens_total", "kind" => "input"),
+            output: counter!("tollgate_enforcer_tokens_total", "kind" => "output"),
+            cost: counter!("tollgate_enforcer_cost_nanos_total"),
+        }
+    }
+}
+
+impl EventCounters {
+    pub fn event(&self, input: i64, output: i64, cost_nanos: i64) {
+        self.events.increment(1);
+        self.input.increment(input.unsigned_abs());
+        self.output.increment(output.unsigned_abs());
+        self.cost.increment(cost_nanos.unsigned_abs());
+    }
 }
 
 /// A doubtful event (see `seen`) decided: `counted`, `duplicate`, or `unverified` (counted

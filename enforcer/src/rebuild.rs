@@ -307,7 +307,7 @@ fn feed(engine: &mut Engine, r: Bucket, bucket_s: i64, now_us: i64, take: impl F
         // The bucket's last instant: a sliding window keeps it longest, it lies in the same
         // calendar period as every event of the bucket, and the bucket divides the rules'.
         at_us: (r.bucket + bucket_s) * US - 1,
-        envelope: Envelope {
+        envelope: std::borrow::Cow::Owned(Envelope {
             project: opt(r.project),
             team: opt(r.team),
             user_id: opt(r.user_id),
@@ -315,8 +315,8 @@ fn feed(engine: &mut Engine, r: Bucket, bucket_s: i64, now_us: i64, take: impl F
             workflow_tag: opt(r.workflow_tag),
             environment: opt(r.environment),
             cost_center: opt(r.cost_center),
-        },
-        api_key_id: opt(r.api_key_id),
+        }),
+        api_key_id: opt(r.api_key_id).map(std::borrow::Cow::Owned),
         requests: r.requests,
         tokens: r.tokens,
         cost_nanos: r.cost,

@@ -15,8 +15,10 @@
 //! Past `max_ids`, the oldest ids are forgotten before the meter has passed them (counted in
 //! `tollgate_enforcer_seen_ids_evicted_total`); their copies then wait for the meter too.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::hash::RandomState;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+use hashbrown::HashMap;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -37,14 +39,16 @@ pub enum Verdict {
 
 struct Remembered {
     offset: i64,
-    id: String,
+    /// Shared with `ids`: one allocation per id.
+    id: Arc<str>,
     ended_at_us: i64,
     at: Instant,
 }
 
 pub struct Seen {
-    /// Counted ids by the position of the copy counted (keyed by caller-chosen strings: SipHash).
-    ids: HashMap<String, Position, RandomState>,
+    /// Counted ids by the position of the copy counted. foldhash: the ids are the ingress's
+    /// (UUIDs it makes), and the enforcer answers no caller whose timing could probe the map.
+    ids: HashMap<Arc<str>, Position>,
     /// Per partition, the remembered ids in the order counted (offsets rise).
     order: BTreeMap<i32, VecDeque<Remembered>>,
     /// Per partition, the latest `ended_at_us` of any event forgotten (or counted before this
@@ -108,13 +112,10 @@ impl Seen {
 
     /// Remembers a counted copy (a `Doubtful` one that `event_positions` showed to be first).
     pub fn remember(&mut self, id: &str, at: Position, ended_at_us: i64, now: Instant) {
-        if self.ids.insert(id.to_owned(), at).is_none() {
-            self.order.entry(at.0).or_default().push_back(Remembered {
-                offset: at.1,
-                id: id.to_owned(),
-                ended_at_us,
-                at: now,
-            });
+        if !self.ids.contains_key(id) {
+            let id: Arc<str> = Arc::from(id);
+            self.ids.insert(Arc::clone(&id), at);
+            self.order.entry(at.0).or_default().push_back(Remembered { offset: at.1, id, ended_at_us, at: now });
         }
     }
 

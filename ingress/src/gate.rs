@@ -254,7 +254,10 @@ fn evaluate<'p>(cache: &DecisionCache, policy: &'p Policy, req: &RequestView<'_>
     let subject = req.api_key.map(|k| &k.subject);
     let mut key = String::with_capacity(64);
     let mut lookups = 0;
-    for (order, rule) in policy.rules.iter().enumerate() {
+    // The rules that may apply, in policy order (the order decides among hits).
+    let mut candidates: Vec<usize> = policy.rule_index.candidates(req.envelope).collect();
+    candidates.sort_unstable();
+    for (order, rule) in candidates.into_iter().filter_map(|i| Some((i, policy.rules.get(i)?))) {
         if rule.action == Action::AlertOnly {
             continue;
         }

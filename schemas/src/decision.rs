@@ -131,10 +131,16 @@ impl BreachDecision {
 /// `rule_id/scope`, the key of `tollgate.breaches.v1`.
 pub fn decision_key(rule_id: &str, scope: &str) -> String {
     let mut k = String::with_capacity(rule_id.len() + 1 + scope.len());
+    decision_key_into(&mut k, rule_id, scope);
+    k
+}
+
+/// [`decision_key`] written into `k` (emptied first), for a loop that reuses one buffer.
+pub fn decision_key_into(k: &mut String, rule_id: &str, scope: &str) {
+    k.clear();
     k.push_str(rule_id);
     k.push('/');
     k.push_str(scope);
-    k
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, AvroSchema)]

@@ -660,6 +660,8 @@ pub struct Policy {
     pub guards: Vec<Guard>,
     /// Rate limits, budgets and guards compiled for evaluation (see `rules`).
     pub rules: Vec<crate::rules::Rule>,
+    /// `rules` by their first matcher (positions in `rules`).
+    pub rule_index: crate::rules::RuleIndex,
 }
 
 impl Policy {

@@ -193,6 +193,52 @@ impl Rule {
     }
 }
 
+/// Rules by their first metadata matcher, so that a request is checked against the rules whose
+/// first matcher it meets and those without one, not against every rule: with a thousand
+/// per-team or per-project rules a request meets a handful. (Written here: a map of maps is all
+/// it takes.) Hashed with foldhash: the values held are the policy's, so a caller's values can
+/// only be looked up, never fill it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RuleIndex {
+    /// Per field, per value, the positions of the rules whose first matcher is that.
+    by_first: Vec<(Field, hashbrown::HashMap<String, Vec<usize>>)>,
+    /// Rules without a metadata matcher.
+    unconditional: Vec<usize>,
+}
+
+impl RuleIndex {
+    /// Indexes `rules` by position.
+    pub fn new(rules: &[Rule]) -> Self {
+        let mut index = RuleIndex::default();
+        for (i, rule) in rules.iter().enumerate() {
+            match rule.matchers.first() {
+                None => index.unconditional.push(i),
+                Some((field, value)) => {
+                    let at = match index.by_first.iter().position(|(f, _)| f == field) {
+                        Some(at) => at,
+                        None => {
+                            index.by_first.push((*field, hashbrown::HashMap::new()));
+                            index.by_first.len() - 1
+                        }
+                    };
+                    index.by_first[at].1.entry(value.clone()).or_default().push(i);
+                }
+            }
+        }
+        index
+    }
+
+    /// The positions of the rules that may apply to `env` (each once, in no particular order):
+    /// a superset of those `Rule::applies` accepts.
+    pub fn candidates<'a>(&'a self, env: &'a Envelope) -> impl Iterator<Item = usize> + 'a {
+        let matched = self
+            .by_first
+            .iter()
+            .flat_map(move |(field, values)| field.get(env).and_then(|v| values.get(v)).into_iter().flatten().copied());
+        self.unconditional.iter().copied().chain(matched)
+    }
+}
+
 impl fmt::Display for Action {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -249,5 +295,45 @@ mod tests {
         assert_eq!(rule(Scope::Field(Field::Team)).scope_of(&env, None, Some(&user)), None, "no team header");
         assert_eq!(rule(Scope::ApiKey).scope_of(&env, Some("k1"), Some(&user)).as_deref(), Some("api_key:k1"));
         assert_eq!(rule(Scope::Global).scope_of(&env, None, Some(&user)).as_deref(), Some("global"));
+    }
+
+    proptest::proptest! {
+        /// Every rule that applies is a candidate, once; values come from a small set so that
+        /// matchers and envelopes meet often.
+        #[test]
+        fn the_index_offers_every_rule_that_applies_once(
+            matchers in proptest::collection::vec(proptest::collection::vec((0usize..7, 0u8..3), 0..3), 0..40),
+            fields in proptest::collection::vec(proptest::option::of(0u8..3), 7),
+        ) {
+            let rules: Vec<Rule> = matchers
+                .iter()
+                .map(|m| Rule {
+                    matchers: m.iter().map(|(f, v)| (Field::ALL[*f], format!("v{v}"))).collect(),
+                    subject_kind: None,
+                    ..rule(Scope::Global)
+                })
+                .collect();
+            let value = |i: usize| fields[i].map(|v| format!("v{v}"));
+            let env = Envelope {
+                project: value(0),
+                team: value(1),
+                user_id: value(2),
+                session_id: value(3),
+                workflow_tag: value(4),
+                environment: value(5),
+                cost_center: value(6),
+            };
+            let index = RuleIndex::new(&rules);
+            let mut offered: Vec<usize> = index.candidates(&env).collect();
+            offered.sort_unstable();
+            let n = offered.len();
+            offered.dedup();
+            proptest::prop_assert_eq!(n, offered.len(), "a rule offered twice");
+            for (i, r) in rules.iter().enumerate() {
+                if r.applies(&env, None) {
+                    proptest::prop_assert!(offered.contains(&i), "rule {} applies but was not offered", i);
+                }
+            }
+        }
     }
 }

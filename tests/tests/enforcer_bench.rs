@@ -296,3 +296,111 @@ async fn burst_against_a_request_limit() {
     }
     s.stop().await;
 }
+
+/// 1,000 rules beside the reference's: a monthly budget for each of 500 projects and a token
+/// limit per user for each of 500 teams, all too high to breach (the figure is the counting).
+fn write_many_rules(dir: &std::path::Path) {
+    let mut budgets = String::from("name: capacity-budgets\ntype: gateway-budget-config\nbudgets:\n");
+    let mut limits = String::from("name: capacity-limits\ntype: gateway-rate-limit-config\nrules:\n");
+    for i in 0..500 {
+        budgets.push_str(&format!(
+            "  - id: budget-p{i}\n    scope: {{metadata: {{X-TFY-Project: p-{i}}}}}\n    ceiling_usd: 1000000000\n    window: monthly\n    on_exceed: hard_block\n"
+        ));
+        limits.push_str(&format!(
+            "  - id: team-{i}-users\n    when: {{metadata: {{X-TFY-Team: team-{i}}}}}\n    limit: {{tokens: 1000000000000, window: 1h, scope: user}}\n    on_breach: hard_block\n"
+        ));
+    }
+    std::fs::write(dir.join("capacity-budgets.yaml"), budgets).unwrap();
+    std::fs::write(dir.join("capacity-limits.yaml"), limits).unwrap();
+}
+
+/// Event `i` of the capacity run: 500 projects, 500 teams, `users` users, `sessions` sessions,
+/// three workflows, in production (so the reference's session limit counts it).
+fn capacity_event(run: &str, i: u64, ended_us: i64, sessions: u64, users: u64) -> tollgate_schemas::usage::UsageEvent {
+    use tollgate_schemas::usage::{Envelope, UsageEvent};
+    let tokens = 100 + (i * 7919 % 3000) as i64;
+    UsageEvent {
+        started_at_us: ended_us - 250_000,
+        envelope: Envelope {
+            project: Some(format!("p-{}", i % 500)),
+            team: Some(format!("team-{}", (i / 7) % 500)),
+            user_id: Some(format!("u-{}", i % users)),
+            session_id: Some(format!("s-{}", i % sessions)),
+            workflow_tag: Some(["classify-intent", "summarize", "agent"][(i % 3) as usize].into()),
+            environment: Some("production".into()),
+            ..Default::default()
+        },
+        provider: "anthropic".into(),
+        model: "claude-haiku-4-5".into(),
+        input_tokens: tokens,
+        output_tokens: tokens / 5,
+        cost_nanos: tokens * 1_000 + tokens / 5 * 5_000,
+        ..UsageEvent::example(format!("{run}-{i:09}"), None, ended_us)
+    }
+}
+
+/// The enforcer binary's capacity: its events/s while it works through a backlog (the usage
+/// topic filled before it starts, so it is never waiting for events), its CPU per event (its own
+/// CPU time over the events it counted meanwhile), and its memory per live scope, under the
+/// reference's rules plus 1,000.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "benchmark: run by tests/bench/enforcer"]
+async fn capacity() {
+    use common::procs::{cpu_seconds_of, free_port, rss_kib, scrape, start_enforcer_process};
+    let n = env_u64("TOLLGATE_BENCH_CAPACITY_EVENTS", 500_000);
+    let sessions = env_u64("TOLLGATE_BENCH_CAPACITY_SESSIONS", 200_000);
+    let users = env_u64("TOLLGATE_BENCH_CAPACITY_USERS", 50_000);
+    let dir = tempfile::tempdir().unwrap();
+    write_reference_rules(dir.path(), "127.0.0.1:9".parse().unwrap());
+    write_many_rules(dir.path());
+    let rules = tollgate_schemas::policy::Policy::load_dir(dir.path()).unwrap().rules.len();
+    let t = topics("enf_capacity").await;
+    let cfg =
+        tollgate_store::ClickHouseConfig { url: clickhouse_url(), database: t.db.clone(), user: None, password: None };
+    tollgate_store::migrate::apply(&cfg.server_client(), &t.db).await.unwrap();
+    let run = unique("cap");
+    let now = now_us();
+    // Spread over the last minute, oldest first.
+    let events: Vec<_> = (0..n)
+        .map(|i| capacity_event(&run, i, now - 60_000_000 + (i * 60_000_000 / n) as i64, sessions, users))
+        .collect();
+    produce_usage(&t.usage, &events).await;
+    drop(events);
+
+    let logs = tempfile::tempdir().unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let enforcer = start_enforcer_process(dir.path(), &t, &addr, &logs.path().join("enforcer.log"));
+    let pid = enforcer.id();
+    let counted = || {
+        let addr = addr.clone();
+        async move { scrape(&addr, "tollgate_enforcer_events_total").await }
+    };
+    assert!(
+        eventually(Duration::from_secs(120), || async { counted().await > 0 }).await,
+        "the enforcer counted nothing"
+    );
+    let (cpu0, events0, t0, rss0) = (cpu_seconds_of(pid), counted().await, Instant::now(), rss_kib(pid));
+    let reached = until_at_least(n, Duration::from_secs(60), counted).await;
+    let (cpu1, events1, seconds) = (cpu_seconds_of(pid), counted().await, t0.elapsed().as_secs_f64());
+    assert!(reached.is_ok(), "the enforcer stopped at {reached:?} of {n} events");
+    let measured = events1 - events0;
+    // The scopes gauge is set when the enforcer forgets passed windows (every 30 s).
+    let scopes = || {
+        let addr = addr.clone();
+        async move { scrape(&addr, "tollgate_enforcer_scopes").await }
+    };
+    assert!(eventually(Duration::from_secs(90), || async { scopes().await > 0 }).await);
+    let (live, seen, rss1) = (scopes().await, scrape(&addr, "tollgate_enforcer_seen_ids").await, rss_kib(pid));
+    println!(
+        "enforcer capacity: {rules} rules, {n} events of {sessions} sessions and {users} users in the backlog; {measured} counted in {seconds:.2} s: {:.0} events/s, \
+         {:.2} us of CPU per event ({:.2} s of CPU); {live} live scopes and {seen} event ids remembered (no meter ran, \
+         so none were forgotten): RSS {:.1} MiB -> {:.1} MiB, {:.0} bytes per live scope (ids included)",
+        measured as f64 / seconds,
+        (cpu1 - cpu0) * 1e6 / measured as f64,
+        cpu1 - cpu0,
+        rss0 as f64 / 1024.0,
+        rss1 as f64 / 1024.0,
+        (rss1.saturating_sub(rss0) * 1024) as f64 / live as f64,
+    );
+    drop(enforcer);
+}

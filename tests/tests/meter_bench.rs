@@ -25,6 +25,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use common::procs::stat_cpu;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
@@ -209,14 +210,6 @@ async fn produce(
     }
     drop(tx);
     acks.await.unwrap();
-}
-
-/// CPU seconds (user + system) in a `/proc/PID/stat` line, and the process's command name.
-fn stat_cpu(stat: &str) -> Option<(&str, f64)> {
-    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
-    // utime and stime are fields 14 and 15, the 12th and 13th after the name; USER_HZ is 100.
-    let ticks: f64 = stat[close + 2..].split(' ').skip(11).take(2).filter_map(|v| v.parse::<f64>().ok()).sum();
-    Some((&stat[open + 1..close], ticks / 100.0))
 }
 
 /// CPU seconds used so far by the processes whose command name starts with `comm`.

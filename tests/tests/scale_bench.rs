@@ -15,12 +15,13 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::procs::{IngressProcess, KillOnDrop, free_port, rss_kib, start_meter_process};
+use common::procs::{
+    IngressProcess, KillOnDrop, free_port, rss_kib, scrape, start_enforcer_process, start_meter_process,
+};
 use common::*;
 use serde_json::json;
 use tollgate_meter::report::{Dimension, Period, Reporter, Source};
@@ -66,31 +67,6 @@ async fn meter_rate(n: u64, sessions: u64, users: u64) -> (f64, u64) {
 }
 
 const RULES: &str = "name: scale\ntype: gateway-rate-limit-config\nrules:\n  - id: scale-session\n    limit: {tokens: 1000000, window: 1m, scope: session}\n    on_breach: hard_block\n  - id: scale-user\n    limit: {requests: 100000, window: 1m, scope: user}\n    on_breach: hard_block\n";
-
-/// A gauge or counter of a process's /metrics.
-async fn scrape(addr: &str, name: &str) -> u64 {
-    let text = match reqwest::get(format!("http://{addr}/metrics")).await {
-        Ok(r) => r.text().await.unwrap_or_default(),
-        Err(_) => String::new(),
-    };
-    metric(&text, name)
-}
-
-fn start_enforcer_process(policy: &std::path::Path, t: &Topics, listen: &str, log: &std::path::Path) -> KillOnDrop {
-    let log = std::fs::File::create(log).unwrap();
-    let child = Command::new(binary("tollgate-enforcer", "tollgate-enforcer"))
-        .args(["--policy-dir".as_ref(), policy.as_os_str()])
-        .args(["--kafka-brokers", &kafka_brokers(), "--usage-topic", &t.usage, "--breaches-topic", &t.breaches])
-        .args(["--alerts-topic", &t.alerts, "--clickhouse-url", &clickhouse_url(), "--database", &t.db])
-        .args(["--listen", listen])
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    KillOnDrop(child)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "benchmark: run by tests/bench/scale"]

@@ -12,7 +12,7 @@ fn demo() -> Arc<Policy> {
     Arc::new(Policy::load_dir(&dir).unwrap_or_else(|e| panic!("{e}")))
 }
 
-fn usage(at_us: i64, env: &[(&str, &str)], tokens: i64, cost_nanos: i64) -> Usage {
+fn usage(at_us: i64, env: &[(&str, &str)], tokens: i64, cost_nanos: i64) -> Usage<'static> {
     let mut envelope = Envelope::default();
     for (k, v) in env {
         let v = Some((*v).to_owned());
@@ -25,7 +25,7 @@ fn usage(at_us: i64, env: &[(&str, &str)], tokens: i64, cost_nanos: i64) -> Usag
             _ => panic!("{k}"),
         }
     }
-    Usage { at_us, envelope, api_key_id: None, requests: 1, tokens, cost_nanos }
+    Usage { at_us, envelope: Cow::Owned(envelope), api_key_id: None, requests: 1, tokens, cost_nanos }
 }
 
 fn states(out: &Output, rule: &str) -> Vec<(DecisionState, i64)> {
@@ -101,10 +101,10 @@ fn the_user_rule_needs_a_user_key() {
     let team_key = policy.api_keys.values().find(|k| k.id == "intern").unwrap().id.clone();
     let mut e = Engine::new(policy, 50);
     let mut u = usage(T0, &[("user", "u1")], 5_000_000, 0);
-    u.api_key_id = Some(team_key);
+    u.api_key_id = Some(team_key.into());
     e.observe(&u, T0);
     assert!(states(&e.evaluate(T0), "per-user-burst").is_empty(), "a team key is not a user subject");
-    u.api_key_id = Some(user_key);
+    u.api_key_id = Some(user_key.into());
     e.observe(&u, T0);
     let out = e.evaluate(T0);
     let d = out.decisions.iter().find(|d| d.rule_id == "per-user-burst").unwrap();

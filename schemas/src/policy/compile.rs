@@ -193,6 +193,7 @@ impl Builder {
         for ((file, line), field, message) in problems {
             self.err(&file, line, field, message);
         }
+        self.policy.rule_index = crate::rules::RuleIndex::new(&rules);
         self.policy.rules = rules;
     }
 

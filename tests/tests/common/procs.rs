@@ -219,6 +219,45 @@ pub fn start_meter_process(bin: &Path, brokers: &str, topic: &str, db: &str, log
     )
 }
 
+/// A gauge or counter of a process's /metrics.
+pub async fn scrape(addr: &str, name: &str) -> u64 {
+    let text = match reqwest::get(format!("http://{addr}/metrics")).await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    };
+    super::metric(&text, name)
+}
+
+/// Starts the enforcer binary on `t`'s topics and database, its stderr to `log`.
+pub fn start_enforcer_process(policy: &Path, t: &super::Topics, listen: &str, log: &Path) -> KillOnDrop {
+    let log = std::fs::File::create(log).unwrap();
+    let child = Command::new(super::binary("tollgate-enforcer", "tollgate-enforcer"))
+        .args(["--policy-dir".as_ref(), policy.as_os_str()])
+        .args(["--kafka-brokers", &super::kafka_brokers(), "--usage-topic", &t.usage, "--breaches-topic", &t.breaches])
+        .args(["--alerts-topic", &t.alerts, "--clickhouse-url", &super::clickhouse_url(), "--database", &t.db])
+        .args(["--listen", listen])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    KillOnDrop(child)
+}
+
+/// CPU seconds (user + system) in a `/proc/PID/stat` line, and the process's command name.
+pub fn stat_cpu(stat: &str) -> Option<(&str, f64)> {
+    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+    // utime and stime are fields 14 and 15, the 12th and 13th after the name; USER_HZ is 100.
+    let ticks: f64 = stat[close + 2..].split(' ').skip(11).take(2).filter_map(|v| v.parse::<f64>().ok()).sum();
+    Some((&stat[open + 1..close], ticks / 100.0))
+}
+
+/// CPU seconds (user + system) used so far by process `pid` (0 when it cannot be read).
+pub fn cpu_seconds_of(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().as_deref().and_then(stat_cpu).map_or(0.0, |(_, cpu)| cpu)
+}
+
 /// VmRSS of process `pid`, in KiB (0 when it cannot be read).
 pub fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
