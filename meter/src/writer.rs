@@ -93,7 +93,19 @@ pub fn spawn(
     let (give_back, spares) = mpsc::channel(2);
     let mut w = Writer { ch, consumer, topic, windows: Windows::default(), dropped_passed_at: Instant::now() };
     let task = tokio::spawn(async move {
-        while let Some(job) = rx.recv().await {
+        // Passed windows are dropped after a write, and on this tick while no batch comes: an
+        // idle meter lets go of them too.
+        let mut idle = tokio::time::interval(DROP_PASSED_EVERY);
+        idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let job = tokio::select! {
+                job = rx.recv() => job,
+                _ = idle.tick() => {
+                    w.drop_passed_if_due();
+                    continue;
+                }
+            };
+            let Some(job) = job else { break };
             match job {
                 Job::Write { mut rows, last } => {
                     if !w.write(&rows, &last, &stop).await {
@@ -131,7 +143,7 @@ impl Writer {
     /// two steps is repaired by the replay from the checkpoint. Returns false when `stop`
     /// interrupted the retries.
     async fn write(&mut self, rows: &[UsageRow], last: &BTreeMap<i32, i64>, stop: &CancellationToken) -> bool {
-        let Writer { ch, consumer, topic, windows, dropped_passed_at } = self;
+        let Writer { ch, consumer, topic, windows, .. } = self;
         let ch: &Client = ch;
         let started = Instant::now();
         for r in rows {
@@ -206,16 +218,24 @@ impl Writer {
         if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
             debug!(error = %e, "offset commit failed (informational only)");
         }
-        if dropped_passed_at.elapsed() >= DROP_PASSED_EVERY {
-            *dropped_passed_at = Instant::now();
-            let now_s = u32::try_from(
-                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
-            )
-            .unwrap_or(u32::MAX);
-            metrics::windows_dropped("passed", windows.drop_passed(now_s, PASSED_GRACE_S));
-        }
-        metrics::windows_dropped("cap", windows.evict(MAX_OPEN_WINDOWS));
-        metrics::open_windows(windows.len());
+        self.drop_passed_if_due();
+        metrics::windows_dropped("cap", self.windows.evict(MAX_OPEN_WINDOWS));
+        metrics::open_windows(self.windows.len());
         true
+    }
+
+    /// Drops the written windows that ended over `PASSED_GRACE_S` ago, at most once per
+    /// `DROP_PASSED_EVERY`.
+    fn drop_passed_if_due(&mut self) {
+        if self.dropped_passed_at.elapsed() < DROP_PASSED_EVERY {
+            return;
+        }
+        self.dropped_passed_at = Instant::now();
+        let now_s = u32::try_from(
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        )
+        .unwrap_or(u32::MAX);
+        metrics::windows_dropped("passed", self.windows.drop_passed(now_s, PASSED_GRACE_S));
+        metrics::open_windows(self.windows.len());
     }
 }
