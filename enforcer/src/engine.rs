@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use tollgate_schemas::decision::{Alert, AlertKind, BreachDecision, DecisionState, Measure, RuleKind, Severity};
 use tollgate_schemas::policy::{Policy, Subject};
-use tollgate_schemas::rules::{Rule, RuleIndex};
+use tollgate_schemas::rules::Rule;
 use tollgate_schemas::usage::{Envelope, UsageEvent};
 
 use tollgate_schemas::window::Counter;
@@ -103,9 +103,6 @@ pub struct Output {
 
 pub struct Engine {
     policy: Arc<Policy>,
-    rules: Vec<Rule>,
-    /// `rules` by their first matcher: an event is checked against the few that may apply.
-    index: RuleIndex,
     subjects: HashMap<String, Subject>,
     states: HashMap<String, ScopeState>,
     /// Keys counted into since the last evaluation.
@@ -121,7 +118,7 @@ pub struct Engine {
     /// time it can be forgotten (`Alert::kept_until_us`).
     alerted: HashMap<String, i64>,
     last_version: i64,
-    /// Each rule's position in `rules`, by id.
+    /// Each counted rule's position in `policy.rules`, by id (the guards' are not counted here).
     rule_at: HashMap<String, usize>,
     /// Rules whose decisions the anomaly guards make (not counted here).
     guard_ids: HashSet<String>,
@@ -131,14 +128,18 @@ pub struct Engine {
 
 impl Engine {
     pub fn new(policy: Arc<Policy>, watch_pct: u32) -> Engine {
-        let rules: Vec<Rule> = policy.rules.iter().filter(|r| r.kind != RuleKind::Guard).cloned().collect();
+        let rule_at = policy
+            .rules
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.kind != RuleKind::Guard)
+            .map(|(i, r)| (r.id.clone(), i))
+            .collect();
         let subjects = policy.api_keys.values().map(|k| (k.id.clone(), k.subject.clone())).collect();
         let guard_ids = policy.guards.iter().map(|g| g.id().to_owned()).collect();
         Engine {
             policy,
-            index: RuleIndex::new(&rules),
-            rule_at: rules.iter().enumerate().map(|(i, r)| (r.id.clone(), i)).collect(),
-            rules,
+            rule_at,
             subjects,
             states: HashMap::new(),
             dirty: HashSet::new(),
@@ -186,7 +187,10 @@ impl Engine {
         let subject = u.api_key_id.as_deref().and_then(|k| self.subjects.get(k));
         // One buffer for the keys; a key is copied only into a map that does not hold it yet.
         let mut key = String::new();
-        for rule in self.index.candidates(&u.envelope).map(|i| &self.rules[i]).filter(|r| take(r)) {
+        // The policy's rule index: an event is checked against the few rules that may apply.
+        let policy = &*self.policy;
+        let candidates = policy.rule_index.candidates(&u.envelope).filter_map(|i| policy.rules.get(i));
+        for rule in candidates.filter(|r| r.kind != RuleKind::Guard && take(r)) {
             let Some(scope) = rule.scope_of(&u.envelope, u.api_key_id.as_deref(), subject) else { continue };
             let amount = u.amount(rule.measure);
             if amount == 0 {
@@ -208,8 +212,7 @@ impl Engine {
     /// Decisions and alerts for every scope counted into since the last call, and for every scope
     /// in force (last word not `Clear`) whose verdict time alone may have changed since.
     pub fn evaluate(&mut self, now_us: i64) -> Output {
-        // Each key once, in no particular order (keys are independent): the due ones not also
-        // counted into, then those counted into.
+        // Each key once: the due ones not also counted into, then those counted into.
         let mut keys: Vec<String> = Vec::with_capacity(self.dirty.len());
         while let Some((at, _)) = self.due.first() {
             if *at > now_us {
@@ -222,8 +225,10 @@ impl Engine {
             }
         }
         keys.extend(self.dirty.drain());
+        // In key order, so that what one evaluation publishes comes out the same way every run.
+        keys.sort_unstable();
         let Engine {
-            rules, rule_at, states, published, alerted, last_version, guard_ids, watch_pct, due, due_at, ..
+            policy, rule_at, states, published, alerted, last_version, guard_ids, watch_pct, due, due_at, ..
         } = self;
         let mut out = Output::default();
         for key in keys {
@@ -232,7 +237,7 @@ impl Engine {
                 continue; // the guards decide these
             }
             out.evaluated += 1;
-            let Some(rule) = rule_at.get(rule_id).and_then(|i| rules.get(*i)) else {
+            let Some(rule) = rule_at.get(rule_id).and_then(|i| policy.rules.get(*i)) else {
                 // The rule left the policy: lift what it had decided.
                 if let Some(p) = published.get(&key).copied() {
                     if p.state != DecisionState::Clear {

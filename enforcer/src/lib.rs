@@ -233,7 +233,7 @@ async fn enforce(
         return Ok(Stopped::Shutdown);
     };
     let mut seen = Seen::new(forgot_until, i64::MIN, config.seen_min_age, config.seen_max_ids);
-    let mut doubtful: Vec<(UsageEvent, seen::Position)> = Vec::new();
+    let mut doubtful: Vec<Waiting> = Vec::new();
     let mut next_prune = Instant::now() + PRUNE_SEEN_EVERY;
     let mut next_doubtful = Instant::now();
 
@@ -289,8 +289,8 @@ async fn enforce(
                         Some(resolved) => {
                             next_prune = Instant::now() + PRUNE_SEEN_EVERY;
                             next_doubtful = Instant::now();
-                            for (ev, at) in resolved {
-                                count(&ev, at, &mut engine, &mut guards, &above, &mut tally);
+                            for w in resolved {
+                                count(&w.ev, w.counted_by_rebuild, &mut engine, &mut guards, &mut tally);
                             }
                         }
                         // ClickHouse away or slow: the loop must not stall on it every second.
@@ -319,21 +319,22 @@ async fn enforce(
                     }
                     Some(Ok(ev)) => {
                         let at = (m.partition(), m.offset());
+                        // Asked now: `above` forgets a row once the consumer has passed it, and a
+                        // doubtful event is counted later.
+                        let counted_by_rebuild = above.counted_event(&ev, at);
                         match seen.check(&ev.event_id, at, ev.ended_at_us, Instant::now()) {
-                            Verdict::New => {
-                                count(&ev, at, &mut engine, &mut guards, &above, &mut tally)
-                            }
+                            Verdict::New => count(&ev, counted_by_rebuild, &mut engine, &mut guards, &mut tally),
                             Verdict::Duplicate => metrics::duplicate(),
                             Verdict::Doubtful if doubtful.len() < MAX_DOUBTFUL => {
                                 metrics::doubtful_waiting(doubtful.len() + 1);
-                                doubtful.push((ev, at));
+                                doubtful.push(Waiting { ev, at, counted_by_rebuild });
                             }
                             Verdict::Doubtful => {
                                 // Too many waiting (the meter is far behind): counting it may
                                 // count a copy twice, which errs toward enforcing, and is counted.
                                 metrics::doubtful("unverified");
                                 seen.remember(&ev.event_id, at, ev.ended_at_us, Instant::now());
-                                count(&ev, at, &mut engine, &mut guards, &above, &mut tally);
+                                count(&ev, counted_by_rebuild, &mut engine, &mut guards, &mut tally);
                             }
                         }
                     }
@@ -612,19 +613,13 @@ struct Tally {
     counters: metrics::EventCounters,
 }
 
-/// Counts one event into the windows and guards.
-fn count(
-    ev: &UsageEvent,
-    at: seen::Position,
-    engine: &mut Engine,
-    guards: &mut Guards,
-    above: &rebuild::Covered,
-    tally: &mut Tally,
-) {
+/// Counts one event into the windows and guards; `counted_by_rebuild` is what
+/// `rebuild::Covered::counted_event` said when it was consumed.
+fn count(ev: &UsageEvent, counted_by_rebuild: bool, engine: &mut Engine, guards: &mut Guards, tally: &mut Tally) {
     tally.counters.event(ev.input_tokens, ev.output_tokens, ev.cost_nanos);
     if let Some(u) = Usage::of(ev) {
         let now = now_us();
-        above.observe(engine, ev, &u, at, now);
+        rebuild::observe_consumed(engine, &u, counted_by_rebuild, now);
         if let Some(s) = Sample::of(ev) {
             guards.observe(&s, now);
         }
@@ -652,6 +647,14 @@ async fn loop_query<T>(
     }
 }
 
+/// A doubtful event waiting for the meter (see `seen`), where it was read, and whether the
+/// rebuild had counted it into the rollup rules (asked when it was read).
+struct Waiting {
+    ev: UsageEvent,
+    at: seen::Position,
+    counted_by_rebuild: bool,
+}
+
 /// Reads the meter's checkpoints; forgets the ids it has recorded; decides the doubtful events
 /// whose offsets it has passed (every earlier copy is then in `event_positions`). Returns those
 /// to count; `None` when ClickHouse is away or slow (nothing changes; tried again later).
@@ -659,33 +662,33 @@ async fn settle_seen(
     ch: &clickhouse::Client,
     topic: &str,
     seen: &mut Seen,
-    doubtful: &mut Vec<(UsageEvent, seen::Position)>,
-) -> Option<Vec<(UsageEvent, seen::Position)>> {
+    doubtful: &mut Vec<Waiting>,
+) -> Option<Vec<Waiting>> {
     let durable = loop_query("the meter's checkpoints", tollgate_store::checkpoints(ch, topic)).await?;
     let (forgotten, evicted) = seen.prune(&durable, Instant::now());
     metrics::seen_ids(seen.len(), forgotten, evicted);
     let ready: Vec<usize> = (0..doubtful.len())
-        .filter(|i| durable.get(&doubtful[*i].1.0).is_some_and(|next| *next >= doubtful[*i].1.1))
+        .filter(|i| durable.get(&doubtful[*i].at.0).is_some_and(|next| *next >= doubtful[*i].at.1))
         .collect();
     if ready.is_empty() {
         return Some(Vec::new());
     }
-    let ids: Vec<&str> = ready.iter().map(|i| doubtful[*i].0.event_id.as_str()).collect();
+    let ids: Vec<&str> = ready.iter().map(|i| doubtful[*i].ev.event_id.as_str()).collect();
     let first = loop_query("event positions", tollgate_store::first_positions(ch, topic, &ids)).await?;
     let mut taken = vec![false; doubtful.len()];
     for i in &ready {
         taken[*i] = true;
     }
     let mut counted = Vec::new();
-    for (i, (ev, at)) in std::mem::take(doubtful).into_iter().enumerate() {
+    for (i, w) in std::mem::take(doubtful).into_iter().enumerate() {
         if !taken[i] {
-            doubtful.push((ev, at));
-        } else if first.get(&ev.event_id).is_some_and(|f| *f < at) || seen.contains(&ev.event_id) {
+            doubtful.push(w);
+        } else if first.get(&w.ev.event_id).is_some_and(|f| *f < w.at) || seen.contains(&w.ev.event_id) {
             metrics::doubtful("duplicate");
         } else {
             metrics::doubtful("counted");
-            seen.remember(&ev.event_id, at, ev.ended_at_us, Instant::now());
-            counted.push((ev, at));
+            seen.remember(&w.ev.event_id, w.at, w.ev.ended_at_us, Instant::now());
+            counted.push(w);
         }
     }
     metrics::doubtful_waiting(doubtful.len());

@@ -24,7 +24,7 @@ use tollgate_schemas::rules::{Field, Rule, Scope, Window};
 use tollgate_schemas::usage::sql::{PROMPT_TOKENS, TOTAL_TOKENS};
 use tollgate_schemas::usage::{Envelope, UsageEvent};
 use tollgate_store::rows::{Dims, Granularity, UsageRow};
-use tollgate_store::tables::{SESSION_HOURS, USAGE_EVENTS, USAGE_WINDOWS};
+use tollgate_store::tables::{EVENT_POSITIONS, SESSION_HOURS, USAGE_EVENTS, USAGE_WINDOWS};
 
 use crate::engine::{Engine, Usage};
 use tollgate_schemas::window::{Counter, bucket_seconds};
@@ -50,10 +50,11 @@ struct Bucket {
     cost: i64,
 }
 
-/// A minute row of `usage_windows` that covers events past the meter's checkpoint.
+/// What the rollup query returns: minute rows wholly below the meter's checkpoints summed by
+/// bucket and the rule dimensions (`above` 0, the row's other key columns empty), and each row
+/// that covers events past them on its own (`above` 1, with its whole key and last offset).
 #[derive(Debug, Row, Deserialize)]
-struct AboveRow {
-    window_start: u32,
+struct RollupRow {
     project: String,
     team: String,
     user_id: String,
@@ -61,6 +62,9 @@ struct AboveRow {
     workflow_tag: String,
     environment: String,
     api_key_id: String,
+    bucket: i64,
+    above: u8,
+    window_start: u32,
     virtual_model: String,
     provider: String,
     model: String,
@@ -96,13 +100,16 @@ pub enum Source {
 /// kept without the session, and a sliding window must count in whole minutes (calendar
 /// windows are rebuilt by quarter-hour, which minutes make up).
 pub fn from_rollups(rule: &Rule) -> bool {
-    let session =
-        rule.scope == Scope::Field(Field::SessionId) || rule.matchers.iter().any(|(f, _)| *f == Field::SessionId);
     let minutes = match &rule.window {
         Window::Sliding { seconds } => bucket_seconds(*seconds) % 60 == 0,
         Window::Calendar { .. } => true,
     };
-    !session && minutes
+    !keyed_on_session(rule) && minutes
+}
+
+/// Whether a rule is scoped on the session or matches on it.
+fn keyed_on_session(rule: &Rule) -> bool {
+    rule.scope == Scope::Field(Field::SessionId) || rule.matchers.iter().any(|(f, _)| *f == Field::SessionId)
 }
 
 /// The time ranges to read for some rules: sliding windows need recent usage at a resolution that
@@ -161,11 +168,6 @@ impl Plan {
         }
         r
     }
-
-    /// The bucket a usage at `at_s` is read in.
-    fn bucket_of(&self, at_s: i64) -> i64 {
-        if at_s >= self.sliding_since_s { self.sliding_bucket_s } else { CALENDAR_BUCKET_S }
-    }
 }
 
 /// The minute rows the rebuild read that cover events past the meter's checkpoint, each with the
@@ -192,26 +194,28 @@ impl Covered {
         self.rows.get(&key).is_some_and(|last| row.kafka_offset <= *last)
     }
 
-    /// Whether the rebuild counted `ev`, consumed at `at`, into the rollup rules.
-    fn counted_event(&self, ev: &UsageEvent, at: (i32, i64)) -> bool {
+    /// Whether the rebuild counted `ev`, consumed at `at`, into the rollup rules. Asked when the
+    /// event is consumed (before `passed` can forget its row), and kept with it while it waits.
+    pub fn counted_event(&self, ev: &UsageEvent, at: (i32, i64)) -> bool {
         // Built only while rows are held: right after a start, until the consumer passes them.
         !self.is_empty() && self.counted(&UsageRow::new(ev.clone(), "", at.0, at.1))
-    }
-
-    /// Counts the first copy of a consumed event, read at `at`, into the engine: into every
-    /// rule, or only into those rebuilt from the raw events when a row the rebuild read covers it.
-    pub fn observe(&self, engine: &mut Engine, ev: &UsageEvent, u: &Usage, at: (i32, i64), now_us: i64) {
-        if self.counted_event(ev, at) {
-            engine.observe_rules(u, now_us, |r| !from_rollups(r));
-        } else {
-            engine.observe(u, now_us);
-        }
     }
 
     /// Forgets the rows whose last offset the consumer has passed (`next`: the next offset of
     /// each partition).
     pub fn passed(&mut self, next: &BTreeMap<i32, i64>) {
         self.rows.retain(|(p, _, _), last| next.get(p).is_none_or(|n| *last >= *n));
+    }
+}
+
+/// Counts the first copy of a consumed event into the engine: into every rule, or, when a row
+/// the rebuild read covers it (`Covered::counted_event`, asked as it was consumed), only into
+/// the rules rebuilt from the raw events.
+pub fn observe_consumed(engine: &mut Engine, u: &Usage<'_>, counted_by_rebuild: bool, now_us: i64) {
+    if counted_by_rebuild {
+        engine.observe_rules(u, now_us, |r| !from_rollups(r));
+    } else {
+        engine.observe(u, now_us);
     }
 }
 
@@ -236,114 +240,113 @@ pub async fn rebuild(
     let rolled = |r: &Rule| source == Source::Best && from_rollups(r);
     if let Some(p) = plan(limits().filter(|r| !rolled(r)), now_us) {
         // When every raw rule is keyed on the session, only events with one can count.
-        let sessions_only = limits().filter(|r| !rolled(r)).all(|r| {
-            r.scope == Scope::Field(Field::SessionId) || r.matchers.iter().any(|(f, _)| *f == Field::SessionId)
-        });
+        let sessions_only = limits().filter(|r| !rolled(r)).all(keyed_on_session);
         for (from_s, to_s, bucket_s) in p.ranges() {
             let sql = raw_query(covered, from_s, to_s, bucket_s, sessions_only);
-            let rows: Vec<Bucket> = ch.query(&sql).bind(topic).fetch_all().await?;
+            let rows: Vec<Bucket> = ch.query(&sql).bind(topic).bind(topic).fetch_all().await?;
             for r in rows {
                 rebuilt.raw_buckets += 1;
                 rebuilt.raw_requests += r.requests;
-                feed(engine, r, bucket_s, now_us, |rule| !rolled(rule));
+                let env = Envelope {
+                    project: opt(r.project),
+                    team: opt(r.team),
+                    user_id: opt(r.user_id),
+                    session_id: opt(r.session_id),
+                    workflow_tag: opt(r.workflow_tag),
+                    environment: opt(r.environment),
+                    cost_center: opt(r.cost_center),
+                };
+                let figures = (r.requests, r.tokens, r.cost);
+                feed(engine, env, opt(r.api_key_id), r.bucket, bucket_s, figures, now_us, |rule| !rolled(rule));
             }
         }
     }
     if let Some(p) = plan(limits().filter(|r| rolled(r)), now_us) {
         for (from_s, to_s, bucket_s) in p.ranges() {
-            let rows: Vec<Bucket> = ch.query(&rollup_query(covered, from_s, to_s, bucket_s)).fetch_all().await?;
+            // One query per range, so the rows below and past the checkpoints come from one
+            // snapshot: with two, a row the meter rewrote in between would be in both or neither.
+            let rows: Vec<RollupRow> = ch.query(&rollup_query(covered, from_s, to_s, bucket_s)).fetch_all().await?;
             for r in rows {
                 rebuilt.rollup_buckets += 1;
                 rebuilt.rollup_requests += r.requests;
-                feed(engine, r, bucket_s, now_us, rolled);
+                let env = Envelope {
+                    project: opt(r.project.clone()),
+                    team: opt(r.team.clone()),
+                    user_id: opt(r.user_id.clone()),
+                    session_id: None,
+                    workflow_tag: opt(r.workflow_tag.clone()),
+                    environment: opt(r.environment.clone()),
+                    cost_center: opt(r.cost_center.clone()),
+                };
+                let figures = (r.requests, r.tokens, r.cost);
+                feed(engine, env, opt(r.api_key_id.clone()), r.bucket, bucket_s, figures, now_us, rolled);
+                if r.above == 1 {
+                    let last = i64::try_from(r.version).unwrap_or(i64::MAX);
+                    above.rows.insert((r.kafka_partition, r.window_start, r.dims()), last);
+                }
             }
-        }
-        let since = p.calendar_since_s.unwrap_or(p.sliding_since_s);
-        let rows: Vec<AboveRow> = ch.query(&above_query(covered, since)).fetch_all().await?;
-        for r in rows {
-            let at_s = i64::from(r.window_start);
-            let bucket_s = p.bucket_of(at_s);
-            let bucket = Bucket {
-                project: r.project.clone(),
-                team: r.team.clone(),
-                user_id: r.user_id.clone(),
-                session_id: String::new(),
-                workflow_tag: r.workflow_tag.clone(),
-                environment: r.environment.clone(),
-                cost_center: r.cost_center.clone(),
-                api_key_id: r.api_key_id.clone(),
-                bucket: at_s.div_euclid(bucket_s) * bucket_s,
-                requests: r.requests,
-                tokens: r.tokens,
-                cost: r.cost,
-            };
-            rebuilt.rollup_buckets += 1;
-            rebuilt.rollup_requests += r.requests;
-            feed(engine, bucket, bucket_s, now_us, rolled);
-            let dims = Dims {
-                project: r.project,
-                team: r.team,
-                user_id: r.user_id,
-                cost_center: r.cost_center,
-                workflow_tag: r.workflow_tag,
-                environment: r.environment,
-                api_key_id: r.api_key_id,
-                virtual_model: r.virtual_model,
-                provider: r.provider,
-                model: r.model,
-                model_version: r.model_version,
-            };
-            let last = i64::try_from(r.version).unwrap_or(i64::MAX);
-            above.rows.insert((r.kafka_partition, r.window_start, dims), last);
         }
     }
     Ok((rebuilt, above))
 }
 
-/// Counts one aggregated row into the rules `take` accepts.
-fn feed(engine: &mut Engine, r: Bucket, bucket_s: i64, now_us: i64, take: impl Fn(&Rule) -> bool) {
-    let opt = |s: String| if s.is_empty() { None } else { Some(s) };
+impl RollupRow {
+    fn dims(self) -> Dims {
+        Dims {
+            project: self.project,
+            team: self.team,
+            user_id: self.user_id,
+            cost_center: self.cost_center,
+            workflow_tag: self.workflow_tag,
+            environment: self.environment,
+            api_key_id: self.api_key_id,
+            virtual_model: self.virtual_model,
+            provider: self.provider,
+            model: self.model,
+            model_version: self.model_version,
+        }
+    }
+}
+
+fn opt(s: String) -> Option<String> {
+    if s.is_empty() { None } else { Some(s) }
+}
+
+/// Counts one aggregated row (requests, tokens, cost) of `bucket` into the rules `take` accepts.
+#[allow(clippy::too_many_arguments)]
+fn feed(
+    engine: &mut Engine,
+    envelope: Envelope,
+    api_key_id: Option<String>,
+    bucket: i64,
+    bucket_s: i64,
+    (requests, tokens, cost_nanos): (i64, i64, i64),
+    now_us: i64,
+    take: impl Fn(&Rule) -> bool,
+) {
     let usage = Usage {
         // The bucket's last instant: a sliding window keeps it longest, it lies in the same
         // calendar period as every event of the bucket, and the bucket divides the rules'.
-        at_us: (r.bucket + bucket_s) * US - 1,
-        envelope: std::borrow::Cow::Owned(Envelope {
-            project: opt(r.project),
-            team: opt(r.team),
-            user_id: opt(r.user_id),
-            session_id: opt(r.session_id),
-            workflow_tag: opt(r.workflow_tag),
-            environment: opt(r.environment),
-            cost_center: opt(r.cost_center),
-        }),
-        api_key_id: opt(r.api_key_id).map(std::borrow::Cow::Owned),
-        requests: r.requests,
-        tokens: r.tokens,
-        cost_nanos: r.cost,
+        at_us: (bucket + bucket_s) * US - 1,
+        envelope: std::borrow::Cow::Owned(envelope),
+        api_key_id: api_key_id.map(std::borrow::Cow::Owned),
+        requests,
+        tokens,
+        cost_nanos,
     };
     engine.observe_rules(&usage, now_us, take);
 }
 
-/// `(kafka_partition = 0 AND kafka_offset < 10) OR …`: the rows the meter's checkpoints cover.
-fn covered_filter(covered: &BTreeMap<i32, i64>) -> String {
-    let mut offsets = String::new();
-    for (i, (p, next)) in covered.iter().enumerate() {
-        if i > 0 {
-            offsets.push_str(" OR ");
-        }
-        let _ = write!(offsets, "(kafka_partition = {p} AND kafka_offset < {next})");
-    }
-    offsets
-}
-
-/// Each event that has a copy below `covered` and meets `cond`, once (its copies are the same
-/// event): the events the meter has counted by its checkpoints. (`FINAL` would keep the last
-/// copy inserted, which may lie past the checkpoint while the first lies below.) The topic is
-/// the one `?`.
+/// Each event with a position below `covered` that meets `cond`, once: the events the meter has
+/// counted by its checkpoints. Chosen through `event_positions`, which keeps every position the
+/// meter read: `usage_events` keeps one copy of an event, the last inserted, which once merged
+/// may lie past the checkpoints while the first lay below (the event was then counted nowhere).
+/// The copies are the same event, so `FINAL`'s copy serves. The topic is both `?`s.
 fn events_below(covered: &BTreeMap<i32, i64>, cond: &str) -> String {
     format!(
-        "(SELECT * FROM {USAGE_EVENTS} WHERE kafka_topic = ? AND ({offsets}) AND {cond} LIMIT 1 BY event_id)",
-        offsets = covered_filter(covered)
+        "(SELECT * FROM {USAGE_EVENTS} FINAL WHERE kafka_topic = ? AND {cond} AND event_id IN \
+         (SELECT event_id FROM {EVENT_POSITIONS} WHERE kafka_topic = ? AND ({offsets})))",
+        offsets = tollgate_store::below_checkpoints(covered)
     )
 }
 
@@ -380,49 +383,43 @@ fn raw_query(
     )
 }
 
-/// The minute rows of `usage_windows` in a time range, for the partitions the checkpoints name,
-/// each at its latest version (`argMax` rather than `FINAL`: with `FINAL`, a condition on
-/// `version` could be applied before the versions are collapsed), with `version_is` a
-/// condition on its `version` (named `v`) against its partition's checkpoint (`next`).
-fn minute_rows(covered: &BTreeMap<i32, i64>, from_s: i64, to_s: Option<i64>, version_is: &str) -> String {
+/// The rollup rebuild query over the minute rows of `usage_windows` in a time range, for the
+/// partitions the checkpoints name, each row at its latest version (`argMax` rather than
+/// `FINAL`: with `FINAL`, a condition on `version` could be applied before the versions are
+/// collapsed). A row wholly below its partition's checkpoint is summed by bucket and the
+/// dimensions rules look at; a row that covers events at or past it (`above`) comes back alone,
+/// with its whole key and last offset.
+fn rollup_query(covered: &BTreeMap<i32, i64>, from_s: i64, to_s: Option<i64>, bucket_s: i64) -> String {
     let partitions = covered.keys().map(ToString::to_string).collect::<Vec<_>>().join(",");
     let mut next = String::from("multiIf(");
     for (p, n) in covered {
         let _ = write!(next, "kafka_partition = {p}, {n}, ");
     }
     next.push_str("0)");
+    let range = time_range("window_start", format!("toDateTime({from_s})"), to_s.map(|t| format!("toDateTime({t})")));
+    let alone = |column: &str, none: &str| format!("if(above = 1, {column}, {none}) AS {column}_");
     format!(
-        "SELECT window_start, project, team, user_id, cost_center, workflow_tag, environment, api_key_id, \
-         virtual_model, provider, model, model_version, kafka_partition, max(version) AS v, \
-         argMax({ATTEMPTED_WINDOW_REQUESTS}, version) AS requests, argMax({TOTAL_TOKENS}, version) AS tokens, \
-         argMax(cost_nanos, version) AS cost \
+        "SELECT project, team, user_id, cost_center, workflow_tag, environment, api_key_id, bucket, above, \
+         toUInt32(window_start_) AS window_start, virtual_model_ AS virtual_model, provider_ AS provider, \
+         model_ AS model, model_version_ AS model_version, kafka_partition_ AS kafka_partition, v_ AS version, \
+         sum(r) AS requests, sum(t) AS tokens, sum(c) AS cost FROM (\
+         SELECT project, team, user_id, cost_center, workflow_tag, environment, api_key_id, \
+         toInt64(intDiv(toUInt32(window_start), {bucket_s}) * {bucket_s}) AS bucket, \
+         toUInt8(max(version) >= {next}) AS above, {ws}, {vm}, {pr}, {mo}, {mv}, {kp}, {v}, \
+         argMax({ATTEMPTED_WINDOW_REQUESTS}, version) AS r, argMax({TOTAL_TOKENS}, version) AS t, \
+         argMax(cost_nanos, version) AS c \
          FROM {USAGE_WINDOWS} WHERE granularity = 'minute' AND {range} AND kafka_partition IN ({partitions}) \
          GROUP BY window_start, project, team, user_id, cost_center, workflow_tag, environment, api_key_id, \
-         virtual_model, provider, model, model_version, kafka_partition \
-         HAVING v {version_is} {next}",
-        range = time_range("window_start", format!("toDateTime({from_s})"), to_s.map(|t| format!("toDateTime({t})"))),
-    )
-}
-
-/// The rollup rebuild query: the minute rows wholly below the checkpoints, summed by bucket and
-/// the dimensions rules look at.
-fn rollup_query(covered: &BTreeMap<i32, i64>, from_s: i64, to_s: Option<i64>, bucket_s: i64) -> String {
-    format!(
-        "SELECT project, team, user_id, '' AS session_id, workflow_tag, environment, cost_center, api_key_id, \
-         toInt64(intDiv(toUInt32(window_start), {bucket_s}) * {bucket_s}) AS bucket, sum(requests) AS requests, \
-         sum(tokens) AS tokens, sum(cost) AS cost FROM ({rows}) \
-         GROUP BY project, team, user_id, workflow_tag, environment, cost_center, api_key_id, bucket",
-        rows = minute_rows(covered, from_s, to_s, "<"),
-    )
-}
-
-/// The minute rows since `from_s` that cover events at or past the checkpoints.
-fn above_query(covered: &BTreeMap<i32, i64>, from_s: i64) -> String {
-    format!(
-        "SELECT toUInt32(window_start) AS window_start, project, team, user_id, cost_center, workflow_tag, \
-         environment, api_key_id, virtual_model, provider, model, model_version, kafka_partition, \
-         v AS version, requests, tokens, cost FROM ({rows})",
-        rows = minute_rows(covered, from_s, None, ">="),
+         virtual_model, provider, model, model_version, kafka_partition) \
+         GROUP BY project, team, user_id, cost_center, workflow_tag, environment, api_key_id, bucket, above, \
+         window_start_, virtual_model_, provider_, model_, model_version_, kafka_partition_, v_",
+        ws = alone("window_start", "toDateTime(0)"),
+        vm = alone("virtual_model", "''"),
+        pr = alone("provider", "''"),
+        mo = alone("model", "''"),
+        mv = alone("model_version", "''"),
+        kp = alone("kafka_partition", "toInt32(0)"),
+        v = "if(above = 1, max(version), toUInt64(0)) AS v_",
     )
 }
 
@@ -451,7 +448,7 @@ mod tests {
         assert!(sql.contains("ended_at_us >= 100000000 AND ended_at_us < 200000000"));
         let sql = rollup_query(&BTreeMap::from([(0, 10), (3, 7)]), 120, None, 60);
         assert!(sql.contains("window_start >= toDateTime(120) AND kafka_partition IN (0,3)"), "{sql}");
-        assert!(sql.contains("HAVING v < multiIf(kafka_partition = 0, 10, kafka_partition = 3, 7, 0)"), "{sql}");
+        assert!(sql.contains("max(version) >= multiIf(kafka_partition = 0, 10, kafka_partition = 3, 7, 0)"), "{sql}");
     }
 
     #[test]
@@ -514,7 +511,7 @@ pub async fn rebuild_guards(
     }
     let mut rows_read = 0u64;
     for q in guard_queries(covered, guards.lookback_s(), now_us) {
-        let rows: Vec<GuardRow> = ch.query(&q).bind(topic).fetch_all().await?;
+        let rows: Vec<GuardRow> = ch.query(&q).bind(topic).bind(topic).fetch_all().await?;
         for r in rows {
             rows_read += 1;
             let (requests, referenced) = (r.requests as i64, r.referenced_requests as i64);
@@ -540,7 +537,7 @@ pub async fn rebuild_guards(
     Ok(rows_read)
 }
 
-/// The guards' three rebuild queries (the topic is the one `?`).
+/// The guards' three rebuild queries (the topic is each `?`).
 fn guard_queries(covered: &BTreeMap<i32, i64>, lookback_s: i64, now_us: i64) -> [String; 3] {
     let hour_us = now_us / (3600 * US) * 3600 * US;
     let recent_us = now_us - lookback_s.min(86_400 * 7) * US;
@@ -616,11 +613,10 @@ pub fn startup_sql(policy: &Policy, topic: &str, now_us: i64) -> Vec<String> {
         raw_query(&covered, p.sliding_since_s, None, p.sliding_bucket_s, true),
         raw_query(&covered, p.calendar_since_s.unwrap_or(0), Some(p.sliding_since_s), CALENDAR_BUCKET_S, false),
         rollup_query(&covered, p.sliding_since_s, None, p.sliding_bucket_s),
-        above_query(&covered, p.sliding_since_s),
     ];
     out.extend(guard_queries(&covered, 86_400, now_us));
     let quoted = format!("'{}'", topic.replace('\'', ""));
-    let mut out: Vec<String> = out.into_iter().map(|q| q.replacen('?', &quoted, 1)).collect();
+    let mut out: Vec<String> = out.into_iter().map(|q| q.replace('?', &quoted)).collect();
     out.push(baseline_query(95, 7, now_us));
     out
 }

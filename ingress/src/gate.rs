@@ -265,10 +265,7 @@ fn evaluate<'p>(cache: &DecisionCache, policy: &'p Policy, req: &RequestView<'_>
         if wants_cuts && rule.cut_streams && !rule.audit {
             ev.cut_scopes.push((rule.id.as_str(), scope.clone()));
         }
-        key.clear();
-        key.push_str(&rule.id);
-        key.push('/');
-        key.push_str(&scope);
+        tollgate_schemas::decision::decision_key_into(&mut key, &rule.id, &scope);
         if counted_here(rule, audit_only) {
             let count = cache.own_counts().get(&key, &rule.window);
             ev.owns.push((order, rule, scope.clone(), OwnHold { count, measure: rule.measure, limit: rule.limit }));

@@ -187,6 +187,12 @@ pub async fn first_positions(
     Ok(first)
 }
 
+/// `(kafka_partition = 0 AND kafka_offset < 10) OR …`: the positions below `next` (per partition,
+/// the next offset not yet in ClickHouse, as `checkpoints` returns).
+pub fn below_checkpoints(next: &BTreeMap<i32, i64>) -> String {
+    next.iter().map(|(p, o)| format!("(kafka_partition = {p} AND kafka_offset < {o})")).collect::<Vec<_>>().join(" OR ")
+}
+
 /// Per partition of `topic`, the latest `ended_at_us` of the events before `next` (the meter's
 /// checkpoints): a copy of any of them ended no later.
 pub async fn latest_ended_before(
@@ -197,12 +203,11 @@ pub async fn latest_ended_before(
     if next.is_empty() {
         return Ok(BTreeMap::new());
     }
-    let below = next.iter().map(|(p, o)| format!("(kafka_partition = {p} AND kafka_offset < {o})")).collect::<Vec<_>>();
     let rows: Vec<(i32, i64)> = client
         .query(&format!(
             "SELECT kafka_partition, max(ended_at_us) FROM {} WHERE kafka_topic = ? AND ({}) GROUP BY kafka_partition",
             tables::USAGE_EVENTS,
-            below.join(" OR ")
+            below_checkpoints(next)
         ))
         .bind(topic)
         .fetch_all()

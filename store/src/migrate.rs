@@ -87,6 +87,16 @@ pub fn check_database_name(db: &str) -> Result<(), String> {
     if ok { Ok(()) } else { Err(format!("database name {db:?} must be a plain identifier ([A-Za-z_][A-Za-z0-9_]*)")) }
 }
 
+/// Whether `stmt` adds a column that `error` says is there already: a run that stopped between
+/// the statement and recording its migration. ClickHouse 18.16 has no `ADD COLUMN IF NOT
+/// EXISTS`, so the statement is written without it and this error means it was applied.
+pub fn column_already_added(stmt: &str, error: &str) -> bool {
+    stmt.trim_start().starts_with("ALTER TABLE")
+        && stmt.contains(" ADD COLUMN ")
+        && (error.contains("Code: 44") || error.contains("Code: 15"))
+        && error.contains("already exists")
+}
+
 /// Applies the migrations `db` does not have yet; returns how many were applied.
 pub async fn apply(client: &Client, db: &str) -> anyhow::Result<usize> {
     check_database_name(db).map_err(anyhow::Error::msg)?;
@@ -101,7 +111,13 @@ pub async fn apply(client: &Client, db: &str) -> anyhow::Result<usize> {
             continue;
         }
         for stmt in split_statements(&render(sql, db)) {
-            client.query(&stmt).execute().await?;
+            match client.query(&stmt).execute().await {
+                Ok(()) => {}
+                Err(e) if column_already_added(&stmt, &e.to_string()) => {
+                    info!(version, statement = %stmt, "column already there (an earlier run stopped before recording the migration)");
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         client
             .query(&format!("INSERT INTO {db}.schema_migrations (version, name) VALUES (?, ?)"))
@@ -123,6 +139,18 @@ mod tests {
     fn splits_statements_and_drops_comments() {
         let s = split_statements("-- c\nCREATE TABLE a (x Int8) -- trailing\nENGINE = Memory;\n\nSELECT 1;\n");
         assert_eq!(s, vec!["CREATE TABLE a (x Int8)\nENGINE = Memory", "SELECT 1"]);
+    }
+
+    #[test]
+    fn a_column_added_before_is_taken_as_applied() {
+        let add = "ALTER TABLE db.usage_windows ADD COLUMN rejected Int64 DEFAULT 0 AFTER errors";
+        let exists = "Code: 44, e.displayText() = DB::Exception: Cannot add column rejected: column with this name already exists";
+        assert!(column_already_added(add, exists));
+        assert!(!column_already_added(
+            add,
+            "Code: 60, e.displayText() = DB::Exception: Table db.usage_windows doesn't exist"
+        ));
+        assert!(!column_already_added("CREATE TABLE db.t (x Int8) ENGINE = Memory", exists));
     }
 
     #[test]

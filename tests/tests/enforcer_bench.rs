@@ -394,7 +394,7 @@ async fn capacity() {
     println!(
         "enforcer capacity: {rules} rules, {n} events of {sessions} sessions and {users} users in the backlog; {measured} counted in {seconds:.2} s: {:.0} events/s, \
          {:.2} us of CPU per event ({:.2} s of CPU); {live} live scopes and {seen} event ids remembered (no meter ran, \
-         so none were forgotten): RSS {:.1} MiB -> {:.1} MiB, {:.0} bytes per live scope (ids included)",
+         so none were forgotten): RSS {:.1} MiB at its first counted event -> {:.1} MiB, {:.0} bytes per live scope (ids included)",
         measured as f64 / seconds,
         (cpu1 - cpu0) * 1e6 / measured as f64,
         cpu1 - cpu0,

@@ -141,7 +141,7 @@ async fn rebuild_then_follow(
             continue; // a re-sent copy
         }
         if let Some(u) = Usage::of(ev) {
-            above.observe(&mut engine, ev, &u, *at, now);
+            rebuild::observe_consumed(&mut engine, &u, above.counted_event(ev, *at), now);
         }
     }
     (counts(&mut engine, now), covering)
@@ -158,8 +158,8 @@ async fn the_rollups_and_the_raw_events_rebuild_the_same_counts() {
     let meter = start_meter(meter_config(&t.usage, &t.db)).await;
 
     // From 40 days ago (before the month and the budgets' windows) to now: most in the last two
-    // days, the last few hundred in the last ten minutes. Then a tenth of them re-sent (same
-    // id and key, so the same partition, later offsets), among fresh ones.
+    // days, the last few hundred in the last ten minutes. Then fresh ones, and a tenth of the
+    // first re-sent (same id and key, so the same partition, later offsets).
     let now = now_us();
     let first: Vec<UsageEvent> = (0..2400u64)
         .map(|i| {
@@ -172,25 +172,29 @@ async fn the_rollups_and_the_raw_events_rebuild_the_same_counts() {
         })
         .collect();
     produce_usage(&t.usage, &first).await;
-    let mut later: Vec<UsageEvent> = first.iter().step_by(10).cloned().collect();
-    later.extend((2400..2800u64).map(|i| event(i, now - (i as i64 % 600) * 1_000_000)));
-    later.sort_by_key(|e| e.event_id.clone());
+    // The copies last, so that the 60 last offsets of each partition, past the earlier
+    // checkpoints below, are mostly copies whose first copy lies below them.
+    let mut later: Vec<UsageEvent> = (2400..2800u64).map(|i| event(i, now - (i as i64 % 600) * 1_000_000)).collect();
+    later.extend(first.iter().step_by(10).cloned());
     produce_usage(&t.usage, &later).await;
     meter_finished(&t.db, &t.usage).await;
     assert_windows_match_raw(&t.db).await;
+    // Merged, `usage_events` keeps one copy of a re-sent event, the last: its first copy's row
+    // below the checkpoints is gone, and the rebuild must still find the event.
+    ch(&format!("OPTIMIZE TABLE {}.usage_events FINAL", t.db)).await;
 
-    let ch =
+    let client =
         tollgate_store::ClickHouseConfig { url: clickhouse_url(), database: t.db.clone(), user: None, password: None }
             .client();
-    let checkpoints = tollgate_store::checkpoints(&ch, &t.usage).await.unwrap();
+    let checkpoints = tollgate_store::checkpoints(&client, &t.usage).await.unwrap();
     let now = now_us();
 
     let mut raw = Engine::new(Arc::clone(&policy), 80);
-    let (r, above) = rebuild::rebuild(&ch, &t.usage, &checkpoints, &mut raw, now, Source::Raw).await.unwrap();
+    let (r, above) = rebuild::rebuild(&client, &t.usage, &checkpoints, &mut raw, now, Source::Raw).await.unwrap();
     assert!(above.is_empty() && r.rollup_buckets == 0 && r.raw_requests > 2000, "{r:?}");
     let raw = counts(&mut raw, now);
     let mut best = Engine::new(Arc::clone(&policy), 80);
-    let (r, above) = rebuild::rebuild(&ch, &t.usage, &checkpoints, &mut best, now, Source::Best).await.unwrap();
+    let (r, above) = rebuild::rebuild(&client, &t.usage, &checkpoints, &mut best, now, Source::Best).await.unwrap();
     assert!(above.is_empty(), "the meter has checkpointed everything its windows hold");
     assert!(r.rollup_requests > 2000 && r.raw_requests > 0, "{r:?}");
     let best = counts(&mut best, now);
@@ -206,10 +210,11 @@ async fn the_rollups_and_the_raw_events_rebuild_the_same_counts() {
     // partition: the windows then cover events past them.
     let earlier: BTreeMap<i32, i64> = checkpoints.iter().map(|(p, o)| (*p, (o - 60).max(0))).collect();
     let (resumed, covering) =
-        rebuild_then_follow(&ch, &policy, &t.usage, &earlier, &checkpoints, Source::Best, now).await;
+        rebuild_then_follow(&client, &policy, &t.usage, &earlier, &checkpoints, Source::Best, now).await;
     assert!(covering > 0, "window rows cover events past the earlier checkpoints");
     assert_eq!(resumed, raw, "rollups up to earlier checkpoints, then the events past them");
-    let (resumed_raw, _) = rebuild_then_follow(&ch, &policy, &t.usage, &earlier, &checkpoints, Source::Raw, now).await;
+    let (resumed_raw, _) =
+        rebuild_then_follow(&client, &policy, &t.usage, &earlier, &checkpoints, Source::Raw, now).await;
     assert_eq!(resumed_raw, raw, "raw events up to earlier checkpoints, then the events past them");
     drop(meter);
 }
