@@ -23,6 +23,7 @@ USAGE_TOPIC=tollgate.usage.v1
 BREACHES_TOPIC=tollgate.breaches.v1
 ALERTS_TOPIC=tollgate.alerts.v1
 USAGE_DLQ_TOPIC=tollgate.usage.dlq.v1
+ENFORCER_LEASE_TOPIC=tollgate.enforcer-lease.v1
 USAGE_PARTITIONS="${TOLLGATE_USAGE_PARTITIONS:-4}"
 
 # ---------------------------------------------------------------- ClickHouse
@@ -221,6 +222,8 @@ create_topics() {
     ensure_topic "$BREACHES_TOPIC" 1 cleanup.policy=compact
     ensure_topic "$ALERTS_TOPIC" 1
     ensure_topic "$USAGE_DLQ_TOPIC" 1
+    # The enforcers' heartbeats and alert-delivery progress (one partition; enforcer `lease`).
+    ensure_topic "$ENFORCER_LEASE_TOPIC" 1
 }
 
 # ---------------------------------------------------------------- commands

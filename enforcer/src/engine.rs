@@ -360,13 +360,8 @@ impl Engine {
     /// shrink back instead of holding a `Clear` per scope ever seen; a key that counts again later
     /// starts over with a fresh, higher version. Work is proportional to the scopes held.
     pub fn gc(&mut self, now_us: i64) -> Vec<String> {
-        let before = self.alerted.len();
-        self.alerted.retain(|_, until| *until > now_us);
-        crate::metrics::alert_ids_expired((before - self.alerted.len()) as u64);
+        self.gc_standby(now_us);
         let Engine { states, published, .. } = self;
-        states.retain(|k, s| {
-            !s.counter.is_empty(now_us) || published.get(k).is_some_and(|p| p.state != DecisionState::Clear)
-        });
         let mut tombstones = Vec::new();
         published.retain(|k, p| {
             let idle = p.state == DecisionState::Clear && !states.contains_key(k);
@@ -377,6 +372,24 @@ impl Engine {
         });
         tombstones.sort();
         tombstones
+    }
+
+    /// As [`Engine::gc`] for a standby: forgets scopes and alert ids whose time has passed, but
+    /// not what was published (the active's tombstones take that away, read back as
+    /// [`Engine::seed_tombstone`]).
+    pub fn gc_standby(&mut self, now_us: i64) {
+        let before = self.alerted.len();
+        self.alerted.retain(|_, until| *until > now_us);
+        crate::metrics::alert_ids_expired((before - self.alerted.len()) as u64);
+        let Engine { states, published, .. } = self;
+        states.retain(|k, s| {
+            !s.counter.is_empty(now_us) || published.get(k).is_some_and(|p| p.state != DecisionState::Clear)
+        });
+    }
+
+    /// A tombstone read back from the breaches topic: the key's last word is forgotten.
+    pub fn seed_tombstone(&mut self, key: &str) {
+        self.published.remove(key);
     }
 
     /// A tombstone for `key` was not published: remember its `Clear` so the next sweep tries

@@ -6,8 +6,10 @@
 //! `tollgate.breaches.v1` keyed `rule_id/scope`; alerts go to `tollgate.alerts.v1` and their
 //! notify channels.
 
+pub mod delivery;
 pub mod engine;
 pub mod guards;
+pub mod lease;
 pub mod metrics;
 pub mod notify;
 pub mod rebuild;
@@ -65,6 +67,8 @@ pub struct Config {
     pub seen_max_ids: usize,
     pub kafka_extra: Vec<(String, String)>,
     pub metrics: Option<PrometheusHandle>,
+    /// Which of several enforcers publishes (`lease`).
+    pub lease: lease::LeaseConfig,
 }
 
 impl Config {
@@ -84,11 +88,12 @@ impl Config {
             seen_max_ids: 2_000_000,
             kafka_extra: Vec::new(),
             metrics: None,
+            lease: lease::LeaseConfig::default(),
         }
     }
 }
 
-fn now_us() -> i64 {
+pub(crate) fn now_us() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
 }
 
@@ -97,13 +102,16 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let policy = Policy::load_dir(&config.policy_dir)
         .map_err(|e| anyhow::anyhow!("policy in {} is invalid:\n{e}", config.policy_dir.display()))?;
     metrics::describe();
+    let listen = listener.local_addr().map_or_else(|_| "?".into(), |a| a.to_string());
     let http = axum::serve(listener, tollgate_runtime::ops_router(config.metrics.clone()))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let http = tokio::spawn(async move { http.await });
 
-    let settings = [("acks", "all"), ("linger.ms", "1"), ("message.timeout.ms", "30000")];
-    let cc = tollgate_runtime::kafka::client_config(&config.brokers, &settings, None, &config.kafka_extra);
-    let producer = Producer::new(&cc, Awaited).context("creating the Kafka producer")?;
+    let instance = match &config.lease.instance_id {
+        Some(id) => id.clone(),
+        None => format!("{}/{listen}", lease::host_name()),
+    };
+    lease::ensure_topic(&config.brokers, &config.kafka_extra, &config.lease.topic).await?;
     let notifier =
         Notifier::new(&policy.alert_channels, notify::NotifyConfig::default()).context("setting up alert channels")?;
     // A changed policy (file change or SIGHUP) that loads is enforced from a fresh start: history
@@ -113,8 +121,9 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let result = loop {
         let policy = Arc::clone(&policies.borrow_and_update());
         notifier.set_channels(&policy.alert_channels);
-        match enforce(&config, policy, &producer, &notifier, &shutdown, &mut policies).await {
+        match enforce(&config, &instance, policy, &notifier, &shutdown, &mut policies).await {
             Ok(Stopped::Reload) => info!("policy changed: rebuilding the windows for the new rules"),
+            Ok(Stopped::Demoted) => warn!("another enforcer holds the lease: standing by again"),
             Ok(Stopped::Shutdown) => break Ok(()),
             Err(e) => break Err(e),
         }
@@ -143,14 +152,16 @@ enum PublishError {
 enum Stopped {
     Shutdown,
     Reload,
+    /// This enforcer was active and lost the lease (fenced): it starts over as a standby.
+    Demoted,
 }
 
 /// Reads back the enforcer's own history, rebuilds the windows and follows the usage topic until
 /// shutdown or a new policy.
 async fn enforce(
     config: &Config,
+    instance: &str,
     policy: Arc<Policy>,
-    producer: &Producer<Awaited>,
     notifier: &Notifier,
     shutdown: &CancellationToken,
     policies: &mut tokio::sync::watch::Receiver<Arc<Policy>>,
@@ -160,7 +171,13 @@ async fn enforce(
     metrics::rules("budget", counts(tollgate_schemas::decision::RuleKind::Budget));
     metrics::rules("guard", policy.guards.len());
     let started = Instant::now();
-    let (decisions, alerts) = replay_own_history(config).await?;
+    let (decisions, alerts, own_ends) = replay_own_history(config).await?;
+    let lease_name = lease::lease_name(&config.lease.group_id, &config.breaches_topic);
+    let (last_lease, lease_end) = {
+        let (brokers, extra, topic, name) =
+            (config.brokers.clone(), config.kafka_extra.clone(), config.lease.topic.clone(), lease_name.clone());
+        tokio::task::spawn_blocking(move || lease::read_last(&brokers, &extra, &topic, &name)).await??
+    };
     // The engine as the topics leave it: what was last decided per key, which alerts went out.
     let seeded = || {
         let mut e = Engine::new(Arc::clone(&policy), config.watch_pct);
@@ -245,8 +262,18 @@ async fn enforce(
     let mut last_event = Instant::now();
     let mut consumer = usage_consumer(config, &next, quiet).await?;
     let codec = UsageEvent::codec()?;
-    let publisher = Publisher::new(producer, config)?;
-    publisher.publish(&mut engine, &mut guards, notifier, now_us(), true).await;
+
+    // Standing by: the active's output followed from where the replay ended; taking over when
+    // its heartbeats stop (or at once when nobody holds the lease).
+    let mut follow_from: Vec<(String, i32, i64)> = own_ends.clone();
+    follow_from.push((config.lease.topic.clone(), 0, lease_end));
+    let mut role = Role::Standby {
+        follower: topics::Follower::new(&config.brokers, &config.kafka_extra, &follow_from)?,
+        last_heard: Instant::now(),
+        take_now: lease::free_at_start(last_lease.as_ref(), instance, config.lease.session_timeout),
+    };
+    let mut heard = Heard { delivered: last_lease.map(|(r, _)| r.delivered), released: false };
+    metrics::active(false);
 
     let mut tally = Tally { pending: 0, oldest_pending: None, counters: metrics::EventCounters::default() };
     let mut tick = tokio::time::interval(config.evaluate_every);
@@ -265,7 +292,11 @@ async fn enforce(
             Some((i, baseline)) = baselines.recv() => guards.set_baseline(i, baseline),
             _ = tick.tick(), if tally.pending > 0 => {
                 let now = now_us();
-                publisher.publish(&mut engine, &mut guards, notifier, now, false).await;
+                if let Role::Active(a) = &role
+                    && let Err(f) = a.publisher.publish(&mut engine, &mut guards, now, false).await
+                {
+                    break fenced(f);
+                }
                 if let Some(oldest) = tally.oldest_pending.take() {
                     metrics::evaluated(tally.pending, (now - oldest).max(0) as f64 / 1e6);
                 }
@@ -273,15 +304,50 @@ async fn enforce(
             }
             _ = housekeeping.tick() => {
                 let now = now_us();
-                publisher.publish(&mut engine, &mut guards, notifier, now, true).await;
+                if let Role::Standby { last_heard, take_now, .. } = &role
+                    && (*take_now || last_heard.elapsed() >= config.lease.session_timeout)
+                {
+                    let Role::Standby { follower, .. } = std::mem::replace(&mut role, Role::Switching) else { unreachable!() };
+                    role = match take_over(config, instance, &lease_name, follower, &mut engine, &mut heard, notifier).await {
+                        Ok(a) => Role::Active(Box::new(a)),
+                        Err((e, follower)) => {
+                            metrics::takeover("failed");
+                            warn!(error = format!("{e:#}"), "could not take over; standing by");
+                            match follower {
+                                Some(follower) => Role::Standby { follower, last_heard: Instant::now(), take_now: false },
+                                None => break Stopped::Demoted,
+                            }
+                        }
+                    };
+                }
+                if let Role::Active(a) = &mut role {
+                    if let Err(f) = a.publisher.publish(&mut engine, &mut guards, now, true).await {
+                        break fenced(f);
+                    }
+                    if a.next_heartbeat <= Instant::now() {
+                        a.next_heartbeat = Instant::now() + config.lease.heartbeat_every;
+                        if let Err(f) = a.publisher.lease.heartbeat(false).await {
+                            break fenced(f);
+                        }
+                    }
+                    if a.delivery.is_finished() {
+                        break fenced(lease::Fenced("alert delivery stopped".into()));
+                    }
+                }
                 if !above.is_empty() {
                     above.passed(&next);
                 }
                 if last_gc.elapsed() >= config.gc_every {
-                    let tombstones = engine.gc(now);
+                    if let Role::Active(a) = &role {
+                        let tombstones = engine.gc(now);
+                        if let Err(f) = a.publisher.tombstone(&mut engine, tombstones, now).await {
+                            break fenced(f);
+                        }
+                    } else {
+                        engine.gc_standby(now);
+                    }
                     guards.gc(&engine, now);
                     metrics::scopes(engine.scopes());
-                    publisher.tombstone(&mut engine, tombstones, now).await;
                     last_gc = Instant::now();
                 }
                 if Instant::now() >= next_prune || (!doubtful.is_empty() && Instant::now() >= next_doubtful) {
@@ -304,6 +370,14 @@ async fn enforce(
                     switch_to = Some(true);
                 }
             }
+            Some(r) = follow(&mut role) => {
+                if let Role::Standby { last_heard, take_now, .. } = &mut role {
+                    if absorb(config, &lease_name, instance, r, &mut engine, &mut heard) {
+                        *last_heard = Instant::now();
+                    }
+                    *take_now |= std::mem::take(&mut heard.released);
+                }
+            }
             msg = consumer.recv() => match msg {
                 Ok(m) => match m.payload().map(|p| {
                     next.insert(m.partition(), m.offset() + 1);
@@ -315,7 +389,7 @@ async fn enforce(
                 }) {
                     Some(Ok(ev)) if ev.implausible().is_some() => {
                         let why = format!("implausible usage event: {}", ev.implausible().unwrap_or_default());
-                        set_aside(producer, config, &m, &why).await;
+                        set_aside(role.producer(), config, &m, &why).await;
                     }
                     Some(Ok(ev)) => {
                         let at = (m.partition(), m.offset());
@@ -338,8 +412,8 @@ async fn enforce(
                             }
                         }
                     }
-                    Some(Err(e)) => set_aside(producer, config, &m, &format!("cannot decode: {e}")).await,
-                    None => set_aside(producer, config, &m, "message has no payload").await,
+                    Some(Err(e)) => set_aside(role.producer(), config, &m, &format!("cannot decode: {e}")).await,
+                    None => set_aside(role.producer(), config, &m, "message has no payload").await,
                 },
                 Err(e) => {
                     warn!(error = %e, "kafka consumer error");
@@ -363,11 +437,217 @@ async fn enforce(
             }
         }
     };
-    if tally.pending > 0 {
-        publisher.publish(&mut engine, &mut guards, notifier, now_us(), false).await;
+    if let Role::Active(a) = role {
+        if tally.pending > 0 && !matches!(stopped, Stopped::Demoted) {
+            let _ = a.publisher.publish(&mut engine, &mut guards, now_us(), false).await;
+        }
+        a.stop(!matches!(stopped, Stopped::Demoted)).await;
     }
+    metrics::active(false);
     refresh.abort();
     Ok(stopped)
+}
+
+/// A lost lease, logged and counted.
+fn fenced(f: lease::Fenced) -> Stopped {
+    metrics::fenced();
+    warn!(error = %f, "lost the lease: stopping publication");
+    Stopped::Demoted
+}
+
+/// Whether this enforcer publishes.
+enum Role {
+    Standby {
+        follower: topics::Follower,
+        /// When the active last gave a sign of life (or this standby started).
+        last_heard: Instant,
+        /// Take over at the next housekeeping tick: nobody holds the lease, or it was released.
+        take_now: bool,
+    },
+    Active(Box<Active>),
+    /// Between the two, inside one housekeeping tick.
+    Switching,
+}
+
+impl Role {
+    fn producer(&self) -> Option<&Producer<Awaited>> {
+        match self {
+            Role::Active(a) => Some(&a.publisher.lease.producer),
+            _ => None,
+        }
+    }
+}
+
+/// The next record a standby follows; never ready for an active enforcer.
+async fn follow(role: &mut Role) -> Option<topics::Followed> {
+    match role {
+        Role::Standby { follower, .. } => match follower.recv().await {
+            Ok(r) => Some(r),
+            Err(e) => {
+                warn!(error = %e, "error following the active enforcer's topics");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                None
+            }
+        },
+        _ => std::future::pending().await,
+    }
+}
+
+/// What a standby last read of the active's lease records.
+struct Heard {
+    /// The active's delivered offsets (`None`: no active ever wrote one).
+    delivered: Option<BTreeMap<i32, i64>>,
+    /// The active released the lease (stopped cleanly).
+    released: bool,
+}
+
+/// Takes a record the active published into the standby's engine (what was decided and
+/// alerted) or `heard` (its lease records). Returns true for a sign of life of another enforcer.
+fn absorb(
+    config: &Config,
+    lease_name: &str,
+    instance: &str,
+    r: topics::Followed,
+    engine: &mut Engine,
+    heard: &mut Heard,
+) -> bool {
+    if r.topic == config.breaches_topic {
+        match (&r.payload, &r.key) {
+            (Some(p), _) => match BreachDecision::codec().and_then(|c| c.decode::<BreachDecision>(p)) {
+                Ok(d) => engine.seed_published(&d),
+                Err(e) => warn!(error = %e, "breach decision skipped: cannot decode"),
+            },
+            (None, Some(k)) => engine.seed_tombstone(&String::from_utf8_lossy(k)),
+            (None, None) => {}
+        }
+        false
+    } else if r.topic == config.alerts_topic {
+        if let Some(Ok(a)) = r.payload.as_deref().map(|p| Alert::codec().and_then(|c| c.decode::<Alert>(p))) {
+            engine.seed_alerted(&a);
+        }
+        false
+    } else if r.key.as_deref() == Some(lease_name.as_bytes()) {
+        match r.payload.as_deref().map(serde_json::from_slice::<lease::LeaseRecord>) {
+            // This instance's own records (an earlier run of it) say nothing newer than what it
+            // read at start.
+            Some(Ok(rec)) if rec.instance != instance => {
+                heard.delivered = Some(rec.delivered);
+                heard.released = rec.released;
+                true
+            }
+            _ => false,
+        }
+    } else {
+        false
+    }
+}
+
+/// The active enforcer's publisher (through the lease's fenced producer) and its alert delivery.
+struct Active {
+    publisher: Publisher,
+    next_heartbeat: Instant,
+    delivery: tokio::task::JoinHandle<Result<(), lease::Fenced>>,
+    stop_delivery: CancellationToken,
+}
+
+impl Active {
+    /// Stops delivery (waiting for what is in flight) and, when `release`, tells the standbys
+    /// they may take over at once.
+    async fn stop(self, release: bool) {
+        self.stop_delivery.cancel();
+        match self.delivery.await {
+            Ok(Ok(())) if release => {
+                if let Err(e) = self.publisher.lease.heartbeat(true).await {
+                    warn!(error = %e, "could not release the lease; a standby takes over after the session timeout");
+                }
+            }
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, "alert delivery ended"),
+            Err(e) => warn!(error = %e, "alert delivery task failed"),
+        }
+    }
+}
+
+/// How long a new active may take to read what the last one published before it publishes.
+const CATCH_UP_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Takes the lease (fencing the last holder), reads everything the last holder published up to
+/// the end, and starts delivering alerts from where it stopped. On failure the follower comes
+/// back (when it can still be used) to stand by again.
+async fn take_over(
+    config: &Config,
+    instance: &str,
+    lease_name: &str,
+    mut follower: topics::Follower,
+    engine: &mut Engine,
+    heard: &mut Heard,
+    notifier: &Notifier,
+) -> Result<Active, (anyhow::Error, Option<topics::Follower>)> {
+    let started = Instant::now();
+    // With no holder before (a new group, or enforcers that kept no lease), the alerts the topic
+    // holds were delivered (or belong to no one): delivery starts at their end.
+    let initial: BTreeMap<i32, i64> =
+        heard.delivered.clone().unwrap_or_else(|| follower.positions(&config.alerts_topic).into_iter().collect());
+    let taken = lease::Lease::take(
+        &config.brokers,
+        &config.kafka_extra,
+        &config.lease,
+        lease_name.to_owned(),
+        instance.to_owned(),
+        initial.clone(),
+    )
+    .await;
+    let lease = match taken {
+        Ok(l) => l,
+        Err(e) => return Err((e, Some(follower))),
+    };
+    // Nobody else can write now: what the topics hold is all the last holder published.
+    let caught = follower
+        .catch_up(&config.brokers, &config.kafka_extra, CATCH_UP_DEADLINE, |r| {
+            absorb(config, lease_name, instance, r, engine, heard);
+        })
+        .await;
+    if let Err(e) = caught {
+        // The lease is held and nothing published: starting over as a standby is safest.
+        return Err((e, None));
+    }
+    // Delivery goes on from the last holder's delivered offsets (a partition it never wrote: from
+    // its end now).
+    let base = heard.delivered.clone().unwrap_or(initial);
+    let from: BTreeMap<i32, i64> = follower
+        .positions(&config.alerts_topic)
+        .into_iter()
+        .map(|(p, end)| (p, base.get(&p).copied().unwrap_or(end)))
+        .collect();
+    for (p, at) in &from {
+        lease.set_delivered(*p, *at);
+    }
+    drop(follower);
+    let stop_delivery = CancellationToken::new();
+    let delivery = tokio::spawn(delivery::run(
+        config.clone(),
+        from,
+        Arc::clone(&lease),
+        notifier.clone(),
+        stop_delivery.clone(),
+        Duration::from_secs(10),
+    ));
+    let publisher = match Publisher::new(Arc::clone(&lease), config) {
+        Ok(p) => p,
+        Err(e) => {
+            stop_delivery.cancel();
+            return Err((e, None));
+        }
+    };
+    metrics::takeover("taken");
+    metrics::active(true);
+    info!(
+        instance,
+        lease = lease_name,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "took the lease: this enforcer publishes"
+    );
+    Ok(Active { publisher, next_heartbeat: Instant::now() + config.lease.heartbeat_every, delivery, stop_delivery })
 }
 
 async fn refresh_baselines(
@@ -397,15 +677,22 @@ async fn refresh_baselines(
     }
 }
 
-/// The last decision per key and every alert id, from the enforcer's own topics.
-async fn replay_own_history(config: &Config) -> anyhow::Result<(Vec<BreachDecision>, Vec<Alert>)> {
+/// Every topic, partition and offset where a replay ended.
+type Ends = Vec<(String, i32, i64)>;
+
+/// The last decision per key and every alert id, from the enforcer's own topics, and where each
+/// partition's replay ended.
+async fn replay_own_history(config: &Config) -> anyhow::Result<(Vec<BreachDecision>, Vec<Alert>, Ends)> {
     let cfg = config.clone();
     tokio::task::spawn_blocking(move || {
         let codec = BreachDecision::codec()?;
         let mut decisions: BTreeMap<String, BreachDecision> = BTreeMap::new();
         let deadline = Duration::from_secs(120);
-        topics::read_to_end(&cfg.brokers, &cfg.kafka_extra, &cfg.breaches_topic, deadline, |key, payload| {
-            match (key, payload.map(|p| codec.decode::<BreachDecision>(p))) {
+        let breaches_end =
+            topics::read_to_end(&cfg.brokers, &cfg.kafka_extra, &cfg.breaches_topic, deadline, |key, payload| match (
+                key,
+                payload.map(|p| codec.decode::<BreachDecision>(p)),
+            ) {
                 (_, Some(Ok(d))) => match decisions.get(&d.key()) {
                     Some(old) if old.version >= d.version => {}
                     _ => {
@@ -417,16 +704,21 @@ async fn replay_own_history(config: &Config) -> anyhow::Result<(Vec<BreachDecisi
                 }
                 (_, Some(Err(e))) => warn!(error = %e, "breach decision skipped: cannot decode"),
                 (None, None) => {}
-            }
-        })?;
+            })?;
         let alert_codec = Alert::codec()?;
         let mut alerts = Vec::new();
-        topics::read_to_end(&cfg.brokers, &cfg.kafka_extra, &cfg.alerts_topic, deadline, |_, payload| {
-            if let Some(Ok(a)) = payload.map(|p| alert_codec.decode::<Alert>(p)) {
-                alerts.push(a);
-            }
-        })?;
-        Ok((decisions.into_values().collect(), alerts))
+        let alerts_end =
+            topics::read_to_end(&cfg.brokers, &cfg.kafka_extra, &cfg.alerts_topic, deadline, |_, payload| {
+                if let Some(Ok(a)) = payload.map(|p| alert_codec.decode::<Alert>(p)) {
+                    alerts.push(a);
+                }
+            })?;
+        let ends = breaches_end
+            .into_iter()
+            .map(|(p, at)| (cfg.breaches_topic.clone(), p, at))
+            .chain(alerts_end.into_iter().map(|(p, at)| (cfg.alerts_topic.clone(), p, at)))
+            .collect();
+        Ok((decisions.into_values().collect(), alerts, ends))
     })
     .await?
 }
@@ -463,12 +755,17 @@ async fn usage_consumer(config: &Config, covered: &BTreeMap<i32, i64>, quiet: bo
 /// A usage record the enforcer cannot count: counted, logged and copied to the dead-letter topic
 /// (the meter sets the same record aside on its own, with its own `tollgate-rejected-by` header).
 async fn set_aside(
-    producer: &Producer<Awaited>,
+    producer: Option<&Producer<Awaited>>,
     config: &Config,
     m: &rdkafka::message::BorrowedMessage<'_>,
     why: &str,
 ) {
     metrics::decode_error();
+    let Some(producer) = producer else {
+        // The active enforcer copies it (and the meter, on its own).
+        debug!(partition = m.partition(), offset = m.offset(), error = why, "usage event not counted (standby)");
+        return;
+    };
     match tollgate_runtime::kafka::dead_letter(producer, &config.dead_letter_topic, m, why, "enforcer").await {
         Ok(_) => warn!(
             partition = m.partition(),
@@ -482,20 +779,21 @@ async fn set_aside(
     }
 }
 
-/// Sends what the engine decides to the breaches and alerts topics; a send that fails is
-/// forgotten by the engine, so the next evaluation sends it again.
-struct Publisher<'a> {
-    producer: &'a Producer<Awaited>,
+/// Sends what the engine decides to the breaches and alerts topics through the lease's fenced
+/// producer; a send that fails is forgotten by the engine, so the next evaluation sends it
+/// again, unless the lease is lost (`Err`).
+struct Publisher {
+    lease: Arc<lease::Lease>,
     breaches_topic: String,
     alerts_topic: String,
     decision_codec: AvroCodec,
     alert_codec: AvroCodec,
 }
 
-impl<'a> Publisher<'a> {
-    fn new(producer: &'a Producer<Awaited>, config: &Config) -> anyhow::Result<Self> {
+impl Publisher {
+    fn new(lease: Arc<lease::Lease>, config: &Config) -> anyhow::Result<Self> {
         Ok(Self {
-            producer,
+            lease,
             breaches_topic: config.breaches_topic.clone(),
             alerts_topic: config.alerts_topic.clone(),
             decision_codec: BreachDecision::codec()?,
@@ -504,22 +802,24 @@ impl<'a> Publisher<'a> {
     }
 
     /// Publishes a tombstone for each key (`Engine::gc`); one not sent is tried again next time.
-    async fn tombstone(&self, engine: &mut Engine, keys: Vec<String>, now: i64) {
+    async fn tombstone(&self, engine: &mut Engine, keys: Vec<String>, now: i64) -> Result<(), lease::Fenced> {
         if keys.is_empty() {
-            return;
+            return Ok(());
         }
         let timeout = Duration::from_secs(10);
         let sends = keys.iter().map(|key| {
             let record =
                 Outgoing { topic: &self.breaches_topic, key: Some(key.as_bytes()), payload: None, headers: None };
-            self.producer.send_awaited(record, timeout)
+            self.lease.producer.send_awaited(record, timeout)
         });
         let sent = futures::future::join_all(sends).await;
         let mut done = 0u64;
+        let mut lost = None;
         for (key, r) in keys.into_iter().zip(sent) {
             match r {
                 Ok(_) => done += 1,
                 Err(e) => {
+                    lost = lost.or_else(|| self.lease.why_failed(&e));
                     metrics::publish_error("tombstone");
                     let e = PublishError::Send { topic: self.breaches_topic.clone(), source: e };
                     warn!(key = %key, error = %error_chain(&e), "tombstone not published; will retry");
@@ -529,15 +829,22 @@ impl<'a> Publisher<'a> {
         }
         metrics::tombstones(done);
         debug!(tombstones = done, "decision keys whose window has passed tombstoned");
+        lost.map_or(Ok(()), Err)
     }
 
     /// Publishes what the rules and guards decide now; `sweep` re-judges every guard scope.
-    async fn publish(&self, engine: &mut Engine, guards: &mut Guards, notifier: &Notifier, now: i64, sweep: bool) {
+    async fn publish(
+        &self,
+        engine: &mut Engine,
+        guards: &mut Guards,
+        now: i64,
+        sweep: bool,
+    ) -> Result<(), lease::Fenced> {
         let mut out = engine.evaluate(now);
         metrics::keys_evaluated(out.evaluated);
         guards.evaluate(engine, now, sweep, &mut out);
         if out.decisions.is_empty() && out.alerts.is_empty() {
-            return;
+            return Ok(());
         }
         let timeout = Duration::from_secs(10);
         let sent_to = |topic: &str| {
@@ -553,7 +860,7 @@ impl<'a> Publisher<'a> {
                 payload: Some(&payload),
                 headers: None,
             };
-            self.producer.send_awaited(record, timeout).await.map(|_| ()).map_err(sent_to(&self.breaches_topic))
+            self.lease.producer.send_awaited(record, timeout).await.map(|_| ()).map_err(sent_to(&self.breaches_topic))
         });
         let alerts = out.alerts.iter().map(|a| async move {
             let payload = self.alert_codec.encode(a)?;
@@ -563,9 +870,17 @@ impl<'a> Publisher<'a> {
                 payload: Some(&payload),
                 headers: None,
             };
-            self.producer.send_awaited(record, timeout).await.map(|_| ()).map_err(sent_to(&self.alerts_topic))
+            self.lease.producer.send_awaited(record, timeout).await.map(|_| ()).map_err(sent_to(&self.alerts_topic))
         });
         let (sent, raised) = futures::join!(futures::future::join_all(decisions), futures::future::join_all(alerts));
+        let mut lost = None;
+        let mut lost_by = |e: &PublishError| {
+            if let PublishError::Send { source, .. } = e
+                && lost.is_none()
+            {
+                lost = self.lease.why_failed(source);
+            }
+        };
         for (d, r) in out.decisions.iter().zip(sent) {
             match r {
                 Ok(()) => {
@@ -573,6 +888,7 @@ impl<'a> Publisher<'a> {
                     debug!(key = %d.key(), state = d.state.as_str(), observed = d.observed, limit = d.limit, "decision published");
                 }
                 Err(e) => {
+                    lost_by(&e);
                     metrics::publish_error("decision");
                     warn!(key = %d.key(), error = %error_chain(&e), "decision not published; will retry");
                     engine.unpublish(d);
@@ -582,17 +898,19 @@ impl<'a> Publisher<'a> {
         for (a, r) in out.alerts.iter().zip(raised) {
             match r {
                 Ok(()) => {
+                    // Delivered to its channels from the alerts topic (`delivery`).
                     metrics::alert(a.kind.as_str());
                     info!(alert = %a.alert_id, summary = %a.summary, "alert raised");
-                    notifier.notify(a);
                 }
                 Err(e) => {
+                    lost_by(&e);
                     metrics::publish_error("alert");
                     warn!(alert = %a.alert_id, error = %error_chain(&e), "alert not published; will retry");
                     engine.unalert(a);
                 }
             }
         }
+        lost.map_or(Ok(()), Err)
     }
 }
 

@@ -60,6 +60,23 @@ struct Args {
     /// Extra librdkafka settings, `key=value`, repeatable.
     #[arg(long = "kafka-option", visible_alias = "kafka-set", value_name = "KEY=VALUE", value_parser = tollgate_runtime::parse_key_value)]
     kafka_options: Vec<(String, String)>,
+    /// Enforcers with the same group id (and breaches topic) are one group: one publishes, the
+    /// others stand by with warm windows and take over when it stops.
+    #[arg(long, env = "TOLLGATE_ENFORCER_GROUP_ID", default_value = "tollgate-enforcer")]
+    group_id: String,
+    /// The group's lease topic (one partition; created when missing).
+    #[arg(long, default_value = tollgate_schemas::topics::ENFORCER_LEASE)]
+    lease_topic: String,
+    /// This enforcer's id in its group [default: host name and listen address]. A restarted
+    /// enforcer with the id of the last active one takes over at once.
+    #[arg(long, env = "TOLLGATE_ENFORCER_INSTANCE_ID")]
+    instance_id: Option<String>,
+    /// A standby takes over after this long without a heartbeat from the active enforcer.
+    #[arg(long, default_value_t = 10_000)]
+    session_timeout_ms: u64,
+    /// How often the active enforcer writes its heartbeat (at most a third of the session timeout).
+    #[arg(long, default_value_t = 2_000)]
+    heartbeat_interval_ms: u64,
     /// Address for /healthz and /metrics.
     #[arg(long, env = "TOLLGATE_ENFORCER_LISTEN", default_value = "127.0.0.1:9102")]
     listen: String,
@@ -104,6 +121,15 @@ async fn main() -> ExitCode {
     config.watch_pct = args.watch_pct;
     config.evaluate_every = Duration::from_millis(args.evaluate_every_ms.max(1));
     config.kafka_extra = args.kafka_options;
+    config.lease = tollgate_enforcer::lease::LeaseConfig {
+        group_id: args.group_id,
+        topic: args.lease_topic,
+        instance_id: args.instance_id,
+        session_timeout: Duration::from_millis(args.session_timeout_ms.max(100)),
+        heartbeat_every: Duration::from_millis(
+            args.heartbeat_interval_ms.clamp(10, args.session_timeout_ms.max(100) / 3),
+        ),
+    };
     config.metrics = Some(metrics);
     let shutdown = tollgate_runtime::shutdown_on_signal();
     tollgate_runtime::exit_code("enforcer", tollgate_enforcer::run(config, listener, shutdown).await)

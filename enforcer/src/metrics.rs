@@ -146,3 +146,30 @@ pub fn alert(kind: &'static str) {
 pub fn publish_error(what: &'static str) {
     counter!("tollgate_enforcer_publish_errors_total", "what" => what).increment(1);
 }
+
+/// Whether this enforcer holds the lease and publishes (1) or stands by (0).
+pub fn active(active: bool) {
+    describe_gauge!(
+        "tollgate_enforcer_active",
+        "1 while this enforcer holds the lease and publishes, 0 while it stands by"
+    );
+    gauge!("tollgate_enforcer_active").set(if active { 1.0 } else { 0.0 });
+}
+
+/// A takeover attempt, by outcome (taken, failed).
+pub fn takeover(outcome: &'static str) {
+    describe_counter!(
+        "tollgate_enforcer_takeovers_total",
+        "Attempts to take the lease over, by outcome (taken, failed)"
+    );
+    counter!("tollgate_enforcer_takeovers_total", "outcome" => outcome).increment(1);
+}
+
+/// The broker refused this enforcer's writes: another one took the lease.
+pub fn fenced() {
+    describe_counter!(
+        "tollgate_enforcer_fenced_total",
+        "Times this enforcer lost the lease (its writes fenced) and stood by again"
+    );
+    counter!("tollgate_enforcer_fenced_total").increment(1);
+}

@@ -17,4 +17,7 @@ pub mod topics {
     pub const ALERTS: &str = "tollgate.alerts.v1";
     /// Usage events the meter could not decode, with the reason in headers.
     pub const USAGE_DEAD_LETTERS: &str = "tollgate.usage.dlq.v1";
+    /// The enforcers' heartbeats (which one is active) and how far alert delivery has got; one
+    /// partition, keyed by the group's lease name.
+    pub const ENFORCER_LEASE: &str = "tollgate.enforcer-lease.v1";
 }

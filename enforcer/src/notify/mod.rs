@@ -231,11 +231,18 @@ impl Notifier {
     ///
     /// Call it from within a Tokio runtime; deliveries run as tasks on it.
     pub fn notify(&self, alert: &Alert) -> usize {
+        self.deliver(alert).started()
+    }
+
+    /// As [`Notifier::notify`], and the deliveries started, to wait for their end: the
+    /// enforcer records an alert as delivered only once each of its channels has finished
+    /// (delivered or given up).
+    pub fn deliver(&self, alert: &Alert) -> Deliveries {
         let inner = &self.inner;
         let channels = inner.channels();
         let handle = tokio::runtime::Handle::try_current();
         let shared = Arc::new(alert.clone());
-        let mut started = 0;
+        let mut started = Vec::new();
         let mut seen = BTreeSet::new();
         for name in &alert.notify {
             if !seen.insert(name.as_str()) {
@@ -276,10 +283,9 @@ impl Notifier {
                 inner.count(kind, Outcome::Dropped);
                 continue;
             };
-            handle.spawn(deliver(Arc::clone(inner), Arc::clone(channel), Arc::clone(&shared), pending));
-            started += 1;
+            started.push(handle.spawn(deliver(Arc::clone(inner), Arc::clone(channel), Arc::clone(&shared), pending)));
         }
-        started
+        Deliveries(started)
     }
 
     /// Deliveries accepted and not finished.
@@ -318,6 +324,24 @@ impl Notifier {
             self.flush(ABANDON_GRACE).await;
         }
         left
+    }
+}
+
+/// The deliveries [`Notifier::deliver`] started for one alert.
+#[must_use = "dropping it does not stop the deliveries; `finished` waits for them"]
+pub struct Deliveries(Vec<tokio::task::JoinHandle<()>>);
+
+impl Deliveries {
+    pub fn started(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Waits until every delivery has ended, however (delivered, given up, or abandoned at
+    /// shutdown; each is counted and logged by the delivery itself).
+    pub async fn finished(self) {
+        for d in self.0 {
+            let _ = d.await;
+        }
     }
 }
 

@@ -470,6 +470,12 @@ fn follower_config(brokers: &str, quiet: bool, extra: &[(String, String)]) -> Cl
         ("auto.offset.reset", "earliest"),
         ("fetch.error.backoff.ms", "100"),
         ("reconnect.backoff.max.ms", "2000"),
+        // The enforcer publishes inside a transaction it never commits on a broker without
+        // EndTxn (Tansu 0.6: enforcer `lease`). Tansu hands those records to every fetch, but
+        // answers a `read_committed` end-offset query with the transaction's first offset, so
+        // the catch-up at start would stop there, before every decision of the enforcer now
+        // active.
+        ("isolation.level", "read_uncommitted"),
     ];
     let fetch = Some((tollgate_runtime::kafka::Follow::Decisions, quiet));
     tollgate_runtime::kafka::client_config(brokers, &settings, fetch, extra)

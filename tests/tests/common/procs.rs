@@ -235,7 +235,7 @@ pub fn start_enforcer_process(policy: &Path, t: &super::Topics, listen: &str, lo
         .args(["--policy-dir".as_ref(), policy.as_os_str()])
         .args(["--kafka-brokers", &super::kafka_brokers(), "--usage-topic", &t.usage, "--breaches-topic", &t.breaches])
         .args(["--alerts-topic", &t.alerts, "--clickhouse-url", &super::clickhouse_url(), "--database", &t.db])
-        .args(["--listen", listen])
+        .args(["--listen", listen, "--instance-id", &format!("test/{}", t.breaches)])
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
