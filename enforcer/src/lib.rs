@@ -279,6 +279,10 @@ async fn enforce(
     let mut tick = tokio::time::interval(config.evaluate_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
+    // Takeovers and heartbeats, finer than housekeeping: a takeover waits at most this long
+    // past the session timeout.
+    let mut lease_tick = tokio::time::interval(LEASE_TICK);
+    lease_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_gc = Instant::now();
     // The loop guards' baselines move slowly: re-read them every five minutes, off the loop.
     let (baseline_tx, mut baselines) = tokio::sync::mpsc::channel(4);
@@ -302,8 +306,7 @@ async fn enforce(
                 }
                 tally.pending = 0;
             }
-            _ = housekeeping.tick() => {
-                let now = now_us();
+            _ = lease_tick.tick() => {
                 if let Role::Standby { last_heard, take_now, .. } = &role
                     && (*take_now || last_heard.elapsed() >= config.lease.session_timeout)
                 {
@@ -319,11 +322,14 @@ async fn enforce(
                             }
                         }
                     };
-                }
-                if let Role::Active(a) = &mut role {
-                    if let Err(f) = a.publisher.publish(&mut engine, &mut guards, now, true).await {
+                    // What changed while standing by, published at once.
+                    if let Role::Active(a) = &role
+                        && let Err(f) = a.publisher.publish(&mut engine, &mut guards, now_us(), true).await
+                    {
                         break fenced(f);
                     }
+                }
+                if let Role::Active(a) = &mut role {
                     if a.next_heartbeat <= Instant::now() {
                         a.next_heartbeat = Instant::now() + config.lease.heartbeat_every;
                         if let Err(f) = a.publisher.lease.heartbeat(false).await {
@@ -333,6 +339,14 @@ async fn enforce(
                     if a.delivery.is_finished() {
                         break fenced(lease::Fenced("alert delivery stopped".into()));
                     }
+                }
+            }
+            _ = housekeeping.tick() => {
+                let now = now_us();
+                if let Role::Active(a) = &role
+                    && let Err(f) = a.publisher.publish(&mut engine, &mut guards, now, true).await
+                {
+                    break fenced(f);
                 }
                 if !above.is_empty() {
                     above.passed(&next);
@@ -567,6 +581,9 @@ impl Active {
         }
     }
 }
+
+/// How often the lease is looked after (takeover due, heartbeat due).
+const LEASE_TICK: Duration = Duration::from_millis(100);
 
 /// How long a new active may take to read what the last one published before it publishes.
 const CATCH_UP_DEADLINE: Duration = Duration::from_secs(60);
