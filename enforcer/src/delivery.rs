@@ -28,6 +28,9 @@ use tracing::{debug, warn};
 use crate::lease::{Fenced, Lease};
 use crate::notify::Notifier;
 
+/// Alerts handed to the notifier and not finished, at most.
+const MAX_IN_FLIGHT: usize = 1_000;
+
 /// The alerts read and not yet finished, per partition, in offset order.
 #[derive(Default)]
 struct Progress {
@@ -35,15 +38,16 @@ struct Progress {
 }
 
 impl Progress {
-    /// Marks `offset` finished; returns the new delivered-below offset when it moved.
-    fn finish(&mut self, offset: i64) -> Option<i64> {
+    /// Marks `offset` finished; returns the new delivered-below offset and how many alerts it
+    /// passed, when it moved.
+    fn finish(&mut self, offset: i64) -> Option<(i64, u64)> {
         if let Some(slot) = self.read.iter_mut().find(|(o, _)| *o == offset) {
             slot.1 = true;
         }
         let mut moved = None;
         while let Some((o, true)) = self.read.front().copied() {
             self.read.pop_front();
-            moved = Some(o + 1);
+            moved = Some((o + 1, moved.map_or(1, |(_, n)| n + 1)));
         }
         moved
     }
@@ -75,7 +79,9 @@ pub async fn run(
                     finished(&lease, &mut progress, p, o).await?;
                 }
             }
-            m = consumer.recv() => match m {
+            // Bounded, so the notifier's queue (10,000 deliveries) never refuses one of these
+            // (a refused delivery would count as finished).
+            m = consumer.recv(), if in_flight.len() < MAX_IN_FLIGHT => match m {
                 Ok(m) => {
                     let (p, o) = (m.partition(), m.offset());
                     progress.entry(p).or_default().read.push_back((o, false));
@@ -83,7 +89,12 @@ pub async fn run(
                         Some(Ok(alert)) => {
                             // Proof that this enforcer still holds the lease, before anything
                             // leaves for a receiver.
-                            lease.heartbeat(false).await?;
+                            while !lease.heartbeat(false).await? {
+                                tokio::select! {
+                                    () = stop.cancelled() => return Ok(()),
+                                    () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                                }
+                            }
                             let deliveries = notifier.deliver(&alert);
                             debug!(alert = %alert.alert_id, channels = deliveries.started(), "delivering alert");
                             in_flight.spawn(async move {
@@ -116,9 +127,12 @@ pub async fn run(
 /// Records alert `o` of partition `p` finished, and writes the delivered offsets at once when
 /// they moved (a crash after this does not deliver it again).
 async fn finished(lease: &Lease, progress: &mut BTreeMap<i32, Progress>, p: i32, o: i64) -> Result<(), Fenced> {
-    if let Some(next) = progress.entry(p).or_default().finish(o) {
+    if let Some((next, passed)) = progress.entry(p).or_default().finish(o) {
         lease.set_delivered(p, next);
-        lease.heartbeat(false).await?;
+        // Not written now (a passing failure): the next heartbeat writes it.
+        if lease.heartbeat(false).await? {
+            crate::metrics::alerts_recorded(passed);
+        }
     }
     Ok(())
 }
@@ -160,8 +174,8 @@ mod tests {
             p.read.push_back((o, false));
         }
         assert_eq!(p.finish(11), None, "10 is still in flight");
-        assert_eq!(p.finish(10), Some(12));
-        assert_eq!(p.finish(13), Some(14));
+        assert_eq!(p.finish(10), Some((12, 2)));
+        assert_eq!(p.finish(13), Some((14, 1)));
         assert!(p.read.is_empty());
     }
 }

@@ -381,15 +381,19 @@ impl Engine {
         let before = self.alerted.len();
         self.alerted.retain(|_, until| *until > now_us);
         crate::metrics::alert_ids_expired((before - self.alerted.len()) as u64);
-        let Engine { states, published, .. } = self;
+        let Engine { states, published, dirty, .. } = self;
         states.retain(|k, s| {
             !s.counter.is_empty(now_us) || published.get(k).is_some_and(|p| p.state != DecisionState::Clear)
         });
+        // A standby counts without evaluating: keys counted into whose scope is gone have
+        // nothing left to evaluate.
+        dirty.retain(|k| states.contains_key(k.as_str()));
     }
 
     /// A tombstone read back from the breaches topic: the key's last word is forgotten.
     pub fn seed_tombstone(&mut self, key: &str) {
         self.published.remove(key);
+        unschedule(&mut self.due, &mut self.due_at, key);
     }
 
     /// A tombstone for `key` was not published: remember its `Clear` so the next sweep tries

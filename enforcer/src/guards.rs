@@ -263,6 +263,14 @@ impl Guards {
     /// The loop guard keeps only the current hour's sessions as it goes.
     pub fn gc(&mut self, engine: &Engine, now_us: i64) -> usize {
         let mut removed = 0;
+        // Past hours' sessions (the evaluation's hourly sweep drops them too, but a standby does
+        // not evaluate), and what is marked to evaluate without anything left to evaluate.
+        let hour = now_us.div_euclid(HOUR_US) * HOUR_US;
+        for l in &mut self.loops {
+            l.sessions.retain(|_, (h, _, _)| *h == hour);
+            let sessions = &l.sessions;
+            l.dirty.retain(|s| sessions.contains_key(s));
+        }
         for st in &mut self.stuffing {
             let before = st.workflows.len();
             let id = st.cfg.id.clone();
@@ -272,11 +280,15 @@ impl Guards {
                     || engine.in_force_key(&tollgate_schemas::decision::decision_key(&id, &format!("workflow:{w}")))
             });
             removed += before - st.workflows.len();
+            let workflows = &st.workflows;
+            st.dirty.retain(|w| workflows.contains_key(w));
         }
         for f in &mut self.frontier {
             let before = f.workflows.len();
             f.workflows.retain(|_, (all, top)| all.value(now_us) != 0 || top.value(now_us) != 0);
             removed += before - f.workflows.len();
+            let workflows = &f.workflows;
+            f.dirty.retain(|w| workflows.contains_key(w));
         }
         removed
     }

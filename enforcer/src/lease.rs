@@ -25,12 +25,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use rdkafka::Message;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::Producer as _;
-use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use tollgate_runtime::kafka::{Awaited, Outgoing, Producer};
 use tracing::{info, warn};
@@ -120,48 +120,38 @@ const LOOK_BACK: i64 = 10_000;
 /// The group's last lease record (with its age when read) among the lease topic's last
 /// [`LOOK_BACK`] records, and the topic's end. Blocks.
 pub fn read_last(brokers: &str, extra: &[(String, String)], topic: &str, name: &str) -> anyhow::Result<(Last, i64)> {
-    let settings = [
-        ("group.id", "tollgate-enforcer-lease"),
-        ("enable.auto.commit", "false"),
-        ("enable.partition.eof", "false"),
-        ("isolation.level", "read_uncommitted"),
-    ];
-    // A short wait: the record's age is judged when it is read.
-    let fetch = Some((tollgate_runtime::kafka::Follow::Usage, false));
-    let cc = tollgate_runtime::kafka::client_config(brokers, &settings, fetch, extra);
+    let settings = [("group.id", "tollgate-enforcer-lease"), ("isolation.level", "read_uncommitted")];
+    let cc = tollgate_runtime::kafka::client_config(brokers, &settings, None, extra);
     let consumer: BaseConsumer = cc.create().context("creating a lease reader")?;
-    let timeout = Duration::from_secs(10);
-    let (low, high) =
-        consumer.fetch_watermarks(topic, 0, timeout).with_context(|| format!("reading the end of {topic}"))?;
+    let (low, high) = consumer
+        .fetch_watermarks(topic, 0, Duration::from_secs(10))
+        .with_context(|| format!("reading the end of {topic}"))?;
     let from = low.max(high - LOOK_BACK);
-    if from >= high {
-        return Ok((None, high));
-    }
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Offset(from))?;
-    consumer.assign(&tpl)?;
-    let started = std::time::Instant::now();
-    let mut last = None;
-    let mut at = from - 1;
-    while at + 1 < high {
-        if started.elapsed() > Duration::from_secs(60) {
-            anyhow::bail!("reading the lease topic {topic} took longer than 60 s");
-        }
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => {
-                at = m.offset();
-                if m.key() == Some(name.as_bytes())
-                    && let Some(r) = m.payload().and_then(|p| serde_json::from_slice::<LeaseRecord>(p).ok())
-                {
-                    let age = m.timestamp().to_millis().map(|w| crate::now_us() / 1000 - w);
-                    last = Some((r, age));
-                }
+    let mut last: Last = None;
+    // To the partition's end-of-file event: a takeover's abort marker may be the last offset.
+    let ends = crate::topics::read_range(brokers, extra, topic, Some(&[(0, from)]), Duration::from_secs(60), |m| {
+        if m.key() == Some(name.as_bytes())
+            && let Some(mut r) = m.payload().and_then(|p| serde_json::from_slice::<LeaseRecord>(p).ok())
+        {
+            // Two writers' records (the delivery task's and the loop's heartbeats) may land out
+            // of order: delivery only moves forward.
+            if let Some((before, _)) = &last {
+                merge_delivered(&mut r.delivered, &before.delivered);
             }
-            Some(Err(e)) => warn!(%topic, error = %e, "error while reading the lease topic"),
-            None => {}
+            let age = m.timestamp().to_millis().map(|w| crate::now_us() / 1000 - w);
+            last = Some((r, age));
         }
+    })?;
+    let end = ends.first().map_or(high, |(_, at)| *at);
+    Ok((last, end))
+}
+
+/// Keeps, per partition, the further of `into`'s and `other`'s delivered offsets.
+pub fn merge_delivered(into: &mut BTreeMap<i32, i64>, other: &BTreeMap<i32, i64>) {
+    for (p, at) in other {
+        let mine = into.entry(*p).or_insert(*at);
+        *mine = (*mine).max(*at);
     }
-    Ok((last, high))
 }
 
 /// Whether an enforcer that starts may take over without waiting a session timeout: nobody has
@@ -226,8 +216,11 @@ impl Lease {
         })
         .await
         .context("the lease thread failed")??;
-        lease.heartbeat(false).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-        Ok(lease)
+        match lease.heartbeat(false).await {
+            Ok(true) => Ok(lease),
+            Ok(false) => anyhow::bail!("the first lease record was not written"),
+            Err(e) => Err(anyhow::anyhow!("{e}")),
+        }
     }
 
     pub fn instance(&self) -> &str {
@@ -249,8 +242,10 @@ impl Lease {
     }
 
     /// Writes a lease record through the fenced producer and waits for the broker's answer:
-    /// proof that this enforcer still holds the lease at this moment.
-    pub async fn heartbeat(&self, released: bool) -> Result<(), Fenced> {
+    /// `Ok(true)` is proof that this enforcer still held the lease at that moment; `Ok(false)`, a
+    /// write that failed for a passing reason (broker away, timeout: logged and counted), proves
+    /// nothing; `Err` means another enforcer took the lease.
+    pub async fn heartbeat(&self, released: bool) -> Result<bool, Fenced> {
         let record = LeaseRecord {
             instance: self.instance.clone(),
             at_us: crate::now_us(),
@@ -261,8 +256,15 @@ impl Lease {
         let out =
             Outgoing { topic: &self.topic, key: Some(self.name.as_bytes()), payload: Some(&payload), headers: None };
         match self.producer.send_awaited(out, Duration::from_secs(10)).await {
-            Ok(_) => Ok(()),
-            Err(e) => Err(self.why_failed(&e).unwrap_or_else(|| Fenced(format!("lease record not written: {e}")))),
+            Ok(_) => Ok(true),
+            Err(e) => match self.why_failed(&e) {
+                Some(fenced) => Err(fenced),
+                None => {
+                    crate::metrics::publish_error("lease");
+                    warn!(error = %e, "lease record not written; trying again");
+                    Ok(false)
+                }
+            },
         }
     }
 

@@ -272,7 +272,12 @@ async fn enforce(
         last_heard: Instant::now(),
         take_now: lease::free_at_start(last_lease.as_ref(), instance, config.lease.session_timeout),
     };
-    let mut heard = Heard { delivered: last_lease.map(|(r, _)| r.delivered), released: false };
+    let mut heard = Heard {
+        delivered: last_lease.map(|(r, _)| r.delivered),
+        released: false,
+        decision_codec: BreachDecision::codec()?,
+        alert_codec: Alert::codec()?,
+    };
     metrics::active(false);
 
     let mut tally = Tally { pending: 0, oldest_pending: None, counters: metrics::EventCounters::default() };
@@ -307,9 +312,26 @@ async fn enforce(
                 tally.pending = 0;
             }
             _ = lease_tick.tick() => {
-                if let Role::Standby { last_heard, take_now, .. } = &role
+                if let Role::Standby { last_heard, take_now, .. } = &mut role
                     && (*take_now || last_heard.elapsed() >= config.lease.session_timeout)
                 {
+                    // A decision taken on an earlier read (at start, before the rebuild; or a
+                    // release another enforcer may have answered already) is checked again on
+                    // the lease topic as it is now; silence needs no second look.
+                    if last_heard.elapsed() < config.lease.session_timeout {
+                        let (brokers, extra, topic, name) =
+                            (config.brokers.clone(), config.kafka_extra.clone(), config.lease.topic.clone(), lease_name.clone());
+                        let now = tokio::task::spawn_blocking(move || lease::read_last(&brokers, &extra, &topic, &name)).await;
+                        let free = match now {
+                            Ok(Ok((last, _))) => lease::free_at_start(last.as_ref(), instance, config.lease.session_timeout),
+                            _ => false,
+                        };
+                        if !free {
+                            *take_now = false;
+                            *last_heard = Instant::now();
+                            continue;
+                        }
+                    }
                     let Role::Standby { follower, .. } = std::mem::replace(&mut role, Role::Switching) else { unreachable!() };
                     role = match take_over(config, instance, &lease_name, follower, &mut engine, &mut heard, notifier).await {
                         Ok(a) => Role::Active(Box::new(a)),
@@ -385,11 +407,13 @@ async fn enforce(
                 }
             }
             Some(r) = follow(&mut role) => {
-                if let Role::Standby { last_heard, take_now, .. } = &mut role {
-                    if absorb(config, &lease_name, instance, r, &mut engine, &mut heard) {
-                        *last_heard = Instant::now();
-                    }
-                    *take_now |= std::mem::take(&mut heard.released);
+                if let Role::Standby { last_heard, take_now, .. } = &mut role
+                    && absorb(config, &lease_name, instance, r, &mut engine, &mut heard)
+                {
+                    // The latest word of another enforcer decides: it holds the lease, or it
+                    // released it.
+                    *last_heard = Instant::now();
+                    *take_now = heard.released;
                 }
             }
             msg = consumer.recv() => match msg {
@@ -507,12 +531,14 @@ async fn follow(role: &mut Role) -> Option<topics::Followed> {
     }
 }
 
-/// What a standby last read of the active's lease records.
+/// What a standby last read of the active's lease records, and the codecs of what it follows.
 struct Heard {
     /// The active's delivered offsets (`None`: no active ever wrote one).
     delivered: Option<BTreeMap<i32, i64>>,
     /// The active released the lease (stopped cleanly).
     released: bool,
+    decision_codec: AvroCodec,
+    alert_codec: AvroCodec,
 }
 
 /// Takes a record the active published into the standby's engine (what was decided and
@@ -527,7 +553,7 @@ fn absorb(
 ) -> bool {
     if r.topic == config.breaches_topic {
         match (&r.payload, &r.key) {
-            (Some(p), _) => match BreachDecision::codec().and_then(|c| c.decode::<BreachDecision>(p)) {
+            (Some(p), _) => match heard.decision_codec.decode::<BreachDecision>(p) {
                 Ok(d) => engine.seed_published(&d),
                 Err(e) => warn!(error = %e, "breach decision skipped: cannot decode"),
             },
@@ -536,7 +562,7 @@ fn absorb(
         }
         false
     } else if r.topic == config.alerts_topic {
-        if let Some(Ok(a)) = r.payload.as_deref().map(|p| Alert::codec().and_then(|c| c.decode::<Alert>(p))) {
+        if let Some(Ok(a)) = r.payload.as_deref().map(|p| heard.alert_codec.decode::<Alert>(p)) {
             engine.seed_alerted(&a);
         }
         false
@@ -544,7 +570,10 @@ fn absorb(
         match r.payload.as_deref().map(serde_json::from_slice::<lease::LeaseRecord>) {
             // This instance's own records (an earlier run of it) say nothing newer than what it
             // read at start.
-            Some(Ok(rec)) if rec.instance != instance => {
+            Some(Ok(mut rec)) if rec.instance != instance => {
+                if let Some(before) = &heard.delivered {
+                    lease::merge_delivered(&mut rec.delivered, before);
+                }
                 heard.delivered = Some(rec.delivered);
                 heard.released = rec.released;
                 true
@@ -568,11 +597,18 @@ impl Active {
     /// Stops delivery (waiting for what is in flight) and, when `release`, tells the standbys
     /// they may take over at once.
     async fn stop(self, release: bool) {
+        if !release {
+            // Lost the lease: the next active delivers what is not recorded as done; going on
+            // here would deliver it twice.
+            self.delivery.abort();
+            let _ = self.delivery.await;
+            return;
+        }
         self.stop_delivery.cancel();
         match self.delivery.await {
             Ok(Ok(())) if release => {
-                if let Err(e) = self.publisher.lease.heartbeat(true).await {
-                    warn!(error = %e, "could not release the lease; a standby takes over after the session timeout");
+                if !matches!(self.publisher.lease.heartbeat(true).await, Ok(true)) {
+                    warn!("could not release the lease; a standby takes over after the session timeout");
                 }
             }
             Ok(Ok(())) => {}

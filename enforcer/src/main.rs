@@ -121,14 +121,21 @@ async fn main() -> ExitCode {
     config.watch_pct = args.watch_pct;
     config.evaluate_every = Duration::from_millis(args.evaluate_every_ms.max(1));
     config.kafka_extra = args.kafka_options;
+    // A standby reads heartbeats up to its quiet fetch wait (about 1 s) late: below 2 s it would
+    // take over from a live active again and again.
+    if args.session_timeout_ms < 2_000 || args.heartbeat_interval_ms.saturating_mul(3) > args.session_timeout_ms {
+        eprintln!(
+            "--session-timeout-ms must be at least 2000 and at least three heartbeats (--heartbeat-interval-ms {})",
+            args.heartbeat_interval_ms
+        );
+        return ExitCode::from(2);
+    }
     config.lease = tollgate_enforcer::lease::LeaseConfig {
         group_id: args.group_id,
         topic: args.lease_topic,
         instance_id: args.instance_id,
-        session_timeout: Duration::from_millis(args.session_timeout_ms.max(100)),
-        heartbeat_every: Duration::from_millis(
-            args.heartbeat_interval_ms.clamp(10, args.session_timeout_ms.max(100) / 3),
-        ),
+        session_timeout: Duration::from_millis(args.session_timeout_ms),
+        heartbeat_every: Duration::from_millis(args.heartbeat_interval_ms.max(100)),
     };
     config.metrics = Some(metrics);
     let shutdown = tollgate_runtime::shutdown_on_signal();

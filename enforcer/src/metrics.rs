@@ -173,3 +173,12 @@ pub fn fenced() {
     );
     counter!("tollgate_enforcer_fenced_total").increment(1);
 }
+
+/// Alerts whose every channel finished (delivered or given up), written as done to the lease.
+pub fn alerts_recorded(n: u64) {
+    describe_counter!(
+        "tollgate_enforcer_alerts_recorded_total",
+        "Alerts whose deliveries all finished (delivered or given up), written as done to the lease topic (a next active does not deliver them again)"
+    );
+    counter!("tollgate_enforcer_alerts_recorded_total").increment(n);
+}

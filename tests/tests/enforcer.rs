@@ -169,7 +169,7 @@ fn spawn_enforcer(policy: &Path, t: &Topics, log_dir: &Path, n: u32) -> std::pro
         .args(["--kafka-brokers", &kafka_brokers()])
         .args(["--usage-topic", &t.usage, "--breaches-topic", &t.breaches, "--alerts-topic", &t.alerts])
         .args(["--clickhouse-url", &clickhouse_url(), "--database", &t.db])
-        .args(["--listen", "127.0.0.1:0", "--instance-id", "enforcer"])
+        .args(["--listen", "127.0.0.1:0", "--instance-id", "enforcer", "--lease-topic", &lease_topic(&t.breaches)])
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .spawn()

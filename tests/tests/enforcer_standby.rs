@@ -41,6 +41,7 @@ fn enforcer(policy: &Path, t: &Topics, instance: &str, port: u16, log: &Path) ->
             .args(["--usage-topic", &t.usage, "--breaches-topic", &t.breaches, "--alerts-topic", &t.alerts])
             .args(["--clickhouse-url", &clickhouse_url(), "--database", &t.db])
             .args(["--listen", &format!("127.0.0.1:{port}"), "--instance-id", instance])
+            .args(["--lease-topic", &lease_topic(&t.breaches)])
             .args(["--session-timeout-ms", &SESSION_TIMEOUT_MS.to_string(), "--heartbeat-interval-ms", "500"])
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -142,6 +143,10 @@ async fn the_standby_takes_over_blocks_and_alerts_once_and_the_old_active_stays_
     let b_events = || scrape(&addr_b, "tollgate_enforcer_events_total");
     assert_eq!(until_at_least(17, Duration::from_secs(30), b_events).await, Ok(17), "B is warm");
     assert!(!active(port_b).await, "B stands by while A is active");
+    // Both alerts written as done in A's lease records: a kill before that would have B deliver
+    // the one in flight again (the documented at-least-once case), which is not this test's.
+    let recorded = || scrape(&addr_a, "tollgate_enforcer_alerts_recorded_total");
+    assert_eq!(until_at_least(2, Duration::from_secs(30), recorded).await, Ok(2));
 
     // SIGKILL A, then the spend that crosses the ceiling, a dollar an event.
     a.kill().unwrap();

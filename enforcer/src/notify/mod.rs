@@ -231,7 +231,11 @@ impl Notifier {
     ///
     /// Call it from within a Tokio runtime; deliveries run as tasks on it.
     pub fn notify(&self, alert: &Alert) -> usize {
-        self.deliver(alert).started()
+        let mut deliveries = self.deliver(alert);
+        let started = deliveries.started();
+        // Left to run on their own: dropping a task's handle does not stop it.
+        deliveries.0.clear();
+        started
     }
 
     /// As [`Notifier::notify`], and the deliveries started, to wait for their end: the
@@ -328,7 +332,7 @@ impl Notifier {
 }
 
 /// The deliveries [`Notifier::deliver`] started for one alert.
-#[must_use = "dropping it does not stop the deliveries; `finished` waits for them"]
+#[must_use = "dropping it stops the deliveries; `finished` waits for them"]
 pub struct Deliveries(Vec<tokio::task::JoinHandle<()>>);
 
 impl Deliveries {
@@ -338,9 +342,20 @@ impl Deliveries {
 
     /// Waits until every delivery has ended, however (delivered, given up, or abandoned at
     /// shutdown; each is counted and logged by the delivery itself).
-    pub async fn finished(self) {
-        for d in self.0 {
+    pub async fn finished(mut self) {
+        for d in std::mem::take(&mut self.0) {
             let _ = d.await;
+        }
+    }
+}
+
+impl Drop for Deliveries {
+    /// Dropped before they finished (an enforcer that lost the lease stops): the deliveries stop
+    /// too, retries included, so two enforcers do not both deliver an alert (the next active
+    /// delivers what is not recorded as done).
+    fn drop(&mut self) {
+        for d in &self.0 {
+            d.abort();
         }
     }
 }

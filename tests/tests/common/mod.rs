@@ -526,6 +526,12 @@ pub async fn assert_windows_match_raw(db: &str) {
     assert_eq!(sessions, raw, "session hours add up to the raw events");
 }
 
+/// The lease topic of a test's enforcers (created by the enforcer): one per test, so no test
+/// reads another's heartbeats.
+pub fn lease_topic(breaches: &str) -> String {
+    format!("{breaches}_lease")
+}
+
 /// The enforcer's settings for a test: its own topics, the meter's database, the shared metrics.
 pub fn enforcer_config(
     policy_dir: &Path,
@@ -546,6 +552,7 @@ pub fn enforcer_config(
     // One id for every test enforcer of these topics: one restarted takes over at once (as a
     // restarted pod with a stable name does), without waiting for its own lease to expire.
     config.lease.instance_id = Some(format!("test/{breaches}"));
+    config.lease.topic = lease_topic(breaches);
     config
 }
 

@@ -236,6 +236,7 @@ pub fn start_enforcer_process(policy: &Path, t: &super::Topics, listen: &str, lo
         .args(["--kafka-brokers", &super::kafka_brokers(), "--usage-topic", &t.usage, "--breaches-topic", &t.breaches])
         .args(["--alerts-topic", &t.alerts, "--clickhouse-url", &super::clickhouse_url(), "--database", &t.db])
         .args(["--listen", listen, "--instance-id", &format!("test/{}", t.breaches)])
+        .args(["--lease-topic", &super::lease_topic(&t.breaches)])
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
