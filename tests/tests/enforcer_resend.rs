@@ -46,6 +46,14 @@ async fn risen(name: &str, from: u64, by: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn re_sent_events_count_once_after_the_enforcer_forgot_them_and_after_a_restart() {
+    // The enforcers' log, shown when the test fails (RUST_LOG overrides).
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("tollgate_enforcer=debug,tollgate_meter=info")),
+        )
+        .with_test_writer()
+        .try_init();
     let mock = start_mock().await;
     let dir = tempfile::tempdir().unwrap();
     write_reference_rules(dir.path(), mock.addr);
@@ -92,7 +100,8 @@ async fn re_sent_events_count_once_after_the_enforcer_forgot_them_and_after_a_re
     let before = duplicates(&metrics().render());
     let enforcer = start_enforcer(config).await;
     let waiting = || async { metric(&metrics().render(), "tollgate_enforcer_doubtful_waiting") };
-    assert_eq!(until_at_least(20, Duration::from_secs(60), waiting).await, Ok(20), "waiting for the meter");
+    let waited = until_at_least(20, Duration::from_secs(60), waiting).await;
+    assert_eq!(waited, Ok(20), "waiting for the meter; metrics:\n{}", metrics().render());
     let meter = start_meter(meter_config(&t.usage, &t.db)).await;
     found(before, 20).await;
     produce_usage(&t.usage, &[event()]).await;
