@@ -108,7 +108,10 @@ struct EndIsNoError;
 
 impl rdkafka::ClientContext for EndIsNoError {
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
-        if !matches!(error, rdkafka::error::KafkaError::PartitionEOF(_)) {
+        // librdkafka reports the end of a partition as a global error too (`Global(PartitionEOF)`).
+        let end = matches!(error, rdkafka::error::KafkaError::PartitionEOF(_))
+            || error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::PartitionEOF);
+        if !end {
             tracing::error!(error = %error, reason, "kafka client error");
         }
     }
