@@ -173,11 +173,7 @@ async fn enforce(
     let started = Instant::now();
     let (decisions, alerts, own_ends) = replay_own_history(config).await?;
     let lease_name = lease::lease_name(&config.lease.group_id, &config.breaches_topic);
-    let (last_lease, lease_end) = {
-        let (brokers, extra, topic, name) =
-            (config.brokers.clone(), config.kafka_extra.clone(), config.lease.topic.clone(), lease_name.clone());
-        tokio::task::spawn_blocking(move || lease::read_last(&brokers, &extra, &topic, &name)).await??
-    };
+    let (last_lease, lease_end) = read_lease(config, &lease_name).await?;
     // The engine as the topics leave it: what was last decided per key, which alerts went out.
     let seeded = || {
         let mut e = Engine::new(Arc::clone(&policy), config.watch_pct);
@@ -319,12 +315,9 @@ async fn enforce(
                     // release another enforcer may have answered already) is checked again on
                     // the lease topic as it is now; silence needs no second look.
                     if last_heard.elapsed() < config.lease.session_timeout {
-                        let (brokers, extra, topic, name) =
-                            (config.brokers.clone(), config.kafka_extra.clone(), config.lease.topic.clone(), lease_name.clone());
-                        let now = tokio::task::spawn_blocking(move || lease::read_last(&brokers, &extra, &topic, &name)).await;
-                        let free = match now {
-                            Ok(Ok((last, _))) => lease::free_at_start(last.as_ref(), instance, config.lease.session_timeout),
-                            _ => false,
+                        let free = match read_lease(config, &lease_name).await {
+                            Ok((last, _)) => lease::free_at_start(last.as_ref(), instance, config.lease.session_timeout),
+                            Err(_) => false,
                         };
                         if !free {
                             *take_now = false;
@@ -594,8 +587,8 @@ struct Active {
 }
 
 impl Active {
-    /// Stops delivery (waiting for what is in flight) and, when `release`, tells the standbys
-    /// they may take over at once.
+    /// A clean stop (`release`): waits for the deliveries in flight, then tells the standbys they
+    /// may take over at once. A lost lease: stops the deliveries at once.
     async fn stop(self, release: bool) {
         if !release {
             // Lost the lease: the next active delivers what is not recorded as done; going on
@@ -606,16 +599,25 @@ impl Active {
         }
         self.stop_delivery.cancel();
         match self.delivery.await {
-            Ok(Ok(())) if release => {
+            Ok(Ok(())) => {
                 if !matches!(self.publisher.lease.heartbeat(true).await, Ok(true)) {
                     warn!("could not release the lease; a standby takes over after the session timeout");
                 }
             }
-            Ok(Ok(())) => {}
             Ok(Err(e)) => warn!(error = %e, "alert delivery ended"),
             Err(e) => warn!(error = %e, "alert delivery task failed"),
         }
     }
+}
+
+/// The group's last lease record and the lease topic's end ([`lease::read_last`], off the async
+/// workers: it blocks).
+async fn read_lease(config: &Config, lease_name: &str) -> anyhow::Result<(lease::Last, i64)> {
+    let (brokers, extra, topic, name) =
+        (config.brokers.clone(), config.kafka_extra.clone(), config.lease.topic.clone(), lease_name.to_owned());
+    tokio::task::spawn_blocking(move || lease::read_last(&brokers, &extra, &topic, &name))
+        .await
+        .context("the lease reader's thread failed")?
 }
 
 /// How often the lease is looked after (takeover due, heartbeat due).

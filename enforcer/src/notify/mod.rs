@@ -343,7 +343,9 @@ impl Deliveries {
     /// Waits until every delivery has ended, however (delivered, given up, or abandoned at
     /// shutdown; each is counted and logged by the delivery itself).
     pub async fn finished(mut self) {
-        for d in std::mem::take(&mut self.0) {
+        // Awaited in place: when this future is dropped part-way (its enforcer lost the lease),
+        // `Drop` still holds the handles of the deliveries left, and stops them.
+        for d in &mut self.0 {
             let _ = d.await;
         }
     }

@@ -20,7 +20,7 @@ use tollgate_schemas::decision::{Alert, AlertKind, Measure, Severity};
 use tollgate_schemas::policy::AlertChannel;
 
 use super::delivery::{parse_retry_after, retryable_status};
-use super::{DeliveryStats, Notifier, NotifyConfig, format_amount, pagerduty_payload, slack_payload};
+use super::{Deliveries, DeliveryStats, Notifier, NotifyConfig, format_amount, pagerduty_payload, slack_payload};
 
 const ENV_URL: &str = "TOLLGATE_NOTIFY_TEST_URL";
 const ENV_KEY: &str = "TOLLGATE_NOTIFY_TEST_ROUTING_KEY";
@@ -496,4 +496,25 @@ async fn env_child() {
     assert_eq!(notifier.notify(&alert(&["pagerduty:platform"])), 1);
     assert_eq!(notifier.flush(Duration::from_secs(10)).await, 0);
     assert_eq!(notifier.stats(), DeliveryStats { delivered: 1, ..Default::default() });
+}
+
+/// An enforcer that lost the lease drops the task waiting on an alert's deliveries: the
+/// deliveries not yet ended stop with it, even once the wait has begun.
+#[tokio::test]
+async fn dropping_the_wait_for_deliveries_stops_those_left() {
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let (held_tx, held_rx) = tokio::sync::oneshot::channel::<()>();
+    let quick = tokio::spawn(async move {
+        let _ = done_tx.send(());
+    });
+    // Holds its sender until it ends: the receiver hears of it either way.
+    let slow = tokio::spawn(async move {
+        let _held = held_tx;
+        std::future::pending::<()>().await;
+    });
+    let waiting = tokio::spawn(Deliveries(vec![quick, slow]).finished());
+    done_rx.await.unwrap();
+    waiting.abort();
+    let ended = tokio::time::timeout(Duration::from_secs(10), held_rx).await;
+    assert!(matches!(ended, Ok(Err(_))), "the delivery left was stopped: {ended:?}");
 }
