@@ -24,6 +24,7 @@ BREACHES_TOPIC=tollgate.breaches.v1
 ALERTS_TOPIC=tollgate.alerts.v1
 USAGE_DLQ_TOPIC=tollgate.usage.dlq.v1
 ENFORCER_LEASE_TOPIC=tollgate.enforcer-lease.v1
+OUTCOMES_TOPIC=tollgate.outcomes.v1
 USAGE_PARTITIONS="${TOLLGATE_USAGE_PARTITIONS:-4}"
 
 # ---------------------------------------------------------------- ClickHouse
@@ -224,6 +225,8 @@ create_topics() {
     ensure_topic "$USAGE_DLQ_TOPIC" 1
     # The enforcers' heartbeats and alert-delivery progress (one partition; enforcer `lease`).
     ensure_topic "$ENFORCER_LEASE_TOPIC" 1
+    # Outcomes posted to the ingress (POST /v1/outcomes), keyed project/outcome_id.
+    ensure_topic "$OUTCOMES_TOPIC" 1
 }
 
 # ---------------------------------------------------------------- commands

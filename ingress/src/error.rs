@@ -53,6 +53,10 @@ pub enum IngressError {
     ProviderTimeout { provider: String, ms: u64 },
     #[error("{}", .0.message())]
     Blocked(Box<Blocked>),
+    /// A record the gateway could not make durable (the broker is away); sending the same
+    /// request again is safe (outcomes are idempotent on their id).
+    #[error("not recorded, retry: {0}")]
+    NotRecorded(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -68,7 +72,7 @@ impl IngressError {
             IngressError::UnknownModel(_) => StatusCode::NOT_FOUND,
             IngressError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             IngressError::Forbidden(_) | IngressError::IdentityConflict(_) => StatusCode::FORBIDDEN,
-            IngressError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            IngressError::Unavailable { .. } | IngressError::NotRecorded(_) => StatusCode::SERVICE_UNAVAILABLE,
             IngressError::Blocked(_) => StatusCode::TOO_MANY_REQUESTS,
             IngressError::ProviderStatus { status, .. } => {
                 StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY)
@@ -95,7 +99,7 @@ impl IngressError {
             | IngressError::ProviderFailed { .. }
             | IngressError::ProviderTimeout { .. }
             | IngressError::Unavailable { .. } => Origin::Provider,
-            IngressError::Internal(_) => Origin::Internal,
+            IngressError::Internal(_) | IngressError::NotRecorded(_) => Origin::Internal,
         }
     }
 
@@ -116,7 +120,8 @@ impl IngressError {
             IngressError::ProviderStatus { status, .. } => *status == 429 || *status >= 500,
             IngressError::ProviderFailed { .. }
             | IngressError::ProviderTimeout { .. }
-            | IngressError::Unavailable { .. } => true,
+            | IngressError::Unavailable { .. }
+            | IngressError::NotRecorded(_) => true,
             IngressError::MalformedJson(_)
             | IngressError::InvalidRequest(_)
             | IngressError::BodyTooLarge { .. }
@@ -173,6 +178,7 @@ impl IngressError {
             IngressError::Forbidden(_) => Some("model_not_allowed"),
             IngressError::IdentityConflict(_) => Some("identity_conflict"),
             IngressError::ProviderTimeout { .. } => Some("upstream_timeout"),
+            IngressError::NotRecorded(_) => Some("not_recorded"),
             IngressError::Blocked(b) => Some(match b.rule_kind {
                 RuleKind::RateLimit => "rate_limit_exceeded",
                 RuleKind::Budget => "budget_exceeded",
@@ -258,6 +264,7 @@ impl IngressError {
         let retry_after = match &self {
             IngressError::Unavailable { retry_after_secs, .. } => Some(*retry_after_secs),
             IngressError::Blocked(b) => Some(b.retry_after_secs),
+            IngressError::NotRecorded(_) => Some(1),
             _ => None,
         };
         let mut resp = (status, Json(body)).into_response();

@@ -15,6 +15,7 @@ pub mod error;
 pub mod gate;
 pub mod intake;
 pub mod metrics;
+pub mod outcomes;
 pub mod provider;
 pub mod proxy;
 pub mod publish;
@@ -67,6 +68,8 @@ pub struct Config {
     pub metrics: Option<PrometheusHandle>,
     /// The compacted topic of breach decisions (`tollgate.breaches.v1`).
     pub breaches_topic: String,
+    /// Where `POST /v1/outcomes` publishes.
+    pub outcomes_topic: String,
     /// Act on no breach decision: record on usage events what each would have done.
     pub audit_only: bool,
     /// How long start-up waits for the breaches topic to be read before serving.
@@ -97,6 +100,7 @@ impl Config {
             shutdown_grace: Duration::from_secs(30),
             metrics: None,
             breaches_topic: tollgate_schemas::topics::BREACHES.into(),
+            outcomes_topic: tollgate_schemas::topics::OUTCOMES.into(),
             audit_only: false,
             decisions_start_timeout: Duration::from_secs(15),
             decisions_required: false,
@@ -176,6 +180,7 @@ pub struct App {
     /// Breach decisions, kept current by the follower task.
     pub decisions: Arc<decisions::DecisionCache>,
     queue: gate::Queue,
+    outcomes: outcomes::Sink,
 }
 
 impl App {
@@ -222,6 +227,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/messages", post(proxy::messages))
         .route("/v1/embeddings", post(proxy::embeddings))
         .route("/v1/models", get(proxy::models))
+        .route("/v1/outcomes", post(outcomes::post))
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(render_metrics))
         .with_state(app)
@@ -250,6 +256,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     announce_identity(&policy);
     let live = Live::new(Arc::new(policy))?;
     let spool = publish::SpoolConfig::new(config.spool_dir.clone(), config.spool_max_bytes);
+    let outcomes = outcomes::Sink::new(&config.kafka, config.outcomes_topic.clone())?;
     let (publisher, task) = Publisher::start(&config.kafka, config.publish_queue, spool)?;
     // The breach decisions are read before the first request is served (or the deadline passes).
     let cache = decisions::DecisionCache::with_own_keys(config.audit_only, config.own_count_keys);
@@ -278,6 +285,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         metrics: config.metrics.clone(),
         decisions: cache,
         queue: gate::Queue::new(config.max_queued),
+        outcomes,
     });
     let sweeper = tokio::spawn(sweep_own_counts(Arc::clone(&app.decisions), shutdown.clone()));
     let reloads = config.reload.clone().map(|opts| {

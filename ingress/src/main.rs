@@ -58,6 +58,9 @@ struct Args {
     /// followed live.
     #[arg(long, default_value = tollgate_schemas::topics::BREACHES)]
     breaches_topic: String,
+    /// Where outcomes posted to `POST /v1/outcomes` are published.
+    #[arg(long, default_value = tollgate_schemas::topics::OUTCOMES)]
+    outcomes_topic: String,
     /// Act on no breach decision: requests pass, and their usage events record what would have
     /// happened (`audit:<action>`).
     #[arg(long, env = "TOLLGATE_INGRESS_AUDIT_ONLY")]
@@ -138,6 +141,7 @@ async fn main() -> ExitCode {
     config.shutdown_grace = std::time::Duration::from_secs(args.shutdown_grace_secs);
     config.metrics = Some(metrics);
     config.breaches_topic = args.breaches_topic;
+    config.outcomes_topic = args.outcomes_topic;
     config.audit_only = args.audit_only;
     config.decisions_start_timeout = std::time::Duration::from_secs(args.decisions_start_timeout_secs);
     config.decisions_required = args.decisions_required;

@@ -48,6 +48,10 @@ static USAGE: LazyLock<Handles<Handles<UsageCounters>>> = LazyLock::new(Handles:
 
 pub fn describe() {
     describe_counter!(
+        "tollgate_ingress_outcomes_total",
+        "Outcome posts (POST /v1/outcomes), by result: recorded, refused (4xx), not_recorded (5xx: the broker did not take it)"
+    );
+    describe_counter!(
         "tollgate_ingress_requests_total",
         "Requests answered, by endpoint, virtual model and status class"
     );
@@ -324,4 +328,14 @@ pub fn breach_action(rule: &str, action: &str) {
 
 pub fn queued_requests(n: usize) {
     gauge!("tollgate_ingress_queued_requests").set(n as f64);
+}
+
+/// One answered `POST /v1/outcomes`, by its status.
+pub fn outcome(status: u16) {
+    let result = match status {
+        200..=299 => "recorded",
+        400..=499 => "refused",
+        _ => "not_recorded",
+    };
+    counter!("tollgate_ingress_outcomes_total", "result" => result).increment(1);
 }

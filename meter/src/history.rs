@@ -1,7 +1,9 @@
-//! The enforcer's breach decisions and alerts into ClickHouse (`breach_history`,
-//! `alert_history`). Each row carries its Kafka position; on start every partition resumes after
-//! the highest offset its table holds, and a replayed record collapses on its key, so the history
-//! is exact whatever crashes.
+//! What the meter keeps besides usage: the enforcer's breach decisions and alerts
+//! (`breach_history`, `alert_history`) and the outcomes posted to the ingress
+//! (`outcome_events`). Each row carries its Kafka position; on start every partition resumes after
+//! the highest offset its table holds, and a replayed record collapses on its key, so each table
+//! is exact whatever crashes. The meter runs one follower for the decisions and alerts and one
+//! for the outcomes, so a topic not created yet holds back only its own table.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -14,17 +16,37 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tollgate_schemas::avro::AvroCodec;
 use tollgate_schemas::decision::{Alert, BreachDecision};
-use tollgate_store::rows::{AlertRow, BreachRow};
+use tollgate_schemas::outcome::Outcome;
+use tollgate_store::rows::{AlertRow, BreachRow, OutcomeRow};
 use tollgate_store::tables;
 use tracing::{info, warn};
 
 use crate::metrics;
 
+/// What a followed topic holds, and so where it is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Breaches,
+    Alerts,
+    Outcomes,
+}
+
+impl Kind {
+    pub fn table(self) -> &'static str {
+        match self {
+            Kind::Breaches => tables::BREACH_HISTORY,
+            Kind::Alerts => tables::ALERT_HISTORY,
+            Kind::Outcomes => tables::OUTCOME_EVENTS,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct HistoryConfig {
     pub brokers: String,
-    pub breaches_topic: String,
-    pub alerts_topic: String,
+    /// The consumer's group id (for monitoring: positions come from the tables).
+    pub group_id: String,
+    pub topics: Vec<(Kind, String)>,
     pub kafka_extra: Vec<(String, String)>,
     pub batch_max_rows: usize,
     pub batch_max_wait: Duration,
@@ -33,31 +55,73 @@ pub struct HistoryConfig {
 }
 
 /// Where each (topic, partition) resumes: one past the highest offset the tables hold.
-async fn resume_points(ch: &Client) -> Result<BTreeMap<(String, i32), i64>, clickhouse::error::Error> {
-    let rows: Vec<(String, i32, i64)> = ch
-        .query(
-            "SELECT kafka_topic, kafka_partition, max(kafka_offset) FROM breach_history GROUP BY kafka_topic, kafka_partition \
-             UNION ALL SELECT kafka_topic, kafka_partition, max(kafka_offset) FROM alert_history GROUP BY kafka_topic, kafka_partition",
-        )
-        .fetch_all()
-        .await?;
+async fn resume_points(ch: &Client, kinds: &[Kind]) -> Result<BTreeMap<(String, i32), i64>, clickhouse::error::Error> {
+    let sql = kinds
+        .iter()
+        .map(|k| {
+            format!(
+                "SELECT kafka_topic, kafka_partition, max(kafka_offset) FROM {} GROUP BY kafka_topic, kafka_partition",
+                k.table()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" UNION ALL ");
+    let rows: Vec<(String, i32, i64)> = ch.query(&sql).fetch_all().await?;
     Ok(rows.into_iter().map(|(t, p, o)| ((t, p), o + 1)).collect())
 }
 
-/// Follows both topics into their tables until `shutdown`; the last batch is written first.
+/// The rows read and not yet written, per table.
+#[derive(Default)]
+struct Batches {
+    breaches: Vec<BreachRow>,
+    alerts: Vec<AlertRow>,
+    outcomes: Vec<OutcomeRow>,
+}
+
+impl Batches {
+    fn len(&self) -> usize {
+        self.breaches.len() + self.alerts.len() + self.outcomes.len()
+    }
+}
+
+/// The decoders of the three kinds.
+struct Codecs {
+    decision: AvroCodec,
+    alert: AvroCodec,
+    outcome: AvroCodec,
+}
+
+impl Codecs {
+    /// Decodes `payload` of a `kind` topic into its batch.
+    fn add(&self, kind: Kind, m: &rdkafka::message::BorrowedMessage<'_>, payload: &[u8], into: &mut Batches) {
+        let (t, p, o) = (m.topic(), m.partition(), m.offset());
+        let added = match kind {
+            Kind::Breaches => decode(&self.decision, payload).map(|d| into.breaches.push(BreachRow::new(d, t, p, o))),
+            Kind::Alerts => decode(&self.alert, payload).map(|a| into.alerts.push(AlertRow::new(a, t, p, o))),
+            Kind::Outcomes => decode(&self.outcome, payload).map(|x| into.outcomes.push(OutcomeRow::new(x, t, p, o))),
+        };
+        if let Err(e) = added {
+            skipped(m, &e);
+        }
+    }
+}
+
+/// Follows the topics into their tables until `shutdown`; the last batch is written first.
 pub async fn run(config: HistoryConfig, ch: Client, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let Some(resume) = crate::retry_clickhouse(&shutdown, "reading history positions", || resume_points(&ch)).await
+    let kinds: Vec<Kind> = config.topics.iter().map(|(k, _)| *k).collect();
+    let Some(resume) =
+        crate::retry_clickhouse(&shutdown, "reading history positions", || resume_points(&ch, &kinds)).await
     else {
         return Ok(());
     };
     let settings =
-        [("group.id", "tollgate-meter-history"), ("enable.auto.commit", "false"), ("enable.partition.eof", "false")];
+        [("group.id", config.group_id.as_str()), ("enable.auto.commit", "false"), ("enable.partition.eof", "false")];
     let fetch = Some((tollgate_runtime::kafka::Follow::History, false));
     let cc = tollgate_runtime::kafka::client_config(&config.brokers, &settings, fetch, &config.kafka_extra);
     let consumer: std::sync::Arc<StreamConsumer> =
         std::sync::Arc::new(cc.create().context("creating the history consumer")?);
     let mut tpl = TopicPartitionList::new();
-    for topic in [&config.breaches_topic, &config.alerts_topic] {
+    for (_, topic) in &config.topics {
         let Some(parts) = crate::wait_for_partitions(&consumer, topic, &shutdown, Duration::from_secs(2)).await else {
             return Ok(());
         };
@@ -67,12 +131,10 @@ pub async fn run(config: HistoryConfig, ch: Client, shutdown: CancellationToken)
         }
     }
     consumer.assign(&tpl).context("assigning the history partitions")?;
-    info!(breaches = %config.breaches_topic, alerts = %config.alerts_topic, "meter following decisions and alerts");
+    info!(topics = ?config.topics, "meter following decisions, alerts or outcomes");
 
-    let decision_codec = BreachDecision::codec()?;
-    let alert_codec = Alert::codec()?;
-    let mut breaches: Vec<BreachRow> = Vec::new();
-    let mut alerts: Vec<AlertRow> = Vec::new();
+    let codecs = Codecs { decision: BreachDecision::codec()?, alert: Alert::codec()?, outcome: Outcome::codec()? };
+    let mut batches = Batches::default();
     let mut deadline: Option<Instant> = None;
     loop {
         let flush_now = tokio::select! {
@@ -82,19 +144,12 @@ pub async fn run(config: HistoryConfig, ch: Client, shutdown: CancellationToken)
             msg = consumer.recv() => match msg {
                 Ok(m) => {
                     let Some(payload) = m.payload() else { continue }; // a tombstone: nothing to record
-                    if m.topic() == config.breaches_topic {
-                        match decode(&decision_codec, payload) {
-                            Ok(d) => breaches.push(BreachRow::new(d, m.topic(), m.partition(), m.offset())),
-                            Err(e) => skipped(&m, &e),
-                        }
-                    } else {
-                        match decode(&alert_codec, payload) {
-                            Ok(a) => alerts.push(AlertRow::new(a, m.topic(), m.partition(), m.offset())),
-                            Err(e) => skipped(&m, &e),
-                        }
-                    }
+                    let Some(kind) = config.topics.iter().find(|(_, t)| t == m.topic()).map(|(k, _)| *k) else {
+                        continue;
+                    };
+                    codecs.add(kind, &m, payload, &mut batches);
                     deadline.get_or_insert_with(|| Instant::now() + config.batch_max_wait);
-                    breaches.len() + alerts.len() >= config.batch_max_rows
+                    batches.len() >= config.batch_max_rows
                 }
                 Err(e) => {
                     warn!(error = %e, "kafka consumer error (history)");
@@ -104,14 +159,14 @@ pub async fn run(config: HistoryConfig, ch: Client, shutdown: CancellationToken)
             },
         };
         if flush_now {
-            if !write(&ch, &mut breaches, &mut alerts, &shutdown).await {
+            if !write(&ch, &mut batches, &shutdown).await {
                 return Ok(());
             }
             deadline = None;
         }
     }
-    if !write(&ch, &mut breaches, &mut alerts, &tollgate_runtime::cancelled_after(config.final_flush_timeout)).await {
-        warn!("clickhouse unavailable at shutdown; the next start reads the last decisions and alerts again");
+    if !write(&ch, &mut batches, &tollgate_runtime::cancelled_after(config.final_flush_timeout)).await {
+        warn!(topics = ?config.topics, "clickhouse unavailable at shutdown; the next start reads the last records again");
     }
     Ok(())
 }
@@ -131,28 +186,28 @@ fn skipped(m: &rdkafka::message::BorrowedMessage<'_>, error: &str) {
     );
 }
 
-/// Inserts both batches, retrying while ClickHouse is away; false if shutdown interrupted.
-async fn write(
-    ch: &Client,
-    breaches: &mut Vec<BreachRow>,
-    alerts: &mut Vec<AlertRow>,
-    stop: &CancellationToken,
-) -> bool {
-    if crate::retry_clickhouse(stop, "writing breach history", || {
-        tollgate_store::insert_rows(ch, tables::BREACH_HISTORY, breaches)
+/// Inserts the batches, retrying while ClickHouse is away; false if shutdown interrupted.
+async fn write(ch: &Client, b: &mut Batches, stop: &CancellationToken) -> bool {
+    let written = crate::retry_clickhouse(stop, "writing breach history", || {
+        tollgate_store::insert_rows(ch, tables::BREACH_HISTORY, &b.breaches)
     })
     .await
-    .is_none()
-        || crate::retry_clickhouse(stop, "writing alert history", || {
-            tollgate_store::insert_rows(ch, tables::ALERT_HISTORY, alerts)
+    .is_some()
+        && crate::retry_clickhouse(stop, "writing alert history", || {
+            tollgate_store::insert_rows(ch, tables::ALERT_HISTORY, &b.alerts)
         })
         .await
-        .is_none()
-    {
+        .is_some()
+        && crate::retry_clickhouse(stop, "writing outcomes", || {
+            tollgate_store::insert_rows(ch, tables::OUTCOME_EVENTS, &b.outcomes)
+        })
+        .await
+        .is_some();
+    if !written {
         return false;
     }
-    metrics::history_written(breaches.len() + alerts.len());
-    breaches.clear();
-    alerts.clear();
+    metrics::history_written(b.breaches.len() + b.alerts.len());
+    metrics::outcomes_written(b.outcomes.len());
+    *b = Batches::default();
     true
 }

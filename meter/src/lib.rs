@@ -59,6 +59,8 @@ pub struct Config {
     /// The enforcer's (breaches, alerts) topics, kept in `breach_history` and `alert_history`;
     /// `None`: not kept.
     pub history: Option<(String, String)>,
+    /// The outcomes topic, kept in `outcome_events`; `None`: not kept.
+    pub outcomes_topic: Option<String>,
     /// How long the last write at shutdown may retry while ClickHouse is away; what it could
     /// not write is read again from the checkpoints by the next start.
     pub final_flush_timeout: Duration,
@@ -89,6 +91,7 @@ impl Config {
             kafka_extra: Vec::new(),
             metrics: None,
             history: Some((tollgate_schemas::topics::BREACHES.into(), tollgate_schemas::topics::ALERTS.into())),
+            outcomes_topic: Some(tollgate_schemas::topics::OUTCOMES.into()),
             final_flush_timeout: FINAL_FLUSH_TIMEOUT,
         }
     }
@@ -104,24 +107,28 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let http = axum::serve(listener, tollgate_runtime::ops_router(config.metrics.clone()))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let http = tokio::spawn(async move { http.await });
-    let history = config.history.clone().map(|(breaches_topic, alerts_topic)| {
+    let follow = |group: &str, topics: Vec<(history::Kind, String)>| {
         let hc = history::HistoryConfig {
             brokers: config.brokers.clone(),
-            breaches_topic,
-            alerts_topic,
+            group_id: format!("{}-{group}", config.group_id),
+            topics,
             kafka_extra: config.kafka_extra.clone(),
             batch_max_rows: 10_000,
             batch_max_wait: config.batch_max_wait,
             final_flush_timeout: config.final_flush_timeout,
         };
         tokio::spawn(history::run(hc, config.clickhouse.client(), shutdown.clone()))
+    };
+    let history = config.history.clone().map(|(breaches, alerts)| {
+        follow("history", vec![(history::Kind::Breaches, breaches), (history::Kind::Alerts, alerts)])
     });
+    let outcomes = config.outcomes_topic.clone().map(|t| follow("outcomes", vec![(history::Kind::Outcomes, t)]));
     let result = consume(&config, &shutdown).await;
     shutdown.cancel();
-    if let Some(h) = history {
+    for h in history.into_iter().chain(outcomes) {
         match h.await {
-            Ok(Err(e)) => error!(error = %e, "decision and alert history stopped"),
-            Err(e) => error!(error = %e, "decision and alert history task failed"),
+            Ok(Err(e)) => error!(error = %e, "decision, alert or outcome history stopped"),
+            Err(e) => error!(error = %e, "decision, alert or outcome history task failed"),
             Ok(Ok(())) => {}
         }
     }

@@ -83,6 +83,12 @@ struct RunArgs {
     /// Do not keep the decision and alert history.
     #[arg(long)]
     no_history: bool,
+    /// Outcomes posted to the ingress (`POST /v1/outcomes`), kept in `outcome_events`.
+    #[arg(long, default_value = tollgate_schemas::topics::OUTCOMES)]
+    outcomes_topic: String,
+    /// Do not keep outcomes.
+    #[arg(long)]
+    no_outcomes: bool,
     /// Consumer group: with `--group` the meters that share the partitions; otherwise the group
     /// the standalone meter commits its offsets under (for monitoring only).
     #[arg(long, default_value = "tollgate-meter")]
@@ -152,6 +158,7 @@ async fn run(args: RunArgs) -> ExitCode {
     config.kafka_extra = args.kafka_options;
     config.dead_letter_topic = args.dead_letter_topic;
     config.history = (!args.no_history).then_some((args.breaches_topic, args.alerts_topic));
+    config.outcomes_topic = (!args.no_outcomes).then_some(args.outcomes_topic);
     config.batch_max_rows = args.batch_max_rows;
     config.batch_max_wait = std::time::Duration::from_millis(args.batch_max_wait_ms);
     config.metrics = Some(metrics);
@@ -201,7 +208,7 @@ struct ReportArgs {
     policy_dir: Option<PathBuf>,
 }
 
-#[derive(Subcommand, Debug, Clone, Copy)]
+#[derive(Subcommand, Debug, Clone)]
 enum ReportKind {
     /// Share of each workflow's cost on frontier models (price card `tier: frontier`).
     FrontierShare {
@@ -228,6 +235,16 @@ enum ReportKind {
     },
     /// Spend without a project, team or cost centre.
     Untagged,
+    /// Cost per outcome of a kind and outcomes per dollar, per group, beside the spend that
+    /// produced no outcome of that kind (outcomes posted to the ingress's POST /v1/outcomes).
+    CostPerOutcome {
+        /// The outcome kind (`merged_pr`, `resolved_ticket`, …).
+        #[arg(long)]
+        kind: String,
+        /// The grouping (any but `model`).
+        #[arg(long = "by", value_enum, default_value_t = Dimension::Team)]
+        by: Dimension,
+    },
 }
 
 async fn report(args: ReportArgs) -> ExitCode {
@@ -263,12 +280,12 @@ async fn build_report(args: &ReportArgs) -> anyhow::Result<Output> {
     if args.kind.is_some() && !args.by.is_empty() {
         anyhow::bail!("--by groups chargeback; it does not apply to the failure-mode reports");
     }
-    Ok(match args.kind {
+    Ok(match args.kind.as_ref() {
         None => {
             let dims = if args.by.is_empty() { vec![Dimension::Project] } else { args.by.clone() };
             Output::chargeback(&dims, period, &reporter.chargeback(&dims, &period).await?)
         }
-        Some(ReportKind::FrontierShare { threshold }) => {
+        Some(&ReportKind::FrontierShare { threshold }) => {
             if reporter.frontier_models().await? == 0 {
                 tracing::warn!(
                     "no model is marked frontier in ClickHouse: pass --policy-dir, or run the meter with a price card that sets `tier: frontier`"
@@ -276,15 +293,18 @@ async fn build_report(args: &ReportArgs) -> anyhow::Result<Output> {
             }
             Output::frontier_share(period, threshold, &reporter.frontier_share(&period).await?)
         }
-        Some(ReportKind::ContextStuffing { threshold }) => {
+        Some(&ReportKind::ContextStuffing { threshold }) => {
             Output::context_stuffing(period, threshold, &reporter.context_stuffing(&period).await?)
         }
-        Some(ReportKind::Loops { k }) => Output::loops(period, k, &reporter.loops(&period, k).await?),
-        Some(ReportKind::Drift { threshold }) => {
+        Some(&ReportKind::Loops { k }) => Output::loops(period, k, &reporter.loops(&period, k).await?),
+        Some(&ReportKind::Drift { threshold }) => {
             Output::drift(period, threshold, &reporter.drift(&period, threshold).await?)
         }
         Some(ReportKind::Untagged) => {
             Output::untagged(period, reporter.total_cost(&period).await?, &reporter.untagged(&period).await?)
+        }
+        Some(ReportKind::CostPerOutcome { kind, by }) => {
+            Output::cost_per_outcome(period, kind, *by, &reporter.cost_per_outcome(kind, *by, &period).await?)
         }
     })
 }

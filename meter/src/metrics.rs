@@ -18,8 +18,9 @@ pub fn describe() {
     );
     describe_counter!(
         "tollgate_meter_history_skipped_total",
-        "Decision or alert records that could not be decoded (skipped, logged)"
+        "Decision, alert or outcome records that could not be decoded (skipped, logged)"
     );
+    describe_counter!("tollgate_meter_outcomes_rows_total", "Outcomes written to outcome_events");
     describe_counter!(
         "tollgate_meter_dead_letter_failures_total",
         "Undecodable usage events the dead-letter topic did not take"
@@ -97,6 +98,10 @@ pub fn rebalance(event: &'static str) {
 
 pub fn history_written(rows: usize) {
     counter!("tollgate_meter_history_rows_total").increment(rows as u64);
+}
+
+pub fn outcomes_written(rows: usize) {
+    counter!("tollgate_meter_outcomes_rows_total").increment(rows as u64);
 }
 
 pub fn history_skipped() {

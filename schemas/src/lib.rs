@@ -4,6 +4,7 @@ pub mod avro;
 pub mod decision;
 pub mod measures;
 pub mod names;
+pub mod outcome;
 pub mod policy;
 pub mod price;
 pub mod rules;
@@ -20,4 +21,6 @@ pub mod topics {
     /// The enforcers' heartbeats (which one is active) and how far alert delivery has got; one
     /// partition, keyed by the group's lease name.
     pub const ENFORCER_LEASE: &str = "tollgate.enforcer-lease.v1";
+    /// Outcomes posted to the ingress (`POST /v1/outcomes`), keyed `project/outcome_id`.
+    pub const OUTCOMES: &str = "tollgate.outcomes.v1";
 }

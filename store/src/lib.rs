@@ -28,6 +28,8 @@ pub mod tables {
     pub const BREACH_HISTORY: &str = "breach_history";
     /// The enforcer's alerts as the meter read them (`rows::AlertRow`).
     pub const ALERT_HISTORY: &str = "alert_history";
+    /// Outcomes posted to the ingress, one per (project, outcome id) (`rows::OutcomeRow`).
+    pub const OUTCOME_EVENTS: &str = "outcome_events";
 }
 
 #[derive(Debug, Clone)]

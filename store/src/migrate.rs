@@ -16,6 +16,7 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
     (6, "one_measure_definition", include_str!("../migrations/0006_one_measure_definition.sql")),
     (7, "event_positions", include_str!("../migrations/0007_event_positions.sql")),
     (8, "window_rejected", include_str!("../migrations/0008_window_rejected.sql")),
+    (9, "outcomes", include_str!("../migrations/0009_outcomes.sql")),
 ];
 
 /// Statements that create the database and the version table, before any migration.
@@ -56,9 +57,25 @@ pub fn split_statements(sql: &str) -> Vec<String> {
 /// A migration's SQL for database `db`: `{db}` is the database; `{prompt_tokens}` and
 /// `{total_tokens}` are the one definition of those quantities (`tollgate_schemas::usage::sql`);
 /// `{stuffing_rows}`, `{drift_rows}`, `{loop_rows}`, `{session_hour_has_tokens}` and
-/// `{session_hour_p95}` are the failure-mode measures' (`tollgate_schemas::measures`).
+/// `{session_hour_p95}` are the failure-mode measures' (`tollgate_schemas::measures`);
+/// `{cost_per_outcome_by_team}` and `{cost_per_outcome_by_workflow}` the monthly cost per outcome
+/// (`tollgate_schemas::outcome::sql`).
 fn render(sql: &str, db: &str) -> String {
     use tollgate_schemas::measures;
+    let by = |group: &str| {
+        let month = |col: &str| format!("toStartOfMonth({col}, 'UTC')");
+        tollgate_schemas::outcome::sql::cost_per_outcome(
+            db,
+            &tollgate_schemas::outcome::sql::Shape {
+                group,
+                outcome_bucket: &month("occurred_at"),
+                usage_bucket: &month("ended_at"),
+                usage_kind: &format!("arrayJoin((SELECT groupUniqArray(kind) FROM {db}.outcome_events))"),
+                outcome_cond: "1",
+                usage_cond: "1",
+            },
+        )
+    };
     use tollgate_schemas::usage::sql::{PROMPT_TOKENS, TOTAL_TOKENS};
     sql.replace("{db}", db)
         .replace("{prompt_tokens}", PROMPT_TOKENS)
@@ -68,6 +85,8 @@ fn render(sql: &str, db: &str) -> String {
         .replace("{loop_rows}", measures::LOOP_ROWS)
         .replace("{session_hour_has_tokens}", measures::SESSION_HOUR_HAS_TOKENS)
         .replace("{session_hour_p95}", &measures::session_hour_quantile(0.95, "tokens"))
+        .replace("{cost_per_outcome_by_team}", &by("team"))
+        .replace("{cost_per_outcome_by_workflow}", &by("workflow_tag"))
 }
 
 /// Every statement for database `db`, in order, with the version each belongs to (0: bootstrap).

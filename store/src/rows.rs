@@ -1,10 +1,11 @@
 //! The rows written to ClickHouse, one type per table: `usage_events`, `usage_windows`,
-//! `session_hours`, `meter_checkpoints`, `breach_history` and `alert_history`. The meter writes
+//! `session_hours`, `meter_checkpoints`, `breach_history`, `alert_history` and `outcome_events`. The meter writes
 //! them; the enforcer and the reports read the tables.
 
 use clickhouse::Row;
 use serde::{Deserialize, Serialize};
 use tollgate_schemas::decision::{Alert, BreachDecision};
+use tollgate_schemas::outcome::Outcome;
 use tollgate_schemas::usage::UsageEvent;
 
 /// One row of `usage_events` (every column but `inserted_at`, which defaults to now()).
@@ -368,6 +369,55 @@ impl AlertRow {
             scope: a.scope,
             summary: a.summary,
             notify: a.notify,
+            kafka_topic: topic.to_owned(),
+            kafka_partition: partition,
+            kafka_offset: offset,
+        }
+    }
+}
+
+/// One row of `outcome_events`: an outcome as the meter read it, with its Kafka position.
+#[derive(Debug, Clone, Row, Serialize)]
+pub struct OutcomeRow {
+    outcome_id: String,
+    kind: String,
+    value: Option<f64>,
+    occurred_at: u32,
+    occurred_at_us: i64,
+    received_at_us: i64,
+    project: String,
+    team: String,
+    user_id: String,
+    session_id: String,
+    workflow_tag: String,
+    environment: String,
+    cost_center: String,
+    api_key_id: String,
+    session_ids: Vec<String>,
+    kafka_topic: String,
+    kafka_partition: i32,
+    kafka_offset: i64,
+}
+
+impl OutcomeRow {
+    pub fn new(o: Outcome, topic: &str, partition: i32, offset: i64) -> Self {
+        let e = o.envelope;
+        OutcomeRow {
+            outcome_id: o.outcome_id,
+            kind: o.kind,
+            value: o.value,
+            occurred_at: secs(o.occurred_at_us),
+            occurred_at_us: o.occurred_at_us,
+            received_at_us: o.received_at_us,
+            project: e.project.unwrap_or_default(),
+            team: e.team.unwrap_or_default(),
+            user_id: e.user_id.unwrap_or_default(),
+            session_id: e.session_id.unwrap_or_default(),
+            workflow_tag: e.workflow_tag.unwrap_or_default(),
+            environment: e.environment.unwrap_or_default(),
+            cost_center: e.cost_center.unwrap_or_default(),
+            api_key_id: o.api_key_id.unwrap_or_default(),
+            session_ids: o.session_ids,
             kafka_topic: topic.to_owned(),
             kafka_partition: partition,
             kafka_offset: offset,

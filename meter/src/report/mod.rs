@@ -34,7 +34,8 @@ pub use output::{Cell, Kind, Output};
 pub use period::{Period, fmt_time, parse_instant};
 pub use render::{Format, format_usd};
 pub use rows::{
-    ChargebackRow, Drift, DriftRow, FrontierRow, LoopRow, StuffingRow, Totals, UntaggedRow, drift_against_previous,
+    ChargebackRow, Drift, DriftRow, FrontierRow, LoopRow, OutcomeCostRow, StuffingRow, Totals, UntaggedRow,
+    drift_against_previous, per_outcome,
 };
 
 /// Frontier-share symptom of the reference: more than half of a workflow's cost on frontier models.
@@ -199,6 +200,24 @@ impl Reporter {
 
     pub async fn untagged(&self, p: &Period) -> Result<Vec<UntaggedRow>, ReportError> {
         Ok(self.client.query(&sql::untagged(&self.db, p)).fetch_all().await?)
+    }
+
+    /// Cost per outcome of `kind`, grouped by `by` (any grouping but `model`: outcomes have none).
+    pub async fn cost_per_outcome(
+        &self,
+        kind: &str,
+        by: Dimension,
+        p: &Period,
+    ) -> Result<Vec<OutcomeCostRow>, ReportError> {
+        if !tollgate_schemas::outcome::valid_kind(kind) {
+            return Err(ReportError::Argument(format!(
+                "--kind must be a word (a lowercase letter, then lowercase letters, digits or _), not {kind:?}"
+            )));
+        }
+        let [group] = by.columns() else {
+            return Err(ReportError::Argument(format!("outcomes cannot be grouped by {}", by.name())));
+        };
+        Ok(self.client.query(&sql::cost_per_outcome(&self.db, kind, group, p)).fetch_all().await?)
     }
 
     /// All spend in the period, nano-USD.

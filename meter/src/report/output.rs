@@ -6,8 +6,8 @@ use serde_json::{Value, json};
 
 use super::rows::ratio;
 use super::{
-    ChargebackRow, Dimension, Drift, FrontierRow, LoopRow, Period, StuffingRow, Totals, UntaggedRow, format_usd,
-    key_columns,
+    ChargebackRow, Dimension, Drift, FrontierRow, LoopRow, OutcomeCostRow, Period, StuffingRow, Totals, UntaggedRow,
+    format_usd, key_columns, per_outcome,
 };
 
 /// What a column holds, which decides how it prints.
@@ -335,6 +335,60 @@ impl Output {
 }
 
 /// A total row: `TOTAL` under the first grouping column, blanks under the others.
+impl Output {
+    /// Per group: outcomes of `kind`, their value, the spend on them, cost per outcome, outcomes
+    /// per dollar, and the spend that produced none.
+    pub fn cost_per_outcome(period: Period, kind: &str, by: Dimension, rows: &[OutcomeCostRow]) -> Output {
+        let per_usd = |outcomes: u64, cost: i64| Cell::Float(ratio(outcomes as f64, cost as f64 / 1e9));
+        let body = rows
+            .iter()
+            .map(|r| {
+                vec![
+                    Cell::Text(r.key.clone()),
+                    Cell::UInt(r.outcomes),
+                    Cell::Float(r.value),
+                    Cell::Int(r.outcome_cost_nanos),
+                    Cell::Int(r.cost_per_outcome_nanos()),
+                    per_usd(r.outcomes, r.outcome_cost_nanos),
+                    Cell::Int(r.other_cost_nanos),
+                ]
+            })
+            .collect();
+        let outcomes: u64 = rows.iter().map(|r| r.outcomes).sum();
+        let cost: i64 = rows.iter().map(|r| r.outcome_cost_nanos).sum();
+        let other: i64 = rows.iter().map(|r| r.other_cost_nanos).sum();
+        let value: f64 = rows.iter().map(|r| r.value).sum();
+        let group = by.columns().first().copied().unwrap_or("key");
+        Output {
+            name: "cost-per-outcome",
+            title: format!("cost per {kind} outcome, by {}", by.name()),
+            period,
+            parameters: vec![("kind", json!(kind)), ("by", json!(by.name()))],
+            columns: cols(&[
+                (group, Kind::Key),
+                ("outcomes", Kind::Number),
+                ("value", Kind::Float(2)),
+                ("outcome_cost_usd", Kind::Usd),
+                ("cost_per_outcome_usd", Kind::Usd),
+                ("outcomes_per_usd", Kind::Float(4)),
+                ("no_outcome_cost_usd", Kind::Usd),
+            ]),
+            rows: body,
+            total: Some(total_row(
+                1,
+                vec![
+                    Cell::UInt(outcomes),
+                    Cell::Float(value),
+                    Cell::Int(cost),
+                    Cell::Int(per_outcome(cost, outcomes)),
+                    per_usd(outcomes, cost),
+                    Cell::Int(other),
+                ],
+            )),
+        }
+    }
+}
+
 fn total_row(keys: usize, figures: Vec<Cell>) -> Vec<Cell> {
     let mut cells: Vec<Cell> =
         (0..keys).map(|i| if i == 0 { Cell::Text("TOTAL".into()) } else { Cell::Empty }).collect();

@@ -159,3 +159,33 @@ pub struct UntaggedRow {
     pub requests: u64,
     pub cost_nanos: i64,
 }
+
+/// One group of `cost-per-outcome`: its outcomes of the kind, what they are worth, the spend on
+/// them and the spend on none of them (`tollgate_schemas::outcome::sql`).
+#[derive(Debug, Clone, PartialEq, Row, Deserialize)]
+pub struct OutcomeCostRow {
+    /// Always 0 in the report (one bucket: the period); a month in the views.
+    pub bucket: u8,
+    pub kind: String,
+    pub key: String,
+    pub outcomes: u64,
+    pub value: f64,
+    pub outcome_cost_nanos: i64,
+    pub other_cost_nanos: i64,
+}
+
+impl OutcomeCostRow {
+    /// The spend on the group's outcomes over their number, rounded to the nearest nano-USD; 0
+    /// without outcomes.
+    pub fn cost_per_outcome_nanos(&self) -> i64 {
+        per_outcome(self.outcome_cost_nanos, self.outcomes)
+    }
+}
+
+/// `cost_nanos / outcomes`, rounded half away from zero; 0 when there is no outcome.
+pub fn per_outcome(cost_nanos: i64, outcomes: u64) -> i64 {
+    match i64::try_from(outcomes) {
+        Ok(n) if n > 0 => (i128::from(cost_nanos) * 2 + i128::from(n)).div_euclid(2 * i128::from(n)) as i64,
+        _ => 0,
+    }
+}

@@ -103,3 +103,20 @@ pub fn untagged(db: &str, p: &Period) -> String {
 pub fn total_cost(db: &str, p: &Period) -> String {
     format!("SELECT sum(cost_nanos) FROM {db}.usage_events FINAL WHERE {cond}", cond = p.condition())
 }
+
+/// Cost per outcome of `kind` (a word, [`tollgate_schemas::outcome::valid_kind`]) grouped by
+/// `group`'s column: outcomes that occurred in the period, usage that ended in it.
+pub fn cost_per_outcome(db: &str, kind: &str, group: &str, p: &Period) -> String {
+    use tollgate_schemas::outcome::sql::{Shape, cost_per_outcome};
+    let literal = format!("'{kind}'");
+    let outcome_cond = format!("kind = {literal} AND {}", p.condition_on("occurred_at"));
+    let shape = Shape {
+        group,
+        outcome_bucket: "toUInt8(0)",
+        usage_bucket: "toUInt8(0)",
+        usage_kind: &literal,
+        outcome_cond: &outcome_cond,
+        usage_cond: &p.condition(),
+    };
+    format!("{} ORDER BY outcome_cost_nanos DESC, key", cost_per_outcome(db, &shape))
+}

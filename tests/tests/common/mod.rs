@@ -229,6 +229,7 @@ pub fn meter_config(topic: &str, database: &str) -> tollgate_meter::Config {
     config.metrics = Some(metrics());
     // The shared broker's default breaches and alerts topics are no test's business.
     config.history = None;
+    config.outcomes_topic = None;
     config
 }
 
