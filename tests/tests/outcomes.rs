@@ -219,3 +219,40 @@ async fn cost_per_outcome_counts_each_outcome_once_and_matches_the_raw_rows() {
     ingress.stop().await;
     mock.stop().await;
 }
+
+/// A broker that does not take the outcome: 503 with `Retry-After` and `not_recorded`, counted,
+/// within the delivery timeout; the caller holds the outcome and posts it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_the_broker_does_not_take_is_a_503_to_retry() {
+    let mock = common::start_mock().await;
+    let policy = tempfile::tempdir().unwrap();
+    common::write_policy(policy.path(), mock.addr);
+    let spool = tempfile::tempdir().unwrap();
+    // Nothing listens on port 1: no broker at all.
+    let mut ic = common::ingress_config(policy.path(), "127.0.0.1:1", "outcomes_nowhere", spool.path());
+    ic.decisions_start_timeout = Duration::from_secs(1);
+    let ingress = common::start_ingress_with(ic).await;
+    let http = reqwest::Client::new();
+    let started = std::time::Instant::now();
+    let resp = http
+        .post(format!("http://{}/v1/outcomes", ingress.addr))
+        .header("X-TFY-Project", "shop")
+        .json(&json!({"id": "pr-1", "kind": "merged_pr", "session_ids": ["s-a"]}))
+        .send()
+        .await
+        .unwrap();
+    let waited = started.elapsed();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers().get("retry-after").map(|v| v.to_str().unwrap()), Some("1"));
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "not_recorded", "{body}");
+    assert!(waited < Duration::from_secs(30), "the post waited {waited:?}");
+    let metrics = http.get(format!("http://{}/metrics", ingress.addr)).send().await.unwrap().text().await.unwrap();
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("tollgate_ingress_outcomes_total") && l.contains("not_recorded"))
+        .unwrap_or_else(|| panic!("no not_recorded count in\n{metrics}"));
+    assert!(line.split_whitespace().last().unwrap().parse::<f64>().unwrap() >= 1.0, "{line}");
+    ingress.stop().await;
+    mock.stop().await;
+}
