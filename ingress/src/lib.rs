@@ -22,6 +22,7 @@ pub mod publish;
 pub mod record;
 pub mod route;
 pub mod spool;
+pub mod trace;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -70,6 +71,8 @@ pub struct Config {
     pub breaches_topic: String,
     /// Where `POST /v1/outcomes` publishes.
     pub outcomes_topic: String,
+    /// OpenTelemetry trace export; `None`: none (the caller's trace id is still recorded).
+    pub traces: Option<trace::TracesConfig>,
     /// Act on no breach decision: record on usage events what each would have done.
     pub audit_only: bool,
     /// How long start-up waits for the breaches topic to be read before serving.
@@ -101,6 +104,7 @@ impl Config {
             metrics: None,
             breaches_topic: tollgate_schemas::topics::BREACHES.into(),
             outcomes_topic: tollgate_schemas::topics::OUTCOMES.into(),
+            traces: None,
             audit_only: false,
             decisions_start_timeout: Duration::from_secs(15),
             decisions_required: false,
@@ -181,6 +185,7 @@ pub struct App {
     pub decisions: Arc<decisions::DecisionCache>,
     queue: gate::Queue,
     outcomes: outcomes::Sink,
+    tracing: Option<trace::Tracing>,
 }
 
 impl App {
@@ -257,6 +262,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let live = Live::new(Arc::new(policy))?;
     let spool = publish::SpoolConfig::new(config.spool_dir.clone(), config.spool_max_bytes);
     let outcomes = outcomes::Sink::new(&config.kafka, config.outcomes_topic.clone())?;
+    let tracing = config.traces.as_ref().map(|t| trace::Tracing::start(t, http.clone())).transpose()?;
     let (publisher, task) = Publisher::start(&config.kafka, config.publish_queue, spool)?;
     // The breach decisions are read before the first request is served (or the deadline passes).
     let cache = decisions::DecisionCache::with_own_keys(config.audit_only, config.own_count_keys);
@@ -286,6 +292,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         decisions: cache,
         queue: gate::Queue::new(config.max_queued),
         outcomes,
+        tracing,
     });
     let sweeper = tokio::spawn(sweep_own_counts(Arc::clone(&app.decisions), shutdown.clone()));
     let reloads = config.reload.clone().map(|opts| {
@@ -306,7 +313,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
             debug!(error = %e, "cannot set TCP_NODELAY on an accepted connection");
         }
     });
-    let server = axum::serve(listener, router(app)).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let server =
+        axum::serve(listener, router(Arc::clone(&app))).with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let grace = async {
         shutdown.cancelled().await;
         tokio::time::sleep(config.shutdown_grace).await;
@@ -326,6 +334,10 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     follower.stop().await;
     sweeper.abort();
     task.shutdown().await;
+    // Every request has ended (or was cut): its spans are queued; send them.
+    if let Some(t) = &app.tracing {
+        t.shutdown(Duration::from_secs(5)).await;
+    }
     served?;
     info!("ingress stopped");
     Ok(())

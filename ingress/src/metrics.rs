@@ -48,6 +48,10 @@ static USAGE: LazyLock<Handles<Handles<UsageCounters>>> = LazyLock::new(Handles:
 
 pub fn describe() {
     describe_counter!(
+        "tollgate_ingress_trace_spans_total",
+        "Trace spans, by result: exported, dropped_queue_full (the export queue was full), dropped_export_failed"
+    );
+    describe_counter!(
         "tollgate_ingress_outcomes_total",
         "Outcome posts (POST /v1/outcomes), by result: recorded, refused (4xx), not_recorded (5xx: the broker did not take it)"
     );
@@ -338,4 +342,9 @@ pub fn outcome(status: u16) {
         _ => "not_recorded",
     };
     counter!("tollgate_ingress_outcomes_total", "result" => result).increment(1);
+}
+
+/// `n` spans that ended as `result` (`exported`, `dropped_queue_full`, `dropped_export_failed`).
+pub fn trace_spans(result: &'static str, n: u64) {
+    counter!("tollgate_ingress_trace_spans_total", "result" => result).increment(n);
 }

@@ -12,6 +12,7 @@ use crate::intake::Hold;
 use crate::metrics;
 use crate::provider::Usage;
 use crate::publish::Publisher;
+use crate::trace::RequestTrace;
 
 /// Everything known about an upstream attempt once its target is chosen; finished into one event.
 pub struct RequestRecord {
@@ -39,6 +40,14 @@ pub struct RequestRecord {
     pub ticket: Option<Arc<Ticket>>,
     /// The attempt's intake record, completed when its event is spooled.
     pub intake: Option<Hold>,
+    /// The request's trace: its id goes on the event, and the attempt becomes a span.
+    pub trace: RequestTrace,
+    /// The GenAI operation (`chat`, `embeddings`), for the spans.
+    pub operation: &'static str,
+    /// When this attempt began (µs since the epoch); the request's start is `started_at_us`.
+    pub attempt_started_at_us: i64,
+    /// The provider's wire format (`openai`, `anthropic`): `gen_ai.provider.name`.
+    pub provider_kind: &'static str,
 }
 
 /// How the request ended.
@@ -127,6 +136,7 @@ impl RequestRecord {
             // The same tokens the enforcer counts for this event (`UsageEvent::total_tokens`).
             t.settle(event.ended_at_us, event.total_tokens(), event.cost_nanos);
         }
+        self.trace.record(&event, self.operation, self.attempt_started_at_us, self.provider_kind);
         self.publisher.publish(event, self.intake.take());
     }
 
@@ -180,6 +190,7 @@ impl RequestRecord {
             cost_nanos,
             price_card_version: self.price_card_version.clone(),
             decision: self.decision.clone(),
+            trace_id: self.trace.trace_id(),
         }
     }
 }

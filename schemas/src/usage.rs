@@ -7,8 +7,10 @@ use crate::avro::{AvroCodec, CodecError};
 
 /// The `.avsc` this type must match; `tests::rust_type_matches_avsc` fails when they drift.
 pub const USAGE_EVENT_AVSC: &str = include_str!("../avro/usage_event.avsc");
-/// Earlier versions of the usage event, still read (v1 lacked the `Interrupted` status).
-pub const USAGE_EVENT_EARLIER_AVSC: [&str; 1] = [include_str!("../avro/history/usage_event.v1.avsc")];
+/// Earlier versions of the usage event, still read (v1 lacked the `Interrupted` status, v2 the
+/// `trace_id`).
+pub const USAGE_EVENT_EARLIER_AVSC: [&str; 2] =
+    [include_str!("../avro/history/usage_event.v1.avsc"), include_str!("../avro/history/usage_event.v2.avsc")];
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, AvroSchema)]
 #[avro(namespace = "tollgate.v1")]
@@ -78,6 +80,15 @@ pub enum TokenSource {
     Estimated,
 }
 
+impl TokenSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenSource::Provider => "provider",
+            TokenSource::Estimated => "estimated",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, AvroSchema)]
 #[avro(namespace = "tollgate.v1")]
 pub struct AppliedDecision {
@@ -118,6 +129,8 @@ pub struct UsageEvent {
     pub cost_nanos: i64,
     pub price_card_version: String,
     pub decision: Option<AppliedDecision>,
+    /// The request's W3C trace id (32 lowercase hex digits), when it has one.
+    pub trace_id: Option<String>,
 }
 
 /// The one definition of each token quantity, as SQL over a row of `usage_events` (or of any
@@ -218,13 +231,14 @@ impl UsageEvent {
             cost_nanos: 0,
             price_card_version: "v".into(),
             decision: None,
+            trace_id: None,
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
     use proptest::prelude::*;
 
@@ -280,6 +294,7 @@ mod tests {
             cost_nanos in any::<i64>(),
             price_card_version in "[a-z0-9\\-]{1,16}",
             decision in proptest::option::of(decision()),
+            trace_id in proptest::option::of("[0-9a-f]{32}"),
         ) -> UsageEvent {
             UsageEvent {
                 event_id: uuid_like(times.0),
@@ -290,7 +305,7 @@ mod tests {
                 input_tokens: tokens[0], output_tokens: tokens[1], cached_input_tokens: tokens[2],
                 cache_write_tokens: tokens[3], reasoning_tokens: tokens[4],
                 reference_input_tokens, input_chars, token_source, cost_nanos,
-                price_card_version, decision,
+                price_card_version, decision, trace_id,
             }
         }
     }
@@ -346,12 +361,20 @@ mod tests {
 
     #[test]
     fn reads_events_an_earlier_schema_wrote() {
-        let v1 = AvroCodec::from_avsc(USAGE_EVENT_EARLIER_AVSC[0]).unwrap();
+        use apache_avro::headers::{HeaderBuilder, RabinFingerprintHeader};
+        use apache_avro::types::Value;
         let ev = UsageEvent { status: Status::Timeout, ..UsageEvent::example("e1".into(), Some("s".into()), 7) };
-        let bytes = v1.encode(&ev).unwrap();
         let current = UsageEvent::codec().unwrap();
-        assert_ne!(bytes[..10], current.encode(&ev).unwrap()[..10], "a new fingerprint");
-        assert_eq!(current.decode::<UsageEvent>(&bytes).unwrap(), ev);
+        for earlier in USAGE_EVENT_EARLIER_AVSC {
+            // What a writer of the earlier schema sent: the event without the fields it lacked.
+            let old = AvroCodec::from_avsc(earlier).unwrap();
+            let Value::Record(mut fields) = apache_avro::to_value(&ev).unwrap() else { panic!("a record") };
+            fields.retain(|(name, _)| old.schema().canonical_form().contains(&format!("\"name\":\"{name}\"")));
+            let mut bytes = RabinFingerprintHeader::from_schema(old.schema()).build_header();
+            bytes.extend(apache_avro::to_avro_datum(old.schema(), Value::Record(fields)).unwrap());
+            assert_ne!(bytes[..10], current.encode(&ev).unwrap()[..10], "a new fingerprint");
+            assert_eq!(current.decode::<UsageEvent>(&bytes).unwrap(), ev);
+        }
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
     (7, "event_positions", include_str!("../migrations/0007_event_positions.sql")),
     (8, "window_rejected", include_str!("../migrations/0008_window_rejected.sql")),
     (9, "outcomes", include_str!("../migrations/0009_outcomes.sql")),
+    (10, "trace_id", include_str!("../migrations/0010_trace_id.sql")),
 ];
 
 /// Statements that create the database and the version table, before any migration.

@@ -76,6 +76,7 @@ fn event(
         cost_nanos: input * 1_000 + output * 5_000 + 7,
         price_card_version: "2026-04".into(),
         decision: None,
+        trace_id: None,
     }
 }
 

@@ -9,6 +9,9 @@ use std::process::Command;
 
 /// What migration 0003 creates: the model-tier table and the chargeback and failure-mode views.
 const CHARGEBACK_OBJECTS: &[&str] = &[
+    "outcome_events",
+    "cost_per_outcome_by_team",
+    "cost_per_outcome_by_workflow",
     "model_tiers",
     "frontier_models",
     "chargeback_by_project",
@@ -90,6 +93,11 @@ fn migrations_run_on_current_clickhouse() {
         text.push_str(&q);
         text.push_str("\n-- ;;\n");
     }
+    // The report's cost per outcome, and the views built from the same SQL.
+    let all_time = tollgate_meter::report::Period::between(None, None).unwrap();
+    text.push_str(&tollgate_meter::report::sql::cost_per_outcome(db, "merged_pr", "team", &all_time));
+    text.push_str("\n-- ;;\n");
+    text.push_str(&format!("SELECT count() FROM {db}.cost_per_outcome_by_workflow\n-- ;;\n"));
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("statements.sql");
     std::fs::write(&file, text).unwrap();
@@ -105,5 +113,5 @@ fn migrations_run_on_current_clickhouse() {
     {
         assert!(stdout.contains(&format!("\"{t}\"\n")), "{t} missing on current ClickHouse: {stdout}");
     }
-    assert!(stdout.contains("\n43\n"), "usage_events has its 43 columns on current ClickHouse: {stdout}");
+    assert!(stdout.contains("\n44\n"), "usage_events has its 44 columns on current ClickHouse: {stdout}");
 }

@@ -207,6 +207,13 @@ async fn serve(
     let req: Arc<Value> =
         Arc::new(serde_json::from_slice(&bytes).map_err(|e| IngressError::MalformedJson(e.to_string()))?);
     let model = validate(endpoint, &req)?;
+    let trace = crate::trace::RequestTrace::begin(
+        app.tracing.as_ref(),
+        headers,
+        crate::trace::operation(endpoint == Endpoint::Embeddings),
+        model,
+        started_at_us,
+    );
     let envelope = envelope::extract(headers, &policy.envelope, key)?;
     let resolved = resolve(policy, key, model)?;
     // Declared before the plan, which may borrow it.
@@ -240,7 +247,8 @@ async fn serve(
     let pass = match gated {
         Ok(pass) => pass,
         Err(refusal) => {
-            let refused = Refused { endpoint, event_id, started, started_at_us, stream, vm_label: vm_label.as_str() };
+            let refused =
+                Refused { endpoint, event_id, started, started_at_us, stream, vm_label: vm_label.as_str(), trace };
             refused.record(app, policy, &envelope, key, refusal.applied, &refusal.blocked);
             return Err(IngressError::Blocked(Box::new(refusal.blocked)));
         }
@@ -282,6 +290,7 @@ async fn serve(
         ticket: pass.ticket,
         cuts: pass.cuts,
         gone,
+        trace,
     }
     .try_targets()
     .await
@@ -310,6 +319,7 @@ struct Admitted<'r> {
     ticket: Option<Arc<Ticket>>,
     cuts: Vec<StreamCut>,
     gone: &'r CancellationToken,
+    trace: crate::trace::RequestTrace,
 }
 
 impl Admitted<'_> {
@@ -374,6 +384,13 @@ impl Admitted<'_> {
                     decision: self.applied.clone(),
                     ticket: self.ticket.clone(),
                     intake: None,
+                    trace: self.trace.clone(),
+                    operation: crate::trace::operation(self.endpoint == Endpoint::Embeddings),
+                    attempt_started_at_us: crate::clock::now_us(),
+                    provider_kind: match provider.kind {
+                        ProviderKind::Openai => "openai",
+                        ProviderKind::Anthropic => "anthropic",
+                    },
                 };
                 record.journal_intake();
                 let outcome = match call(
@@ -449,6 +466,7 @@ struct Refused<'a> {
     started_at_us: i64,
     stream: bool,
     vm_label: &'a str,
+    trace: crate::trace::RequestTrace,
 }
 
 impl Refused<'_> {
@@ -484,6 +502,10 @@ impl Refused<'_> {
             decision: Some(applied),
             ticket: None,
             intake: None,
+            operation: crate::trace::operation(self.endpoint == Endpoint::Embeddings),
+            attempt_started_at_us: self.started_at_us,
+            provider_kind: "",
+            trace: self.trace,
         };
         record.finish(Outcome::failed(Status::Rejected, 429, b.message(), false));
     }
