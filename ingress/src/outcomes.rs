@@ -82,6 +82,9 @@ struct Posted {
     occurred_at: Option<String>,
     #[serde(default)]
     session_ids: Vec<String>,
+    /// W3C trace ids (32 lowercase hex digits), as usage rows carry them.
+    #[serde(default)]
+    trace_ids: Vec<String>,
 }
 
 pub async fn post(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
@@ -125,6 +128,7 @@ async fn record(app: &App, headers: &HeaderMap, body: Body) -> Result<Response, 
         envelope,
         api_key_id: key.map(|k| k.id.clone()),
         session_ids: sessions(posted.session_ids)?,
+        trace_ids: traces(posted.trace_ids)?,
     };
     app.outcomes.publish(&outcome).await?;
     let body = json!({
@@ -132,6 +136,7 @@ async fn record(app: &App, headers: &HeaderMap, body: Body) -> Result<Response, 
         "kind": outcome.kind,
         "recorded": true,
         "session_ids": outcome.session_ids,
+        "trace_ids": outcome.trace_ids,
         "project": outcome.envelope.project,
         "workflow_tag": outcome.envelope.workflow_tag,
     });
@@ -159,6 +164,28 @@ fn sessions(ids: Vec<String>) -> Result<Vec<String>, IngressError> {
         return Err(invalid(format!("session_ids has {} entries; at most {MAX_SESSIONS}", ids.len())));
     }
     let mut out = ids.into_iter().map(|s| checked_id("each of session_ids", s)).collect::<Result<Vec<_>, _>>()?;
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
+/// The trace ids, each 32 lowercase hex digits and not all zero, sorted and without repeats.
+fn traces(ids: Vec<String>) -> Result<Vec<String>, IngressError> {
+    if ids.len() > MAX_SESSIONS {
+        return Err(invalid(format!("trace_ids has {} entries; at most {MAX_SESSIONS}", ids.len())));
+    }
+    let valid = |t: &str| {
+        t.len() == 32
+            && t.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            && t.bytes().any(|b| b != b'0')
+    };
+    if let Some(bad) = ids.iter().find(|t| !valid(t)) {
+        return Err(invalid(format!(
+            "each of trace_ids must be a W3C trace id (32 lowercase hex digits, not all zero), not {:?}",
+            bad.chars().take(40).collect::<String>()
+        )));
+    }
+    let mut out = ids;
     out.sort_unstable();
     out.dedup();
     Ok(out)
@@ -192,6 +219,15 @@ mod tests {
         assert!(sessions(vec!["x\n".into()]).is_err());
         assert!(sessions(vec!["s".repeat(MAX_ID_LEN + 1)]).is_err());
         assert!(sessions((0..=MAX_SESSIONS).map(|i| i.to_string()).collect()).is_err());
+    }
+
+    #[test]
+    fn trace_ids_are_w3c_ids() {
+        let id = "4bf92f3577b34da6a3ce929d0e0e4736".to_owned();
+        assert_eq!(traces(vec![id.clone(), id.clone()]).unwrap(), [id]);
+        for bad in ["4BF92F3577B34DA6A3CE929D0E0E4736", "00000000000000000000000000000000", "4bf92f", "zz"] {
+            assert!(traces(vec![bad.into()]).is_err(), "{bad}");
+        }
     }
 
     #[test]

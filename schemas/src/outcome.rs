@@ -12,7 +12,7 @@ pub const OUTCOME_AVSC: &str = include_str!("../avro/outcome.avsc");
 
 /// Longest outcome id, kind, or session id an outcome may carry.
 pub const MAX_ID_LEN: usize = 256;
-/// Most sessions one outcome may name.
+/// Most sessions, and most traces, one outcome may name.
 pub const MAX_SESSIONS: usize = 1_000;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, AvroSchema)]
@@ -26,6 +26,7 @@ pub struct Outcome {
     pub envelope: Envelope,
     pub api_key_id: Option<String>,
     pub session_ids: Vec<String>,
+    pub trace_ids: Vec<String>,
 }
 
 impl Outcome {
@@ -48,12 +49,13 @@ pub fn valid_kind(kind: &str) -> bool {
         && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
 }
 
-/// Cost per outcome, as SQL: the one definition the views (migration 0009) and
+/// Cost per outcome, as SQL: the one definition the views (migration 0010) and
 /// `tollgate-meter report cost-per-outcome` both use.
 ///
 /// A usage row (`usage_events FINAL`) is *spent on* outcomes of a kind when, in the same bucket
 /// (a month in the views, the report's whole period), an outcome of that kind and of the same
-/// project names its session, or names no session and carries its workflow tag. Every other row
+/// project names its session or its trace, or names neither sessions nor traces and carries its
+/// workflow tag. Every other row
 /// is spend that produced no outcome of that kind. Outcomes are counted by their own envelope's
 /// group column, spend by the usage row's.
 pub mod sql {
@@ -90,8 +92,11 @@ pub mod sql {
                  SELECT {usage_bucket} AS bucket, {usage_kind} AS kind, {group} AS key, cost_nanos, \
                    (session_id != '' AND (bucket, kind, project, session_id) IN \
                        (SELECT {outcome_bucket}, kind, project, arrayJoin(session_ids) FROM {outcomes})) \
+                   OR (trace_id != '' AND (bucket, kind, project, trace_id) IN \
+                       (SELECT {outcome_bucket}, kind, project, arrayJoin(trace_ids) FROM {outcomes})) \
                    OR (bucket, kind, project, workflow_tag) IN \
-                       (SELECT {outcome_bucket}, kind, project, workflow_tag FROM {outcomes} AND empty(session_ids)) \
+                       (SELECT {outcome_bucket}, kind, project, workflow_tag FROM {outcomes} \
+                        AND empty(session_ids) AND empty(trace_ids)) \
                      AS linked \
                  FROM {db}.usage_events FINAL WHERE {usage_cond} \
                ) GROUP BY bucket, kind, key \
@@ -125,6 +130,7 @@ mod tests {
             envelope: Envelope { project: Some("search".into()), ..Envelope::default() },
             api_key_id: Some("k1".into()),
             session_ids: vec!["s1".into(), "s2".into()],
+            trace_ids: vec!["4bf92f3577b34da6a3ce929d0e0e4736".into()],
         };
         let codec = Outcome::codec().unwrap();
         let back: Outcome = codec.decode(&codec.encode(&o).unwrap()).unwrap();

@@ -16,8 +16,8 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
     (6, "one_measure_definition", include_str!("../migrations/0006_one_measure_definition.sql")),
     (7, "event_positions", include_str!("../migrations/0007_event_positions.sql")),
     (8, "window_rejected", include_str!("../migrations/0008_window_rejected.sql")),
-    (9, "outcomes", include_str!("../migrations/0009_outcomes.sql")),
-    (10, "trace_id", include_str!("../migrations/0010_trace_id.sql")),
+    (9, "trace_id", include_str!("../migrations/0009_trace_id.sql")),
+    (10, "outcomes", include_str!("../migrations/0010_outcomes.sql")),
 ];
 
 /// Statements that create the database and the version table, before any migration.

@@ -20,7 +20,11 @@ fn keys() -> String {
     )
 }
 
-/// A chat request in `session` of `workflow` whose usage the mock reports as given.
+/// A trace id a caller sends with one request (`traceparent`), and an outcome names.
+const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+
+/// A chat request in `session` of `workflow` whose usage the mock reports as given; session
+/// `s-e` carries the caller's trace [`TRACE`].
 async fn chat(
     http: &reqwest::Client,
     ingress: std::net::SocketAddr,
@@ -29,8 +33,11 @@ async fn chat(
     tokens: (u64, u64),
 ) {
     let content = format!("work\n#mock prompt_tokens={} completion_tokens={}", tokens.0, tokens.1);
-    let resp = http
-        .post(format!("http://{ingress}/v1/chat/completions"))
+    let mut req = http.post(format!("http://{ingress}/v1/chat/completions"));
+    if session == "s-e" {
+        req = req.header("traceparent", format!("00-{TRACE}-00f067aa0ba902b7-01"));
+    }
+    let resp = req
         .bearer_auth(common::TEST_API_KEY)
         .header("X-TFY-Session-ID", session)
         .header("X-TFY-Workflow-Tag", workflow)
@@ -105,6 +112,7 @@ async fn cost_per_outcome_counts_each_outcome_once_and_matches_the_raw_rows() {
         ("s-c", "triage", (90, 9)),
         ("s-c", "triage", (3000, 10)),
         ("s-d", "triage", (70_000, 2_000)),
+        ("s-e", "deploy", (400, 4)),
     ] {
         chat(&http, ingress.addr, session, workflow, tokens).await;
     }
@@ -142,51 +150,61 @@ async fn cost_per_outcome_counts_each_outcome_once_and_matches_the_raw_rows() {
     let (status, body) = post(&http, ingress.addr, key, &workflow("review"), pr2).await;
     assert_eq!(status, 202, "{body}");
     assert_eq!(body["session_ids"], json!(["s-b"]), "{body}");
+    // pr-3 names the trace of s-e's request.
+    let pr3 = format!(r#"{{"id": "pr-3", "kind": "merged_pr", "trace_ids": ["{TRACE}"]}}"#);
+    let (status, body) = post(&http, ingress.addr, key, &workflow("review"), &pr3).await;
+    assert_eq!(status, 202, "{body}");
+    let bad_trace = r#"{"id": "pr-4", "kind": "merged_pr", "trace_ids": ["not-a-trace"]}"#;
+    let (status, body) = post(&http, ingress.addr, key, &[], bad_trace).await;
+    assert_eq!(status, 400, "{body}");
     let ticket = r#"{"id": "ticket-1", "kind": "resolved_ticket"}"#;
     for _ in 0..2 {
         let (status, body) = post(&http, ingress.addr, key, &workflow("triage"), ticket).await;
         assert_eq!(status, 202, "{body}");
     }
 
-    // Six usage rows; five outcome records read (pr-1 and ticket-1 twice), three outcomes.
+    // Seven usage rows; six outcome records read (pr-1 and ticket-1 twice), four outcomes.
     assert_eq!(
-        common::wait_for_count(&format!("SELECT count() FROM {db}.usage_events FINAL"), 6, Duration::from_secs(30))
+        common::wait_for_count(&format!("SELECT count() FROM {db}.usage_events FINAL"), 7, Duration::from_secs(30))
             .await,
-        6
+        7
     );
     let read_all = common::eventually(Duration::from_secs(30), || async {
-        common::ch_count(&format!("SELECT max(kafka_offset) + 1 FROM {db}.outcome_events")).await >= 5
+        common::ch_count(&format!("SELECT max(kafka_offset) + 1 FROM {db}.outcome_events")).await >= 6
     })
     .await;
-    assert!(read_all, "the meter did not write all five outcome records");
+    assert!(read_all, "the meter did not write all six outcome records");
     let final_rows = common::ch_count(&format!("SELECT count() FROM {db}.outcome_events FINAL")).await;
     let unique_ids = common::ch_count(&format!("SELECT uniqExact(project, outcome_id) FROM {db}.outcome_events")).await;
-    assert_eq!((final_rows, unique_ids), (3, 3), "each outcome counts once");
+    assert_eq!((final_rows, unique_ids), (4, 4), "each outcome counts once");
     let dups =
         common::ch_count(&format!("SELECT count() - uniqExact(project, outcome_id) FROM {db}.outcome_events")).await;
     assert!(dups <= 2, "at most the two re-posts are kept raw until merged, found {dups}");
 
-    // Direct SQL: the named sessions' spend over the outcomes.
-    let named = cost_of(&db, "project = 'shop' AND session_id IN ('s-a', 's-b')").await;
+    // Direct SQL: the named sessions' and trace's spend over the outcomes.
+    let sessions = cost_of(&db, "project = 'shop' AND session_id IN ('s-a', 's-b')").await;
+    let traced = cost_of(&db, &format!("project = 'shop' AND trace_id = '{TRACE}'")).await;
+    let named = sessions + traced;
     let triage = cost_of(&db, "workflow_tag = 'triage'").await;
     let all = cost_of(&db, "1").await;
-    assert!(named > 0 && triage > 0 && all == named + triage, "{named} {triage} {all}");
+    assert!(sessions > 0 && traced > 0 && triage > 0 && all == named + triage, "{named} {triage} {all}");
 
     let reporter = Reporter::new(&common::meter_config(&topic, &db).clickhouse).unwrap();
     let period = Period::between(None, None).unwrap();
     let by_team = reporter.cost_per_outcome("merged_pr", Dimension::Team, &period).await.unwrap();
     assert_eq!(by_team.len(), 1, "{by_team:?}");
     let t = &by_team[0];
-    assert_eq!((t.key.as_str(), t.outcomes), ("payments", 2));
-    assert_eq!(t.outcome_cost_nanos, named, "spend on merged PRs = s-a + s-b, s-b once");
-    assert_eq!(t.cost_per_outcome_nanos(), per(named, 2));
+    assert_eq!((t.key.as_str(), t.outcomes), ("payments", 3));
+    assert_eq!(t.outcome_cost_nanos, named, "spend on merged PRs = s-a + s-b (s-b once) + the trace");
+    assert_eq!(t.cost_per_outcome_nanos(), per(named, 3));
     assert_eq!(t.other_cost_nanos, triage, "the triage spend produced no merged PR");
     assert!((t.value - 2.5).abs() < 1e-9, "{}", t.value);
 
     let by_workflow = reporter.cost_per_outcome("resolved_ticket", Dimension::Workflow, &period).await.unwrap();
     let row = |k: &str| by_workflow.iter().find(|r| r.key == k).unwrap_or_else(|| panic!("{k}: {by_workflow:?}"));
     assert_eq!((row("triage").outcomes, row("triage").outcome_cost_nanos), (1, triage));
-    assert_eq!((row("review").outcomes, row("review").other_cost_nanos), (0, named));
+    assert_eq!((row("review").outcomes, row("review").other_cost_nanos), (0, sessions));
+    assert_eq!((row("deploy").outcomes, row("deploy").other_cost_nanos), (0, traced));
 
     assert!(reporter.cost_per_outcome("Merged PR", Dimension::Team, &period).await.is_err());
     assert!(reporter.cost_per_outcome("merged_pr", Dimension::Model, &period).await.is_err());
@@ -198,8 +216,8 @@ async fn cost_per_outcome_counts_each_outcome_once_and_matches_the_raw_rows() {
     ))
     .await;
     let figures: Vec<f64> = view.split_whitespace().map(|x| x.parse().unwrap()).collect();
-    assert_eq!(figures[..3], [2.0, named as f64, triage as f64], "{view}");
-    assert!((figures[3] - named as f64 / 2.0).abs() < 1.0, "{view}");
+    assert_eq!(figures[..3], [3.0, named as f64, triage as f64], "{view}");
+    assert!((figures[3] - named as f64 / 3.0).abs() < 1.0, "{view}");
 
     // The command line prints the report's figures as CSV.
     let out = tokio::process::Command::new(common::binary("tollgate-meter", "tollgate-meter"))
@@ -212,8 +230,8 @@ async fn cost_per_outcome_counts_each_outcome_once_and_matches_the_raw_rows() {
     assert!(out.status.success(), "{csv}\n{}", String::from_utf8_lossy(&out.stderr));
     let usd = |n: i64| tollgate_meter::report::format_usd(n);
     let line = csv.lines().find(|l| l.starts_with("payments,")).unwrap_or_else(|| panic!("{csv}"));
-    assert!(line.starts_with("payments,2,"), "{csv}");
-    assert!(line.contains(&usd(named)) && line.contains(&usd(per(named, 2))), "{line} / {csv}");
+    assert!(line.starts_with("payments,3,"), "{csv}");
+    assert!(line.contains(&usd(named)) && line.contains(&usd(per(named, 3))), "{line} / {csv}");
 
     meter.stop().await;
     ingress.stop().await;

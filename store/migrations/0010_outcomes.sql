@@ -19,6 +19,7 @@ CREATE TABLE IF NOT EXISTS {db}.outcome_events (
     cost_center String,
     api_key_id String,
     session_ids Array(String),
+    trace_ids Array(String),
     kafka_topic String,
     kafka_partition Int32,
     kafka_offset Int64,
