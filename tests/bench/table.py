@@ -18,9 +18,10 @@ TARGET_NAMES = {
     "direct": "mock provider, direct",
     "floor": "floor proxy → mock",
     "ingress": "ingress → mock",
+    "ingress-traced": "ingress, traces exported → mock",
     "litellm": "LiteLLM → mock",
 }
-TARGET_ORDER = ["direct", "floor", "ingress", "litellm"]
+TARGET_ORDER = ["direct", "floor", "ingress", "ingress-traced", "litellm"]
 MEASURE_NAMES = {"latency": "latency", "ttft": "first token", "last": "last token"}
 
 

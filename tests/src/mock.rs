@@ -92,6 +92,8 @@ fn build(opts: MockOptions, stop: CancellationToken) -> Router {
         messages: AtomicU64::new(0),
         embeddings: AtomicU64::new(0),
         last_request_at_us: AtomicI64::new(0),
+        otlp_trace_posts: AtomicU64::new(0),
+        otlp_trace_bytes: AtomicU64::new(0),
     });
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
@@ -101,6 +103,7 @@ fn build(opts: MockOptions, stop: CancellationToken) -> Router {
         .route_layer(axum::middleware::from_fn_with_state(shared.clone(), stamp_arrival))
         .route("/healthz", get(|| async { "ok" }))
         .route("/_mock/stats", get(stats))
+        .route("/v1/traces", post(otlp_traces))
         .layer(DefaultBodyLimit::disable())
         .with_state(shared)
         .merge(webhook_sink::router())
@@ -116,6 +119,9 @@ struct Shared {
     embeddings: AtomicU64,
     /// When the last API request's head arrived, µs since the Unix epoch.
     last_request_at_us: AtomicI64,
+    /// OTLP/HTTP trace exports received (`POST /v1/traces`), and their bytes.
+    otlp_trace_posts: AtomicU64,
+    otlp_trace_bytes: AtomicU64,
 }
 
 async fn stamp_arrival(State(shared): AppState, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
@@ -918,7 +924,18 @@ async fn stats(State(shared): AppState) -> Json<Value> {
         "messages": shared.messages.load(Ordering::Relaxed),
         "embeddings": shared.embeddings.load(Ordering::Relaxed),
         "last_request_at_us": shared.last_request_at_us.load(Ordering::Relaxed),
+        "otlp_trace_posts": shared.otlp_trace_posts.load(Ordering::Relaxed),
+        "otlp_trace_bytes": shared.otlp_trace_bytes.load(Ordering::Relaxed),
     }))
+}
+
+/// An OpenTelemetry collector stand-in (OTLP/HTTP): counts each export and its bytes and answers
+/// with an empty `ExportTraceServiceResponse` (zero protobuf bytes: full success). The benchmark
+/// points an ingress's trace export here.
+async fn otlp_traces(State(shared): AppState, body: axum::body::Bytes) -> Response {
+    shared.otlp_trace_posts.fetch_add(1, Ordering::Relaxed);
+    shared.otlp_trace_bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
+    ([(axum::http::header::CONTENT_TYPE, "application/x-protobuf")], Vec::<u8>::new()).into_response()
 }
 
 // ---------------------------------------------------------------------------------------
