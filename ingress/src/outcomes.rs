@@ -109,6 +109,9 @@ async fn record(app: &App, headers: &HeaderMap, body: Body) -> Result<Response, 
         .map_err(|_| IngressError::BodyTooLarge { limit: MAX_BODY_BYTES })?;
     let posted: Posted = serde_json::from_slice(&bytes).map_err(|e| IngressError::MalformedJson(e.to_string()))?;
     let now = clock::now_us();
+    // A session header names a session too (the key may pin one: a batch job's).
+    let mut session_ids = posted.session_ids;
+    session_ids.extend(envelope.session_id.clone());
     let outcome = Outcome {
         outcome_id: checked_id("id", posted.id)?,
         kind: if valid_kind(&posted.kind) {
@@ -127,9 +130,15 @@ async fn record(app: &App, headers: &HeaderMap, body: Body) -> Result<Response, 
         received_at_us: now,
         envelope,
         api_key_id: key.map(|k| k.id.clone()),
-        session_ids: sessions(posted.session_ids)?,
+        session_ids: sessions(session_ids)?,
         trace_ids: traces(posted.trace_ids)?,
     };
+    if outcome.session_ids.is_empty() && outcome.trace_ids.is_empty() && outcome.envelope.workflow_tag.is_none() {
+        return Err(invalid(
+            "an outcome needs what produced it: session_ids, trace_ids, or a workflow tag header (its workflow's spend)"
+                .into(),
+        ));
+    }
     app.outcomes.publish(&outcome).await?;
     let body = json!({
         "id": outcome.outcome_id,

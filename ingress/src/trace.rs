@@ -19,13 +19,12 @@
 //! This is the SDK's batch processor's job, written here because that one drops silently (a log
 //! line at shutdown), and a dropped span must be a counted one.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::http::HeaderMap;
 use bytes::Bytes;
-use opentelemetry::propagation::{Extractor, TextMapPropagator};
+use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{
     Span as _, SpanKind, Status as SpanStatus, TraceContextExt, Tracer as _, TracerProvider as _,
 };
@@ -53,12 +52,14 @@ pub struct TracesConfig {
     pub max_batch: usize,
     /// Longest wait before a batch that is not full is sent.
     pub delay: Duration,
+    /// Longest an export may take; past it the batch is dropped (counted).
+    pub export_timeout: Duration,
 }
 
 impl TracesConfig {
     /// The configuration the standard variables give, or `None` when they ask for no trace
     /// export: no OTLP endpoint set, `OTEL_SDK_DISABLED=true`, or `OTEL_TRACES_EXPORTER=none`.
-    /// `OTEL_EXPORTER_OTLP_HEADERS` and `_TIMEOUT` are read by the exporter itself.
+    /// `OTEL_EXPORTER_OTLP_HEADERS` is read by the exporter itself.
     pub fn from_env() -> Option<TracesConfig> {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
         if var("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true"))
@@ -78,6 +79,12 @@ impl TracesConfig {
             max_queue: usize::try_from(number("OTEL_BSP_MAX_QUEUE_SIZE", 2048)).unwrap_or(2048).max(1),
             max_batch: usize::try_from(number("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)).unwrap_or(512).max(1),
             delay: Duration::from_millis(number("OTEL_BSP_SCHEDULE_DELAY", 5000)),
+            export_timeout: Duration::from_millis(
+                var("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT")
+                    .or_else(|| var("OTEL_EXPORTER_OTLP_TIMEOUT"))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(10_000),
+            ),
         })
     }
 }
@@ -107,7 +114,7 @@ impl Tracing {
         let mut exporter = builder.build()?;
         exporter.set_resource(&resource);
         let (to_export, queue) = mpsc::channel(cfg.max_queue);
-        let task = tokio::spawn(export_loop(queue, exporter, cfg.max_batch, cfg.delay));
+        let task = tokio::spawn(export_loop(queue, exporter, cfg.max_batch, cfg.delay, cfg.export_timeout));
         let processor = Queue { to_export: to_export.clone() };
         let provider = SdkTracerProvider::builder().with_resource(resource).with_span_processor(processor).build();
         let tracer = provider.tracer("tollgate-ingress");
@@ -115,13 +122,24 @@ impl Tracing {
         Ok(Tracing { provider, tracer, to_export, task })
     }
 
-    /// Sends every span ended so far (within `timeout`), then stops the export task.
+    /// Sends every span ended so far (within `timeout`), then stops the export task. A span
+    /// that ends later (a request cut at the end of the grace period) is dropped and counted
+    /// (`dropped_after_shutdown`), as are those the deadline left in the queue.
     pub async fn shutdown(&self, timeout: Duration) {
-        let (tx, rx) = oneshot::channel();
-        if self.to_export.send(Msg::Flush(tx)).await.is_ok() && tokio::time::timeout(timeout, rx).await.is_err() {
+        let flushed = tokio::time::timeout(timeout, async {
+            let (tx, rx) = oneshot::channel();
+            self.to_export.send(Msg::Flush(tx)).await.is_ok() && rx.await.is_ok()
+        })
+        .await;
+        if !matches!(flushed, Ok(true)) {
             warn!("trace export did not finish within the shutdown deadline");
         }
         self.task.abort();
+        // Aborting drops the queue; what it still held was not exported.
+        let left = self.to_export.max_capacity() - self.to_export.capacity();
+        if left > 0 {
+            metrics::trace_spans("dropped_after_shutdown", left as u64);
+        }
         if let Err(e) = self.provider.shutdown() {
             warn!(error = %e, "trace provider shutdown");
         }
@@ -138,8 +156,10 @@ impl SpanProcessor for Queue {
     fn on_start(&self, _: &mut opentelemetry_sdk::trace::Span, _: &Context) {}
 
     fn on_end(&self, span: SpanData) {
-        if self.to_export.try_send(Msg::Span(Box::new(span))).is_err() {
-            metrics::trace_spans("dropped_queue_full", 1);
+        match self.to_export.try_send(Msg::Span(Box::new(span))) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => metrics::trace_spans("dropped_queue_full", 1),
+            Err(mpsc::error::TrySendError::Closed(_)) => metrics::trace_spans("dropped_after_shutdown", 1),
         }
     }
 
@@ -159,7 +179,9 @@ async fn export_loop(
     exporter: opentelemetry_otlp::SpanExporter,
     max_batch: usize,
     delay: Duration,
+    timeout: Duration,
 ) {
+    let exporter = Export { exporter, timeout };
     let mut batch: Vec<SpanData> = Vec::with_capacity(max_batch);
     let mut tick = tokio::time::interval(delay.max(Duration::from_millis(10)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -169,38 +191,47 @@ async fn export_loop(
                 Some(Msg::Span(s)) => {
                     batch.push(*s);
                     if batch.len() >= max_batch {
-                        export(&exporter, &mut batch).await;
+                        exporter.send(&mut batch).await;
                     }
                 }
                 Some(Msg::Flush(done)) => {
                     while let Ok(Msg::Span(s)) = queue.try_recv() {
                         batch.push(*s);
                     }
-                    export(&exporter, &mut batch).await;
+                    exporter.send(&mut batch).await;
                     let _ = done.send(());
                 }
                 None => {
-                    export(&exporter, &mut batch).await;
+                    exporter.send(&mut batch).await;
                     return;
                 }
             },
-            _ = tick.tick() => export(&exporter, &mut batch).await,
+            _ = tick.tick() => exporter.send(&mut batch).await,
         }
     }
 }
 
-async fn export(exporter: &opentelemetry_otlp::SpanExporter, batch: &mut Vec<SpanData>) {
-    if batch.is_empty() {
-        return;
-    }
-    let spans = std::mem::take(batch);
-    let n = spans.len() as u64;
-    match exporter.export(spans).await {
-        Ok(()) => metrics::trace_spans("exported", n),
-        Err(e) => {
-            metrics::trace_spans("dropped_export_failed", n);
-            warn!(error = %e, spans = n, "trace export failed; spans dropped");
+/// The exporter, each export bounded in time (with its own HTTP client the OTLP exporter does
+/// not apply `OTEL_EXPORTER_OTLP_TIMEOUT` itself).
+struct Export {
+    exporter: opentelemetry_otlp::SpanExporter,
+    timeout: Duration,
+}
+
+impl Export {
+    async fn send(&self, batch: &mut Vec<SpanData>) {
+        if batch.is_empty() {
+            return;
         }
+        let spans = std::mem::take(batch);
+        let n = spans.len() as u64;
+        let error = match tokio::time::timeout(self.timeout, self.exporter.export(spans)).await {
+            Ok(Ok(())) => return metrics::trace_spans("exported", n),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {:?}", self.timeout),
+        };
+        metrics::trace_spans("dropped_export_failed", n);
+        warn!(error, spans = n, "trace export failed; spans dropped");
     }
 }
 
@@ -229,19 +260,6 @@ impl opentelemetry_http::HttpClient for Http {
     }
 }
 
-/// `traceparent` (and `tracestate`) from request headers.
-struct Headers<'a>(&'a HeaderMap);
-
-impl Extractor for Headers<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
-    }
-
-    fn keys(&self) -> Vec<&str> {
-        self.0.keys().map(http::HeaderName::as_str).collect()
-    }
-}
-
 /// One request's trace: its id, and its span when spans are exported. Cheap to clone (each
 /// attempt's record holds one); the request span ends when the last clone is dropped.
 #[derive(Clone, Default)]
@@ -252,17 +270,43 @@ struct Inner {
     /// The context holding the request span, and the tracer of its children; `None` when
     /// nothing is exported.
     cx: Option<(Context, SdkTracer)>,
-    /// When the request's last recorded attempt ended (µs since the epoch).
-    ended_at_us: AtomicI64,
+    /// What the request span says when it ends, gathered from its attempts.
+    end: Mutex<RequestEnd>,
+}
+
+/// The request span's closing attributes: the last attempt's outcome, and the tokens and cost of
+/// all its attempts (a failed attempt a provider may have billed is part of the request's spend).
+#[derive(Default)]
+struct RequestEnd {
+    ended_at_us: i64,
+    input_tokens: i64,
+    output_tokens: i64,
+    cost_nanos: i64,
+    attempts: i64,
+    /// The last attempt's attributes (its own tokens and cost left out) and status.
+    last: Vec<KeyValue>,
+    status: Option<SpanStatus>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        if let Some((cx, _)) = &self.cx {
-            let ended = self.ended_at_us.load(Ordering::Relaxed);
-            let at = if ended > 0 { time_of(ended) } else { SystemTime::now() };
-            cx.span().end_with_timestamp(at);
+        let Some((cx, _)) = &self.cx else { return };
+        let end = std::mem::take(self.end.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner));
+        let span = cx.span();
+        for kv in end.last {
+            span.set_attribute(kv);
         }
+        if end.attempts > 0 || end.status.is_some() {
+            span.set_attribute(KeyValue::new("gen_ai.usage.input_tokens", end.input_tokens));
+            span.set_attribute(KeyValue::new("gen_ai.usage.output_tokens", end.output_tokens));
+            span.set_attribute(KeyValue::new("tollgate.cost_nanos", end.cost_nanos));
+            span.set_attribute(KeyValue::new("tollgate.attempts", end.attempts));
+        }
+        if let Some(status) = end.status {
+            span.set_status(status);
+        }
+        let at = if end.ended_at_us > 0 { time_of(end.ended_at_us) } else { SystemTime::now() };
+        span.end_with_timestamp(at);
     }
 }
 
@@ -285,12 +329,13 @@ impl RequestTrace {
         model: &str,
         started_at_us: i64,
     ) -> RequestTrace {
-        let parent = TraceContextPropagator::new().extract(&Headers(headers));
+        let parent = TraceContextPropagator::new().extract(&opentelemetry_http::HeaderExtractor(headers));
         let Some(t) = tracing else {
             let sc = parent.span().span_context().clone();
-            return RequestTrace(sc.is_valid().then(|| {
-                Arc::new(Inner { trace_id: sc.trace_id().to_string(), cx: None, ended_at_us: AtomicI64::new(0) })
-            }));
+            return RequestTrace(
+                sc.is_valid()
+                    .then(|| Arc::new(Inner { trace_id: sc.trace_id().to_string(), cx: None, end: Mutex::default() })),
+            );
         };
         let span = t
             .tracer
@@ -304,11 +349,7 @@ impl RequestTrace {
             .start_with_context(&t.tracer, &parent);
         let trace_id = span.span_context().trace_id().to_string();
         let cx = parent.with_span(span);
-        RequestTrace(Some(Arc::new(Inner {
-            trace_id,
-            cx: Some((cx, t.tracer.clone())),
-            ended_at_us: AtomicI64::new(0),
-        })))
+        RequestTrace(Some(Arc::new(Inner { trace_id, cx: Some((cx, t.tracer.clone())), end: Mutex::default() })))
     }
 
     /// The W3C trace id, 32 lowercase hex digits.
@@ -322,7 +363,6 @@ impl RequestTrace {
     pub fn record(&self, ev: &UsageEvent, operation: &'static str, attempt_started_us: i64, provider_kind: &str) {
         let Some(inner) = &self.0 else { return };
         let Some((cx, tracer)) = &inner.cx else { return };
-        inner.ended_at_us.fetch_max(ev.ended_at_us, Ordering::Relaxed);
         let mut common = vec![
             KeyValue::new("gen_ai.operation.name", operation),
             KeyValue::new("gen_ai.usage.input_tokens", ev.input_tokens),
@@ -360,17 +400,23 @@ impl RequestTrace {
         }
         let ok = ev.status == Status::Ok;
         let response_model = ev.model_version.clone().unwrap_or_else(|| ev.model.clone());
-        let request_span = cx.span();
-        for kv in &common {
-            request_span.set_attribute(kv.clone());
-        }
-        if ok && !ev.model.is_empty() {
-            request_span.set_attribute(KeyValue::new("gen_ai.response.model", response_model.clone()));
-            request_span.set_attribute(KeyValue::new("gen_ai.provider.name", provider_kind.to_owned()));
-            request_span.set_status(SpanStatus::Ok);
-        } else {
-            request_span.set_attribute(KeyValue::new("error.type", ev.status.as_str()));
-            request_span.set_status(SpanStatus::error(ev.error.clone().unwrap_or_default()));
+        {
+            let mut end = inner.end.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            end.ended_at_us = end.ended_at_us.max(ev.ended_at_us);
+            end.input_tokens = end.input_tokens.saturating_add(ev.input_tokens);
+            end.output_tokens = end.output_tokens.saturating_add(ev.output_tokens);
+            end.cost_nanos = end.cost_nanos.saturating_add(ev.cost_nanos);
+            end.attempts += i64::from(ev.attempt > 0);
+            let summed = ["gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens", "tollgate.cost_nanos"];
+            end.last = common.iter().filter(|kv| !summed.contains(&kv.key.as_str())).cloned().collect();
+            if ok && !ev.model.is_empty() {
+                end.last.push(KeyValue::new("gen_ai.response.model", response_model.clone()));
+                end.last.push(KeyValue::new("gen_ai.provider.name", provider_kind.to_owned()));
+                end.status = Some(SpanStatus::Ok);
+            } else {
+                end.last.push(KeyValue::new("error.type", ev.status.as_str()));
+                end.status = Some(SpanStatus::error(ev.error.clone().unwrap_or_default()));
+            }
         }
         if ev.attempt == 0 {
             return; // refused before any provider: the request span says it all

@@ -53,11 +53,12 @@ pub fn valid_kind(kind: &str) -> bool {
 /// `tollgate-meter report cost-per-outcome` both use.
 ///
 /// A usage row (`usage_events FINAL`) is *spent on* outcomes of a kind when, in the same bucket
-/// (a month in the views, the report's whole period), an outcome of that kind and of the same
-/// project names its session or its trace, or names neither sessions nor traces and carries its
-/// workflow tag. Every other row
-/// is spend that produced no outcome of that kind. Outcomes are counted by their own envelope's
-/// group column, spend by the usage row's.
+/// (a month in the views, the report's whole period), an outcome of that kind, of the same
+/// project and of the same group (team, workflow, …, by the report's grouping) names its session
+/// or its trace, or names neither sessions nor traces and carries its (non-empty) workflow tag.
+/// Every other row is spend that produced no outcome of that kind. A group's outcomes are so
+/// only ever weighed against its own spend: an outcome posted under one team that names another
+/// team's session links nothing, rather than giving one team outcomes and the other their cost.
 pub mod sql {
     /// How a [`cost_per_outcome`] query buckets and filters.
     pub struct Shape<'a> {
@@ -90,13 +91,13 @@ pub mod sql {
                  toInt64(sumIf(cost_nanos, linked)) AS spent, toInt64(sumIf(cost_nanos, NOT linked)) AS unspent \
                FROM ( \
                  SELECT {usage_bucket} AS bucket, {usage_kind} AS kind, {group} AS key, cost_nanos, \
-                   (session_id != '' AND (bucket, kind, project, session_id) IN \
-                       (SELECT {outcome_bucket}, kind, project, arrayJoin(session_ids) FROM {outcomes})) \
-                   OR (trace_id != '' AND (bucket, kind, project, trace_id) IN \
-                       (SELECT {outcome_bucket}, kind, project, arrayJoin(trace_ids) FROM {outcomes})) \
-                   OR (bucket, kind, project, workflow_tag) IN \
-                       (SELECT {outcome_bucket}, kind, project, workflow_tag FROM {outcomes} \
-                        AND empty(session_ids) AND empty(trace_ids)) \
+                   (session_id != '' AND (bucket, kind, key, project, session_id) IN \
+                       (SELECT {outcome_bucket}, kind, {group}, project, arrayJoin(session_ids) FROM {outcomes})) \
+                   OR (trace_id != '' AND (bucket, kind, key, project, trace_id) IN \
+                       (SELECT {outcome_bucket}, kind, {group}, project, arrayJoin(trace_ids) FROM {outcomes})) \
+                   OR (workflow_tag != '' AND (bucket, kind, key, project, workflow_tag) IN \
+                       (SELECT {outcome_bucket}, kind, {group}, project, workflow_tag FROM {outcomes} \
+                        AND empty(session_ids) AND empty(trace_ids))) \
                      AS linked \
                  FROM {db}.usage_events FINAL WHERE {usage_cond} \
                ) GROUP BY bucket, kind, key \

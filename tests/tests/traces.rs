@@ -104,7 +104,9 @@ async fn spans_follow_the_callers_trace_and_rows_carry_its_id() {
         service_name: "tollgate-ingress-test".into(),
         max_queue: 1024,
         max_batch: 64,
-        delay: Duration::from_millis(100),
+        // Nothing is sent before the ingress stops: its shutdown must send every span.
+        delay: Duration::from_secs(3600),
+        export_timeout: Duration::from_secs(10),
     });
     let ingress = common::start_ingress_with(ic).await;
     let meter = common::start_meter(common::meter_config(&topic, &db)).await;
@@ -115,6 +117,14 @@ async fn spans_follow_the_callers_trace_and_rows_carry_its_id() {
     let caller_span = "b7ad6b7169203331";
     chat(&http, ingress.addr, "vm-openai", Some(&format!("00-{caller_trace}-{caller_span}-01"))).await;
     chat(&http, ingress.addr, "vm-fallback", None).await;
+
+    // The rows first (their events are published before the ingress stops), then stop it.
+    assert_eq!(
+        common::wait_for_count(&format!("SELECT count() FROM {db}.usage_events FINAL"), 3, Duration::from_secs(30))
+            .await,
+        3
+    );
+    ingress.stop().await;
 
     // 2 server spans and 3 client spans (vm-fallback tries the dead provider first).
     let all = common::eventually(Duration::from_secs(30), || async { got.lock().unwrap().len() >= 5 }).await;
@@ -167,13 +177,13 @@ async fn spans_follow_the_callers_trace_and_rows_carry_its_id() {
     assert_eq!(attempts[1].attrs["gen_ai.provider.name"], "anthropic");
     assert_eq!(attempts[1].attrs["tollgate.fallback_path"], "dead/gpt-4o-mini");
     assert_eq!(second.attrs["gen_ai.response.model"], "claude-haiku-4-5");
+    // The request span tells the request's end (the fallback answered) and its whole spend.
+    assert!(!second.attrs.contains_key("error.type"), "{second:?}");
+    assert_eq!(second.attrs["tollgate.attempts"], "2");
+    let cost = |s: &Got| s.attrs["tollgate.cost_nanos"].parse::<i64>().unwrap();
+    assert_eq!(cost(&second), cost(&attempts[0]) + cost(&attempts[1]));
 
     // ClickHouse: each row carries its request's trace id; the cost on the span is the row's.
-    assert_eq!(
-        common::wait_for_count(&format!("SELECT count() FROM {db}.usage_events FINAL"), 3, Duration::from_secs(30))
-            .await,
-        3
-    );
     let rows = common::ch(&format!(
         "SELECT virtual_model, attempt, trace_id, cost_nanos FROM {db}.usage_events FINAL ORDER BY virtual_model, attempt FORMAT TSV"
     ))
@@ -186,10 +196,10 @@ async fn spans_follow_the_callers_trace_and_rows_carry_its_id() {
     ];
     assert_eq!(rows.lines().collect::<Vec<_>>(), expected, "{rows}");
 
-    let metrics = http.get(format!("http://{}/metrics", ingress.addr)).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("tollgate_ingress_trace_spans_total{result=\"exported\"}"), "{metrics}");
+    let metrics = common::metrics().render();
+    assert_eq!(common::metric(&metrics, "tollgate_ingress_trace_spans_total"), 5, "{metrics}");
+    assert!(metrics.contains("tollgate_ingress_trace_spans_total{result=\"exported\"} 5"), "{metrics}");
 
     meter.stop().await;
-    ingress.stop().await;
     mock.stop().await;
 }

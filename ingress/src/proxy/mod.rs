@@ -207,6 +207,10 @@ async fn serve(
     let req: Arc<Value> =
         Arc::new(serde_json::from_slice(&bytes).map_err(|e| IngressError::MalformedJson(e.to_string()))?);
     let model = validate(endpoint, &req)?;
+    let envelope = envelope::extract(headers, &policy.envelope, key)?;
+    let resolved = resolve(policy, key, model)?;
+    // After `resolve`: the span is named by a model this gateway serves, never by whatever
+    // string a caller sent.
     let trace = crate::trace::RequestTrace::begin(
         app.tracing.as_ref(),
         headers,
@@ -214,8 +218,6 @@ async fn serve(
         model,
         started_at_us,
     );
-    let envelope = envelope::extract(headers, &policy.envelope, key)?;
-    let resolved = resolve(policy, key, model)?;
     // Declared before the plan, which may borrow it.
     let rerouted_to: Target;
     let (mut vm, mut plan) = match &resolved {

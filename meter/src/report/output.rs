@@ -334,7 +334,6 @@ impl Output {
     }
 }
 
-/// A total row: `TOTAL` under the first grouping column, blanks under the others.
 impl Output {
     /// Per group: outcomes of `kind`, their value, the spend on them, cost per outcome, outcomes
     /// per dollar, and the spend that produced none.
@@ -389,6 +388,7 @@ impl Output {
     }
 }
 
+/// A total row: `TOTAL` under the first grouping column, blanks under the others.
 fn total_row(keys: usize, figures: Vec<Cell>) -> Vec<Cell> {
     let mut cells: Vec<Cell> =
         (0..keys).map(|i| if i == 0 { Cell::Text("TOTAL".into()) } else { Cell::Empty }).collect();
