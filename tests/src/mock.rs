@@ -1600,7 +1600,21 @@ mod tests {
         let mut stats = get_json(&app, "/_mock/stats").await;
         let last = stats.as_object_mut().unwrap().remove("last_request_at_us").unwrap().as_u64().unwrap();
         assert!(u128::from(last) <= before && u128::from(last) + 60_000_000 > before, "stamped at arrival: {last}");
-        assert_eq!(stats, json!({"chat_completions": 4, "messages": 2, "embeddings": 0}));
+        assert_eq!(
+            stats,
+            json!({"chat_completions": 4, "messages": 2, "embeddings": 0, "otlp_trace_posts": 0, "otlp_trace_bytes": 0})
+        );
+    }
+
+    #[tokio::test]
+    async fn otlp_trace_exports_are_counted_and_answered_with_full_success() {
+        let app = app();
+        let (status, _, bytes) = post(&app, "/v1/traces", &json!("twelve bytes")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(bytes.is_empty(), "an empty ExportTraceServiceResponse");
+        let stats = get_json(&app, "/_mock/stats").await;
+        assert_eq!((stats["otlp_trace_posts"].as_u64(), stats["otlp_trace_bytes"].as_u64()), (Some(1), Some(14)));
+        assert_eq!(stats["chat_completions"], 0, "not an API request");
     }
 
     #[tokio::test]
