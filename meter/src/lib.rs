@@ -37,6 +37,33 @@ use group::{MeterContext, Rebalance};
 use tollgate_store::rows::UsageRow;
 use tollgate_store::{ClickHouseConfig, migrate};
 
+/// Where a command reads ClickHouse: the flags (and environment) every Tollgate command that
+/// queries it takes (`tollgate-meter`, `tollgate-console`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct ClickHouseArgs {
+    /// ClickHouse HTTP URL.
+    #[arg(long, global = true, env = "TOLLGATE_CLICKHOUSE_URL", default_value = "http://127.0.0.1:8123")]
+    pub clickhouse_url: String,
+    /// ClickHouse database.
+    #[arg(long, global = true, env = "TOLLGATE_CLICKHOUSE_DATABASE", default_value = "tollgate")]
+    pub database: String,
+    #[arg(long, global = true, env = "TOLLGATE_CLICKHOUSE_USER")]
+    pub clickhouse_user: Option<String>,
+    #[arg(long, global = true, env = "TOLLGATE_CLICKHOUSE_PASSWORD", hide_env_values = true)]
+    pub clickhouse_password: Option<String>,
+}
+
+impl ClickHouseArgs {
+    pub fn config(&self) -> ClickHouseConfig {
+        ClickHouseConfig {
+            url: self.clickhouse_url.clone(),
+            database: self.database.clone(),
+            user: self.clickhouse_user.clone(),
+            password: self.clickhouse_password.clone(),
+        }
+    }
+}
+
 /// Default of `Config::final_flush_timeout`.
 pub const FINAL_FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use tollgate_meter::Config;
-use tollgate_meter::report::{self, Dimension, Format, Output, Period, Reporter};
+use tollgate_meter::{ClickHouseArgs as ChArgs, Config};
+use tollgate_meter::report::{self, Dimension, Format, Output, Period, Reporter, Which};
 use tollgate_store::ClickHouseConfig;
 
 /// mimalloc, as the ingress: every event allocates a dozen strings that live until its batch is
@@ -32,31 +32,6 @@ enum Command {
     Migrate(ChArgs),
     /// Print chargeback (`--by ...`) or a failure-mode report from ClickHouse.
     Report(ReportArgs),
-}
-
-#[derive(Args, Debug)]
-struct ChArgs {
-    /// ClickHouse HTTP URL.
-    #[arg(long, global = true, env = "TOLLGATE_CLICKHOUSE_URL", default_value = "http://127.0.0.1:8123")]
-    clickhouse_url: String,
-    /// ClickHouse database.
-    #[arg(long, global = true, env = "TOLLGATE_CLICKHOUSE_DATABASE", default_value = "tollgate")]
-    database: String,
-    #[arg(long, global = true, env = "TOLLGATE_CLICKHOUSE_USER")]
-    clickhouse_user: Option<String>,
-    #[arg(long, global = true, env = "TOLLGATE_CLICKHOUSE_PASSWORD", hide_env_values = true)]
-    clickhouse_password: Option<String>,
-}
-
-impl ChArgs {
-    fn config(&self) -> ClickHouseConfig {
-        ClickHouseConfig {
-            url: self.clickhouse_url.clone(),
-            database: self.database.clone(),
-            user: self.clickhouse_user.clone(),
-            password: self.clickhouse_password.clone(),
-        }
-    }
 }
 
 #[derive(Args, Debug)]
@@ -280,31 +255,21 @@ async fn build_report(args: &ReportArgs) -> anyhow::Result<Output> {
     if args.kind.is_some() && !args.by.is_empty() {
         anyhow::bail!("--by groups chargeback; it does not apply to the failure-mode reports");
     }
-    Ok(match args.kind.as_ref() {
-        None => {
-            let dims = if args.by.is_empty() { vec![Dimension::Project] } else { args.by.clone() };
-            Output::chargeback(&dims, period, &reporter.chargeback(&dims, &period).await?)
-        }
-        Some(&ReportKind::FrontierShare { threshold }) => {
+    let which = match args.kind.clone() {
+        None => Which::Chargeback(if args.by.is_empty() { vec![Dimension::Project] } else { args.by.clone() }),
+        Some(ReportKind::FrontierShare { threshold }) => {
             if reporter.frontier_models().await? == 0 {
                 tracing::warn!(
                     "no model is marked frontier in ClickHouse: pass --policy-dir, or run the meter with a price card that sets `tier: frontier`"
                 );
             }
-            Output::frontier_share(period, threshold, &reporter.frontier_share(&period).await?)
+            Which::FrontierShare(threshold)
         }
-        Some(&ReportKind::ContextStuffing { threshold }) => {
-            Output::context_stuffing(period, threshold, &reporter.context_stuffing(&period).await?)
-        }
-        Some(&ReportKind::Loops { k }) => Output::loops(period, k, &reporter.loops(&period, k).await?),
-        Some(&ReportKind::Drift { threshold }) => {
-            Output::drift(period, threshold, &reporter.drift(&period, threshold).await?)
-        }
-        Some(ReportKind::Untagged) => {
-            Output::untagged(period, reporter.total_cost(&period).await?, &reporter.untagged(&period).await?)
-        }
-        Some(ReportKind::CostPerOutcome { kind, by }) => {
-            Output::cost_per_outcome(period, kind, *by, &reporter.cost_per_outcome(kind, *by, &period).await?)
-        }
-    })
+        Some(ReportKind::ContextStuffing { threshold }) => Which::ContextStuffing(threshold),
+        Some(ReportKind::Loops { k }) => Which::Loops(k),
+        Some(ReportKind::Drift { threshold }) => Which::Drift(threshold),
+        Some(ReportKind::Untagged) => Which::Untagged,
+        Some(ReportKind::CostPerOutcome { kind, by }) => Which::CostPerOutcome { kind, by },
+    };
+    Ok(reporter.output(&which, period).await?)
 }

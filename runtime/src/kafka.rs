@@ -49,6 +49,8 @@ pub enum Follow {
     Metering,
     /// Decision and alert history (the meter), replays at start: no one waits on them.
     History,
+    /// Decisions and alerts shown live (the console): a person watching waits about a second.
+    Live,
 }
 
 /// How long a following consumer (`Decisions`, `Usage`) waits without traffic before it switches
@@ -67,6 +69,7 @@ impl Follow {
             // 5 MB fetch a second.
             Follow::Metering => 200,
             Follow::History => 5_000,
+            Follow::Live => 990,
         }
     }
 
@@ -78,6 +81,7 @@ impl Follow {
             Follow::Usage => 990,
             Follow::Metering => 200,
             Follow::History => 5_000,
+            Follow::Live => 990,
         }
     }
 }
@@ -94,6 +98,7 @@ pub fn quiet_gauge(follow: Follow, quiet: bool) {
         Follow::Usage => "usage",
         Follow::Metering => "metering",
         Follow::History => "history",
+        Follow::Live => "live",
     };
     metrics::gauge!("tollgate_kafka_consumer_quiet", "consumer" => consumer).set(if quiet { 1.0 } else { 0.0 });
 }

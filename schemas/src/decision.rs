@@ -68,6 +68,17 @@ impl Measure {
             Measure::CostNanos => "cost_nanos",
         }
     }
+
+    /// The measure summed over `usage_events` rows, as an `Int64` aggregate: what a rule of this
+    /// measure counts per request (`UsageEvent::total_tokens`, one request, `cost_nanos`). The
+    /// rows a rule counts are `measures::ATTEMPTED_ROWS`.
+    pub fn sql_sum(self) -> String {
+        match self {
+            Measure::Tokens => format!("toInt64(sum({}))", crate::usage::sql::TOTAL_TOKENS),
+            Measure::Requests => "toInt64(count())".into(),
+            Measure::CostNanos => "toInt64(sum(cost_nanos))".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, AvroSchema)]

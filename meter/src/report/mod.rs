@@ -117,6 +117,36 @@ struct TierRow {
     price_card_version: String,
 }
 
+/// One report to run: chargeback by its groupings, a failure mode with its threshold, or cost
+/// per outcome. `tollgate-meter report` and the console build their [`Output`] through
+/// [`Reporter::output`], so the console's CSV is the report's.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Which {
+    Chargeback(Vec<Dimension>),
+    FrontierShare(f64),
+    ContextStuffing(u64),
+    Loops(f64),
+    Drift(f64),
+    Untagged,
+    CostPerOutcome { kind: String, by: Dimension },
+}
+
+/// One group's spend in one day or month of a period (the console's charts).
+#[derive(Debug, Clone, Row, serde::Deserialize)]
+pub struct SeriesRow {
+    /// The day (`2026-12-07`) or the month's first day, UTC.
+    pub bucket: String,
+    pub keys: Vec<String>,
+    pub cost_nanos: i64,
+}
+
+/// The step of a spend series.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Day,
+    Month,
+}
+
 /// Runs the reports against one database.
 #[derive(Clone)]
 pub struct Reporter {
@@ -175,6 +205,39 @@ impl Reporter {
             }
         };
         Ok(self.client.query(&sql).fetch_all().await?)
+    }
+
+    /// The report `which` over `p`, ready to render.
+    pub async fn output(&self, which: &Which, p: Period) -> Result<Output, ReportError> {
+        Ok(match which {
+            Which::Chargeback(dims) => Output::chargeback(dims, p, &self.chargeback(dims, &p).await?),
+            Which::FrontierShare(t) => Output::frontier_share(p, *t, &self.frontier_share(&p).await?),
+            Which::ContextStuffing(t) => Output::context_stuffing(p, *t, &self.context_stuffing(&p).await?),
+            Which::Loops(k) => Output::loops(p, *k, &self.loops(&p, *k).await?),
+            Which::Drift(t) => Output::drift(p, *t, &self.drift(&p, *t).await?),
+            Which::Untagged => Output::untagged(p, self.total_cost(&p).await?, &self.untagged(&p).await?),
+            Which::CostPerOutcome { kind, by } => {
+                Output::cost_per_outcome(p, kind, *by, &self.cost_per_outcome(kind, *by, &p).await?)
+            }
+        })
+    }
+
+    /// Cost per group of `dims` per day or month of the period, oldest first (raw events).
+    pub async fn chargeback_series(
+        &self,
+        dims: &[Dimension],
+        p: &Period,
+        step: Step,
+    ) -> Result<Vec<SeriesRow>, ReportError> {
+        if dims.is_empty() {
+            return Err(ReportError::Argument("a series needs at least one grouping".into()));
+        }
+        Ok(self.client.query(&sql::chargeback_series(&self.db, dims, p, step)).fetch_all().await?)
+    }
+
+    /// The outcome kinds posted in the period, most outcomes first.
+    pub async fn outcome_kinds(&self, p: &Period) -> Result<Vec<String>, ReportError> {
+        Ok(self.client.query(&sql::outcome_kinds(&self.db, p)).fetch_all().await?)
     }
 
     pub async fn frontier_share(&self, p: &Period) -> Result<Vec<FrontierRow>, ReportError> {

@@ -28,7 +28,8 @@ impl Output {
         }
     }
 
-    fn text(&self, col: usize, cell: &Cell) -> String {
+    /// A cell as every format prints it (money exact, times in UTC); the console shows the same.
+    pub fn text(&self, col: usize, cell: &Cell) -> String {
         let kind = self.columns.get(col).map_or(Kind::Key, |c| c.1);
         match (cell, kind) {
             (Cell::Int(n), Kind::Usd) => format_usd(*n),

@@ -3,7 +3,7 @@
 //! windows, `usage_windows FINAL`); what it splices in is the
 //! database name, column names from [`Dimension`], and numbers (the [`Period`] bounds, `k`).
 
-use super::{Dimension, Period, key_columns};
+use super::{Dimension, Period, Step, key_columns};
 use crate::window::Granularity;
 use tollgate_schemas::measures::{self, DRIFT_ROWS, LOOP_ROWS, SESSION_HOUR_HAS_TOKENS, STUFFING_ROWS};
 use tollgate_schemas::usage::sql::{PROMPT_TOKENS as PROMPT, TOTAL_TOKENS as TOKENS};
@@ -35,6 +35,29 @@ pub fn chargeback(db: &str, dims: &[Dimension], p: &Period) -> String {
          sum(cached_input_tokens) AS cached_input_tokens, sum(cost_nanos) AS cost_nanos \
          FROM {db}.usage_events FINAL WHERE {cond} GROUP BY {list} ORDER BY cost_nanos DESC, {list}",
         cond = p.condition()
+    )
+}
+
+/// Cost per group of `dims` per UTC day or month of the period, from the raw events.
+pub fn chargeback_series(db: &str, dims: &[Dimension], p: &Period, step: Step) -> String {
+    let cols = key_columns(dims);
+    let list = cols.join(", ");
+    let bucket = match step {
+        Step::Day => "toString(toDate(ended_at, 'UTC'))",
+        Step::Month => "toString(toStartOfMonth(ended_at, 'UTC'))",
+    };
+    format!(
+        "SELECT {bucket} AS bucket, [{list}] AS keys, sum(cost_nanos) AS cost_nanos \
+         FROM {db}.usage_events FINAL WHERE {cond} GROUP BY bucket, {list} ORDER BY bucket, cost_nanos DESC, {list}",
+        cond = p.condition()
+    )
+}
+
+/// The outcome kinds with an outcome in the period, most outcomes first.
+pub fn outcome_kinds(db: &str, p: &Period) -> String {
+    format!(
+        "SELECT kind FROM {db}.outcome_events FINAL WHERE {cond} GROUP BY kind ORDER BY count() DESC, kind",
+        cond = p.condition_on("occurred_at")
     )
 }
 
