@@ -2,7 +2,8 @@
 # install.sh — idempotent installer of everything the no-Docker local stack and the test
 # suite need on a Debian 12 machine (run as root; needs no stdin, so it works in CI):
 #   - Debian packages: ClickHouse 18.16 server/client, the build dependencies of rdkafka's
-#     bundled librdkafka, pip and curl (apt-get runs only if something is missing);
+#     bundled librdkafka, pip and curl, and Chromium with its ChromeDriver for the console's
+#     browser tests (apt-get runs only if something is missing);
 #   - Tansu 0.6.0 (Kafka API broker) with SQLite storage, through cargo install (~12 min);
 #   - Python packages of the tests: chdb-core 26.9.0, openai, anthropic.
 # Prints one short line per step to stderr; logs of long steps go to $STATE_DIR/logs.
@@ -17,6 +18,7 @@ APT_PACKAGES=(
     clickhouse-server clickhouse-client
     cmake libcurl4-openssl-dev libssl-dev libsasl2-dev libzstd-dev pkg-config build-essential
     python3-pip curl
+    chromium chromium-driver
 )
 TANSU_FEATURES=libsql,dynostore
 CHDB_VERSION=26.9.0

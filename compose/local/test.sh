@@ -22,6 +22,29 @@ export TOLLGATE_TEST_KAFKA_BROKERS="$KAFKA_BROKERS"
 export TOLLGATE_TEST_CLICKHOUSE_URL="$CLICKHOUSE_URL"
 cd "$REPO"
 log "cargo target dir: $CARGO_TARGET_DIR (infra started here: $started_infra)"
+# prune_superseded_binaries — the persistent target folder keeps every earlier build of each test
+# and binary (about 300 MB each in debug); after a few dozen runs they filled this machine's disk
+# mid-link. Keeps the two newest files of each name in target/*/deps (a crate's binary and its
+# unit tests share a name) and drops incremental state, which a fresh run does not use; cargo
+# rebuilds whatever it still needs.
+prune_superseded_binaries() {
+    local deps file name
+    for deps in "$CARGO_TARGET_DIR"/debug/deps "$CARGO_TARGET_DIR"/release/deps; do
+        [[ -d "$deps" ]] || continue
+        declare -A kept=()
+        while IFS= read -r file; do
+            name="${file%-*}"
+            if (( ${kept[$name]:-0} >= 2 )); then
+                rm -f -- "$deps/$file"
+            else
+                kept[$name]=$(( ${kept[$name]:-0} + 1 ))
+            fi
+        done < <(cd "$deps" && ls -t | grep -E '^[A-Za-z0-9_]+-[0-9a-f]{16}$' || true)
+        unset kept
+    done
+    rm -rf "$CARGO_TARGET_DIR"/debug/incremental
+}
+prune_superseded_binaries
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked --no-fail-fast

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # up.sh — run the whole Tollgate stack locally, without Docker: installs what is missing
 # (install.sh), builds the release binaries, starts ClickHouse and Tansu (infra.sh), applies
-# the ClickHouse migrations, then starts the mock provider, meter, enforcer and ingress,
-# waits for each /healthz, and prints a ready-to-paste demo request.
+# the ClickHouse migrations, then starts the mock provider, meter, enforcer, ingress and the web
+# console, waits for each /healthz, and prints a ready-to-paste demo request and the console's
+# address and token file.
 # Idempotent: a second run leaves running services alone. Stop with compose/local/down.sh.
 # Logs: $STATE_DIR/logs/<service>.log (default .state/logs/).
 set -euo pipefail
@@ -24,7 +25,7 @@ export RUST_LOG="${RUST_LOG:-info}"
 
 log "building release binaries into $CARGO_TARGET_DIR (cargo build --release --bins)"
 (cd "$REPO" && cargo build --release --bins)
-for bin in tollgate-ingress tollgate-meter tollgate-enforcer tollgate-mock-provider; do
+for bin in tollgate-ingress tollgate-meter tollgate-enforcer tollgate-mock-provider tollgate-console; do
     [[ -x "$BIN/$bin" ]] || die "$BIN/$bin was not built"
 done
 
@@ -70,6 +71,19 @@ start_service ingress "$INGRESS_PORT" tollgate-ingress \
     --spool-dir "$STATE_DIR/ingress-spool" \
     --listen "$LOCALHOST:$INGRESS_PORT"
 
+# The console's token: made once (32 random bytes, hex), kept readable by this user only.
+CONSOLE_TOKEN_FILE="$STATE_DIR/console-token"
+if [[ ! -s "$CONSOLE_TOKEN_FILE" ]]; then
+    (umask 077 && od -An -tx1 -N32 /dev/urandom | tr -d ' \n' > "$CONSOLE_TOKEN_FILE")
+fi
+start_service console "$CONSOLE_PORT" tollgate-console \
+    --policy-dir "$POLICY_DIR" \
+    --kafka-brokers "$KAFKA_BROKERS" \
+    --clickhouse-url "$CLICKHOUSE_URL" \
+    --database "$DATABASE" \
+    --token-file "$CONSOLE_TOKEN_FILE" \
+    --listen "$LOCALHOST:$CONSOLE_PORT"
+
 log "stack is up (state and logs under $STATE_DIR; stop with compose/local/down.sh)"
 
 QUERY="SELECT event_id, project, team, virtual_model, provider, model, input_tokens, output_tokens, cost_nanos FROM $DATABASE.usage_events ORDER BY ended_at DESC LIMIT 5 FORMAT PrettyCompact"
@@ -91,4 +105,6 @@ curl -sS http://$LOCALHOST:$INGRESS_PORT/v1/chat/completions \\
 # Then see its usage row in ClickHouse (the meter writes it within seconds):
 #   $QUERY
 curl -sS '$CLICKHOUSE_URL/' --data-binary '$QUERY'
+
+# The console: http://$LOCALHOST:$CONSOLE_PORT/ (log in with the token in $CONSOLE_TOKEN_FILE)
 EOF

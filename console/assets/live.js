@@ -27,7 +27,7 @@
     tr.dataset.rule = ev.rule_id;
     tr.dataset.scope = ev.scope;
     cell(tr, ev.at);
-    cell(tr, kind);
+    cell(tr, kind === "breach" ? "decision" : kind);
     cell(tr, ev.rule_id);
     cell(tr, ev.scope);
     cell(tr, ev.state);

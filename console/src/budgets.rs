@@ -49,7 +49,11 @@ pub fn project(spent: i64, limit: i64, start_us: i64, end_us: Option<i64>, now_u
     let elapsed = i128::from((now_us - start_us).max(1));
     let left = i128::from(limit - spent);
     let at = i128::from(now_us) + left * elapsed / i128::from(spent);
-    if at >= i128::from(end_us) { Projection::Holds } else { Projection::RunsOutAt(i64::try_from(at).unwrap_or(i64::MAX)) }
+    if at >= i128::from(end_us) {
+        Projection::Holds
+    } else {
+        Projection::RunsOutAt(i64::try_from(at).unwrap_or(i64::MAX))
+    }
 }
 
 /// One scope of one budget.

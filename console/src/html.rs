@@ -85,7 +85,8 @@ pub fn report_table(out: &Output, id: &str) -> String {
         html.push_str("</tr>");
     }
     if out.rows.is_empty() {
-        let _ = write!(html, "<tr><td colspan=\"{}\" class=\"empty\">no data in this period</td></tr>", out.columns.len());
+        let _ =
+            write!(html, "<tr><td colspan=\"{}\" class=\"empty\">no data in this period</td></tr>", out.columns.len());
     }
     html.push_str("</tbody>");
     if let Some(total) = &out.total {
@@ -310,7 +311,8 @@ pub fn gauge(id: &str, value: i64, ceiling: i64, thresholds: &[u32], text: &str)
     );
     for t in thresholds {
         let x = (f64::from(*t) / 100.0).clamp(0.0, 1.0) * w;
-        let _ = write!(svg, "<line x1=\"{x:.1}\" y1=\"0\" x2=\"{x:.1}\" y2=\"{h}\" stroke=\"#222\" stroke-width=\"2\"/>");
+        let _ =
+            write!(svg, "<line x1=\"{x:.1}\" y1=\"0\" x2=\"{x:.1}\" y2=\"{h}\" stroke=\"#222\" stroke-width=\"2\"/>");
     }
     svg.push_str("</svg>");
     svg
@@ -338,7 +340,11 @@ fn trim_usd(nanos: i64) -> String {
 }
 
 fn truncate(text: &str, max: usize) -> String {
-    if text.chars().count() <= max { text.to_owned() } else { format!("{}…", text.chars().take(max - 1).collect::<String>()) }
+    if text.chars().count() <= max {
+        text.to_owned()
+    } else {
+        format!("{}…", text.chars().take(max - 1).collect::<String>())
+    }
 }
 
 #[cfg(test)]

@@ -111,6 +111,22 @@ fn digest(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
 }
 
+/// The newest `limit` breach decisions the meter keeps (`breach_history`), newest first.
+pub fn breach_history_sql(db: &str, limit: usize) -> String {
+    format!(
+        "SELECT decided_at_us, rule_kind, rule_id, scope, state, action, measure, limit_value, observed \
+         FROM {db}.breach_history FINAL ORDER BY decided_at_us DESC, rule_id, scope LIMIT {limit}"
+    )
+}
+
+/// The newest `limit` alerts the meter keeps (`alert_history`), newest first.
+pub fn alert_history_sql(db: &str, limit: usize) -> String {
+    format!(
+        "SELECT raised_at_us, rule_id, severity, scope, threshold_pct, summary \
+         FROM {db}.alert_history FINAL ORDER BY raised_at_us DESC, alert_id LIMIT {limit}"
+    )
+}
+
 /// The value of cookie `name` in the request's `Cookie` headers.
 pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers
@@ -129,7 +145,9 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         anyhow::bail!("the console token must be at least {MIN_TOKEN_LEN} characters");
     }
     let policy = match &config.policy_dir {
-        Some(dir) => Some(Policy::load_dir(dir).map_err(|e| anyhow::anyhow!("policy in {} is invalid:\n{e}", dir.display()))?),
+        Some(dir) => {
+            Some(Policy::load_dir(dir).map_err(|e| anyhow::anyhow!("policy in {} is invalid:\n{e}", dir.display()))?)
+        }
         None => None,
     };
     let reporter = Reporter::new(&config.clickhouse).context("clickhouse settings")?;
@@ -168,11 +186,8 @@ async fn require_token(State(state): State<Arc<AppState>>, req: Request, next: N
         return next.run(req).await;
     }
     metrics::counter!("tollgate_console_unauthorised_total").increment(1);
-    let wants_html = req
-        .headers()
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|a| a.contains("text/html"));
+    let wants_html =
+        req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|a| a.contains("text/html"));
     if wants_html && req.method() == axum::http::Method::GET {
         let next_path = req.uri().path_and_query().map_or("/", |p| p.as_str());
         return Redirect::to(&format!("/login?next={}", html::url_value(next_path))).into_response();

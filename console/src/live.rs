@@ -250,7 +250,8 @@ fn decode_breach(
         // A tombstone: the decision under this key is lifted.
         None => {
             let at_us = ts_ms.unwrap_or(0).saturating_mul(1_000);
-            let (rule_id, scope) = key.split_once('/').map_or((key.clone(), String::new()), |(r, s)| (r.into(), s.into()));
+            let (rule_id, scope) =
+                key.split_once('/').map_or((key.clone(), String::new()), |(r, s)| (r.into(), s.into()));
             Some(LiveEvent {
                 kind: "cleared",
                 id,
@@ -298,6 +299,9 @@ mod tests {
         assert_eq!(amount(Measure::Tokens, 200_000), "200000 tokens");
         let codec = BreachDecision::codec().unwrap();
         let ev = decode_breach(&codec, "t/0/9".into(), "per-session/session:a/b".into(), None, Some(1_000)).unwrap();
-        assert_eq!((ev.kind, ev.rule_id.as_str(), ev.scope.as_str(), ev.at_us), ("cleared", "per-session", "session:a/b", 1_000_000));
+        assert_eq!(
+            (ev.kind, ev.rule_id.as_str(), ev.scope.as_str(), ev.at_us),
+            ("cleared", "per-session", "session:a/b", 1_000_000)
+        );
     }
 }

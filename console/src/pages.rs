@@ -140,7 +140,9 @@ impl Params {
     fn dimension(&self, default: Dimension) -> Result<Dimension, ReportError> {
         match Self::nonempty(&self.by) {
             None => Ok(default),
-            Some(b) => Dimension::from_str(b, true).map_err(|_| ReportError::Argument(format!("unknown grouping {b:?}"))),
+            Some(b) => {
+                Dimension::from_str(b, true).map_err(|_| ReportError::Argument(format!("unknown grouping {b:?}")))
+            }
         }
     }
 
@@ -156,7 +158,10 @@ impl Params {
                 pairs.push((k, v));
             }
         }
-        if Self::nonempty(&self.month).is_none() && Self::nonempty(&self.from).is_none() && Self::nonempty(&self.to).is_none() {
+        if Self::nonempty(&self.month).is_none()
+            && Self::nonempty(&self.from).is_none()
+            && Self::nonempty(&self.to).is_none()
+        {
             // Pin the month shown, so the export matches the page even across midnight.
             pairs.push(("month", ""));
         }
@@ -244,7 +249,12 @@ async fn spend_body(state: &AppState, p: &Params) -> Result<String, ReportError>
     let controls = format!(
         "{}{}",
         select("by", "By", &DIMENSIONS, dim.name()),
-        select("step", "Over", &[("day", "Days"), ("month", "Months")], if step == Step::Month { "month" } else { "day" })
+        select(
+            "step",
+            "Over",
+            &[("day", "Days"), ("month", "Months")],
+            if step == Step::Month { "month" } else { "day" }
+        )
     );
     let mut body = period_form("/spend", p, &controls);
     body.push_str(&period_line(&out));
@@ -333,8 +343,12 @@ async fn budgets_page(State(state): Shared) -> Response {
         let r = &b.rule;
         let window = match &r.window {
             tollgate_schemas::rules::Window::Calendar { period, timezone } => {
-                format!("{period:?} in {timezone}, {} to {}", fmt_us(b.window_start_us), b.window_end_us.map(fmt_us).unwrap_or_default())
-                    .to_lowercase()
+                let period = format!("{period:?}").to_lowercase();
+                format!(
+                    "{period} in {timezone}, {} to {}",
+                    fmt_us(b.window_start_us),
+                    b.window_end_us.map(fmt_us).unwrap_or_default()
+                )
             }
             tollgate_schemas::rules::Window::Sliding { seconds } => format!("the last {seconds} s, sliding"),
         };
@@ -379,7 +393,13 @@ async fn budgets_page(State(state): Shared) -> Response {
                 "<tr data-scope=\"{scope}\"><td>{scope}</td><td class=\"num spent\">{spent}</td><td class=\"num\">{pct:.1}%</td><td>{gauge}</td><td class=\"runs-out\">{runs_out}</td></tr>",
                 scope = esc(&s.scope),
                 spent = esc(&spent),
-                gauge = html::gauge(&format!("gauge-{}-{}", r.id, s.scope), s.spent, r.limit, &thresholds, &format!("{pct:.1}% of the ceiling")),
+                gauge = html::gauge(
+                    &format!("gauge-{}-{}", r.id, s.scope),
+                    s.spent,
+                    r.limit,
+                    &thresholds,
+                    &format!("{pct:.1}% of the ceiling")
+                ),
                 runs_out = esc(&runs_out),
             );
         }
@@ -423,22 +443,10 @@ fn measure_figure(measure: &str, value: i64) -> String {
 
 async fn breaches(State(state): Shared) -> Response {
     let db = &state.db;
-    let breaches: Result<Vec<BreachRow>, _> = state
-        .client
-        .query(&format!(
-            "SELECT decided_at_us, rule_kind, rule_id, scope, state, action, measure, limit_value, observed \
-             FROM {db}.breach_history FINAL ORDER BY decided_at_us DESC, rule_id, scope LIMIT {HISTORY_ROWS}"
-        ))
-        .fetch_all()
-        .await;
-    let alerts: Result<Vec<AlertRow>, _> = state
-        .client
-        .query(&format!(
-            "SELECT raised_at_us, rule_id, severity, scope, threshold_pct, summary \
-             FROM {db}.alert_history FINAL ORDER BY raised_at_us DESC, alert_id LIMIT {HISTORY_ROWS}"
-        ))
-        .fetch_all()
-        .await;
+    let breaches: Result<Vec<BreachRow>, _> =
+        state.client.query(&crate::breach_history_sql(db, HISTORY_ROWS)).fetch_all().await;
+    let alerts: Result<Vec<AlertRow>, _> =
+        state.client.query(&crate::alert_history_sql(db, HISTORY_ROWS)).fetch_all().await;
     let mut body = String::from(
         "<section id=\"live-section\"><h2>Live <span id=\"live-status\" class=\"status\">connecting…</span></h2>\
          <p class=\"hint\">Breach decisions and alerts as the enforcer publishes them, newest first; the page updates by itself.</p>\
@@ -510,7 +518,11 @@ async fn breaches(State(state): Shared) -> Response {
 /// `/live/events`: the ring, then each new record, as server-sent events named by their kind.
 async fn live_events(State(state): Shared) -> Response {
     let Ok(slot) = Arc::clone(&state.live_slots).try_acquire_owned() else {
-        return (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "5")], "too many pages follow the live feed\n")
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "5")],
+            "too many pages follow the live feed\n",
+        )
             .into_response();
     };
     let (rx, recent) = state.hub.follow();
@@ -580,7 +592,10 @@ fn modes() -> Vec<Mode> {
             what: "Average prompt tokens (input with cache reads and writes) per successful request, per workflow.",
             which: Which::ContextStuffing(report::DEFAULT_STUFFING_TOKENS),
             chart: "avg_prompt_tokens",
-            marker: Some((report::DEFAULT_STUFFING_TOKENS as f64, format!("flag above {}", report::DEFAULT_STUFFING_TOKENS))),
+            marker: Some((
+                report::DEFAULT_STUFFING_TOKENS as f64,
+                format!("flag above {}", report::DEFAULT_STUFFING_TOKENS),
+            )),
         },
         Mode {
             id: "loops",
@@ -650,7 +665,13 @@ async fn failure_modes(State(state): Shared, Query(p): Query<Params>) -> Respons
             id = m.id,
             h = esc(m.heading),
             what = esc(m.what),
-            chart = chart_of(&out, &format!("{}-chart", m.id), &out.title, m.chart, m.marker.as_ref().map(|(v, t)| (*v, t.as_str()))),
+            chart = chart_of(
+                &out,
+                &format!("{}-chart", m.id),
+                &out.title,
+                m.chart,
+                m.marker.as_ref().map(|(v, t)| (*v, t.as_str()))
+            ),
             csv = esc(&csv),
             table = html::report_table(&out, &format!("{}-table", m.id)),
         );
@@ -658,8 +679,13 @@ async fn failure_modes(State(state): Shared, Query(p): Query<Params>) -> Respons
     Html(page("/failure-modes", "Failure modes", &body, &[])).into_response()
 }
 
-const OUTCOME_GROUPS: [(&str, &str); 5] =
-    [("team", "Team"), ("workflow", "Workflow"), ("project", "Project"), ("user", "User"), ("cost-center", "Cost centre")];
+const OUTCOME_GROUPS: [(&str, &str); 5] = [
+    ("team", "Team"),
+    ("workflow", "Workflow"),
+    ("project", "Project"),
+    ("user", "User"),
+    ("cost-center", "Cost centre"),
+];
 
 async fn outcomes(State(state): Shared, Query(p): Query<Params>) -> Response {
     match outcomes_body(&state, &p).await {
@@ -676,7 +702,11 @@ async fn outcomes_body(state: &AppState, p: &Params) -> Result<String, ReportErr
     let options: Vec<(&str, &str)> = kinds.iter().map(|k| (k.as_str(), k.as_str())).collect();
     let controls = format!(
         "{}{}",
-        if options.is_empty() { String::new() } else { select("kind", "Outcome", &options, kind.as_deref().unwrap_or("")) },
+        if options.is_empty() {
+            String::new()
+        } else {
+            select("kind", "Outcome", &options, kind.as_deref().unwrap_or(""))
+        },
         select("by", "By", &OUTCOME_GROUPS, by.name())
     );
     let mut body = period_form("/outcomes", p, &controls);
@@ -689,8 +719,20 @@ async fn outcomes_body(state: &AppState, p: &Params) -> Result<String, ReportErr
     };
     let out = state.reporter.output(&Which::CostPerOutcome { kind: kind.clone(), by }, period).await?;
     body.push_str(&period_line(&out));
-    body.push_str(&chart_of(&out, "cost-per-outcome-chart", &format!("cost per {kind} outcome, USD"), "cost_per_outcome_usd", None));
-    body.push_str(&chart_of(&out, "no-outcome-chart", "spend that produced no outcome of this kind, USD", "no_outcome_cost_usd", None));
+    body.push_str(&chart_of(
+        &out,
+        "cost-per-outcome-chart",
+        &format!("cost per {kind} outcome, USD"),
+        "cost_per_outcome_usd",
+        None,
+    ));
+    body.push_str(&chart_of(
+        &out,
+        "no-outcome-chart",
+        "spend that produced no outcome of this kind, USD",
+        "no_outcome_cost_usd",
+        None,
+    ));
     let csv = format!("/csv/cost-per-outcome?{}", p.query(&[("kind", &kind), ("by", by.name())]));
     let _ = write!(body, "<p class=\"export\"><a id=\"csv\" href=\"{}\" download>Export CSV</a></p>", esc(&csv));
     body.push_str(&html::report_table(&out, "outcomes-table"));
@@ -715,7 +757,9 @@ async fn csv(State(state): Shared, Path(name): Path<String>, Query(p): Query<Par
         },
     };
     let result = match (which, p.period()) {
-        (Ok(which), Ok(period)) => state.reporter.output(&which, period).await.and_then(|o| o.render(Format::Csv).map(|t| (o, t))),
+        (Ok(which), Ok(period)) => {
+            state.reporter.output(&which, period).await.and_then(|o| o.render(Format::Csv).map(|t| (o, t)))
+        }
         (Err(e), _) | (_, Err(e)) => Err(e),
     };
     match result {
@@ -739,7 +783,9 @@ async fn csv(State(state): Shared, Path(name): Path<String>, Query(p): Query<Par
 fn period_slug(p: &Params) -> String {
     let raw = match Params::nonempty(&p.month) {
         Some(m) => m.to_owned(),
-        None => format!("{}_{}", Params::nonempty(&p.from).unwrap_or("start"), Params::nonempty(&p.to).unwrap_or("now")),
+        None => {
+            format!("{}_{}", Params::nonempty(&p.from).unwrap_or("start"), Params::nonempty(&p.to).unwrap_or("now"))
+        }
     };
     raw.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '-' }).collect()
 }

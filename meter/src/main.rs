@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use tollgate_meter::{ClickHouseArgs as ChArgs, Config};
 use tollgate_meter::report::{self, Dimension, Format, Output, Period, Reporter, Which};
+use tollgate_meter::{ClickHouseArgs as ChArgs, Config};
 use tollgate_store::ClickHouseConfig;
 
 /// mimalloc, as the ingress: every event allocates a dozen strings that live until its batch is

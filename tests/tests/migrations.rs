@@ -98,6 +98,27 @@ fn migrations_run_on_current_clickhouse() {
     text.push_str(&tollgate_meter::report::sql::cost_per_outcome(db, "merged_pr", "team", &all_time));
     text.push_str("\n-- ;;\n");
     text.push_str(&format!("SELECT count() FROM {db}.cost_per_outcome_by_workflow\n-- ;;\n"));
+    // The console's own queries: the spend series from the rollups and from the raw events, the
+    // outcome kinds, each budget's spend, the decision and alert history.
+    use tollgate_meter::report::{Dimension, Period, Step, sql};
+    use tollgate_store::rows::Granularity;
+    let month = Period::month("2026-12").unwrap();
+    for (step, g) in [(Step::Day, Some(Granularity::Day)), (Step::Month, Some(Granularity::Month)), (Step::Day, None)] {
+        text.push_str(&sql::chargeback_series(db, &[Dimension::Model], &month, step, g));
+        text.push_str("\n-- ;;\n");
+    }
+    text.push_str(&sql::outcome_kinds(db, &month));
+    text.push_str("\n-- ;;\n");
+    for rule in &policy.rules {
+        if let Some(q) = tollgate_console::budgets::spend_sql(db, rule, 1_794_268_800_000_000, 1_796_947_200_000_000) {
+            text.push_str(&q);
+            text.push_str("\n-- ;;\n");
+        }
+    }
+    text.push_str(&tollgate_console::breach_history_sql(db, 10));
+    text.push_str("\n-- ;;\n");
+    text.push_str(&tollgate_console::alert_history_sql(db, 10));
+    text.push_str("\n-- ;;\n");
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("statements.sql");
     std::fs::write(&file, text).unwrap();

@@ -222,7 +222,9 @@ impl Reporter {
         })
     }
 
-    /// Cost per group of `dims` per day or month of the period, oldest first (raw events).
+    /// Cost per group of `dims` per day or month of the period, oldest first: from the day (or,
+    /// by month over whole months, the month) rollups when they tile the period, else from the
+    /// raw events.
     pub async fn chargeback_series(
         &self,
         dims: &[Dimension],
@@ -232,7 +234,12 @@ impl Reporter {
         if dims.is_empty() {
             return Err(ReportError::Argument("a series needs at least one grouping".into()));
         }
-        Ok(self.client.query(&sql::chargeback_series(&self.db, dims, p, step)).fetch_all().await?)
+        let g = match (p.tiled_by(), step) {
+            (Some(Granularity::Month), Step::Month) => Some(Granularity::Month),
+            (Some(Granularity::Month | Granularity::Day), _) => Some(Granularity::Day),
+            _ => None,
+        };
+        Ok(self.client.query(&sql::chargeback_series(&self.db, dims, p, step, g)).fetch_all().await?)
     }
 
     /// The outcome kinds posted in the period, most outcomes first.

@@ -38,18 +38,27 @@ pub fn chargeback(db: &str, dims: &[Dimension], p: &Period) -> String {
     )
 }
 
-/// Cost per group of `dims` per UTC day or month of the period, from the raw events.
-pub fn chargeback_series(db: &str, dims: &[Dimension], p: &Period, step: Step) -> String {
+/// Cost per group of `dims` per UTC day or month of the period: from the rollup windows of
+/// granularity `g` when given (they must tile the period and be no coarser than `step`), else
+/// from the raw events.
+pub fn chargeback_series(db: &str, dims: &[Dimension], p: &Period, step: Step, g: Option<Granularity>) -> String {
     let cols = key_columns(dims);
     let list = cols.join(", ");
+    let (time, from, cond) = match g {
+        Some(g) => (
+            "window_start",
+            format!("{db}.usage_windows FINAL"),
+            format!("granularity = '{}' AND {}", g.as_str(), p.condition_on("window_start")),
+        ),
+        None => ("ended_at", format!("{db}.usage_events FINAL"), p.condition()),
+    };
     let bucket = match step {
-        Step::Day => "toString(toDate(ended_at, 'UTC'))",
-        Step::Month => "toString(toStartOfMonth(ended_at, 'UTC'))",
+        Step::Day => format!("toString(toDate({time}, 'UTC'))"),
+        Step::Month => format!("toString(toStartOfMonth({time}, 'UTC'))"),
     };
     format!(
         "SELECT {bucket} AS bucket, [{list}] AS keys, sum(cost_nanos) AS cost_nanos \
-         FROM {db}.usage_events FINAL WHERE {cond} GROUP BY bucket, {list} ORDER BY bucket, cost_nanos DESC, {list}",
-        cond = p.condition()
+         FROM {from} WHERE {cond} GROUP BY bucket, {list} ORDER BY bucket, cost_nanos DESC, {list}"
     )
 }
 
