@@ -15,7 +15,7 @@
 #   TOLLGATE_CLICKHOUSE_HTTP_PORT  ClickHouse HTTP on 127.0.0.1 (default 8123)
 #   TOLLGATE_CLICKHOUSE_TCP_PORT   ClickHouse native TCP on 127.0.0.1 (default 9000)
 #   TOLLGATE_INGRESS_PORT, TOLLGATE_METER_PORT, TOLLGATE_ENFORCER_PORT, TOLLGATE_CONSOLE_PORT
-#                                  Tollgate services (defaults 8080, 9101, 9102)
+#                                  Tollgate services (defaults 8080, 9101, 9102, 8088)
 # The mock provider stays on 127.0.0.1:8090: compose/policy/providers.yaml points there.
 
 if [[ -n "${TOLLGATE_COMMON_SOURCED:-}" ]]; then

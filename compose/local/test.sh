@@ -22,29 +22,38 @@ export TOLLGATE_TEST_KAFKA_BROKERS="$KAFKA_BROKERS"
 export TOLLGATE_TEST_CLICKHOUSE_URL="$CLICKHOUSE_URL"
 cd "$REPO"
 log "cargo target dir: $CARGO_TARGET_DIR (infra started here: $started_infra)"
-# prune_superseded_binaries — the persistent target folder keeps every earlier build of each test
-# and binary (about 300 MB each in debug); after a few dozen runs they filled this machine's disk
-# mid-link. Keeps the two newest files of each name in target/*/deps (a crate's binary and its
-# unit tests share a name) and drops incremental state, which a fresh run does not use; cargo
-# rebuilds whatever it still needs.
-prune_superseded_binaries() {
-    local deps file name
-    for deps in "$CARGO_TARGET_DIR"/debug/deps "$CARGO_TARGET_DIR"/release/deps; do
-        [[ -d "$deps" ]] || continue
-        declare -A kept=()
-        while IFS= read -r file; do
-            name="${file%-*}"
-            if (( ${kept[$name]:-0} >= 2 )); then
-                rm -f -- "$deps/$file"
-            else
-                kept[$name]=$(( ${kept[$name]:-0} + 1 ))
-            fi
-        done < <(cd "$deps" && ls -t | grep -E '^[A-Za-z0-9_]+-[0-9a-f]{16}$' || true)
-        unset kept
-    done
-    rm -rf "$CARGO_TARGET_DIR"/debug/incremental
-}
-prune_superseded_binaries
+# The persistent target folder keeps every earlier build of each test and binary (about 300 MB
+# each in debug; each fresh clone builds new ones) and the incremental state of every clone: they
+# filled this machine's disk mid-link. Incremental builds are off (a fresh clone gains nothing from
+# them), and once the tests are built every file in target/debug/deps named like a current test
+# or binary but not one of them is removed.
+export CARGO_INCREMENTAL=0
+rm -rf "$CARGO_TARGET_DIR"/debug/incremental
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# prune_superseded_binaries EXECUTABLE... — drops the other builds of these executables' names.
+prune_superseded_binaries() {
+    local deps="$CARGO_TARGET_DIR/debug/deps" path file
+    local -A current=() names=()
+    for path in "$@"; do
+        [[ "$path" == "$deps"/* ]] || continue
+        file="${path##*/}"
+        current[$file]=1
+        names[${file%-*}]=1
+    done
+    (( ${#current[@]} > 0 )) || return 0
+    while IFS= read -r file; do
+        if [[ -n "${names[${file%-*}]:-}" && -z "${current[$file]:-}" ]]; then
+            rm -f -- "$deps/$file"
+        fi
+    done < <(cd "$deps" && ls | grep -E '^[A-Za-z0-9_]+-[0-9a-f]{16}$' || true)
+}
+# The binaries the tests start (common::binary) and the tests themselves; a build error shows
+# again in `cargo test` below.
+log "building the binaries and tests"
+mapfile -t built < <({
+    cargo build --workspace --locked --bins --message-format=json
+    cargo test --workspace --locked --no-run --message-format=json
+} 2>/dev/null | grep -o '"executable":"[^"]*"' | sed -e 's/^"executable":"//' -e 's/"$//' || true)
+prune_superseded_binaries "${built[@]}"
 cargo test --workspace --locked --no-fail-fast

@@ -103,7 +103,13 @@ pub fn spend_sql(db: &str, rule: &Rule, start_us: i64, end_us: i64) -> Option<St
     if rule.subject_kind.is_some() || rule.subject_id.is_some() {
         return None;
     }
-    let mut cond = format!("{ATTEMPTED_ROWS} AND ended_at_us >= {start_us} AND ended_at_us < {end_us}");
+    // `ended_at` (whole seconds of `ended_at_us`) bounds the partitions read; `ended_at_us` is
+    // the enforcer's own boundary.
+    let (first_s, last_s) = (start_us.div_euclid(1_000_000), (end_us - 1).div_euclid(1_000_000));
+    let mut cond = format!(
+        "{ATTEMPTED_ROWS} AND ended_at >= toDateTime({first_s}) AND ended_at <= toDateTime({last_s}) \
+         AND ended_at_us >= {start_us} AND ended_at_us < {end_us}"
+    );
     for (field, value) in &rule.matchers {
         let _ = write!(cond, " AND {} = {}", field.name(), sql_string(value));
     }
@@ -137,7 +143,7 @@ pub async fn statuses(client: &Client, db: &str, rules: &[Rule], now_us: i64) ->
                 (s, Some(e))
             }
             Window::Sliding { seconds } => {
-                (now_us - i64::try_from(*seconds).unwrap_or(i64::MAX / 2_000_000) * 1_000_000, None)
+                (now_us.saturating_sub(i64::try_from(*seconds).unwrap_or(i64::MAX).saturating_mul(1_000_000)), None)
             }
         };
         let mut status =
@@ -145,7 +151,17 @@ pub async fn statuses(client: &Client, db: &str, rules: &[Rule], now_us: i64) ->
         match spend_sql(db, rule, start, end.unwrap_or(now_us + 1)) {
             None => status.note = Some("scoped on key subjects, which ClickHouse does not record".into()),
             Some(sql) => match client.query(&sql).fetch_all::<Spent>().await {
-                Ok(rows) => {
+                Ok(mut rows) => {
+                    // One counter for all the budget's traffic: shown at zero before any spend
+                    // (ClickHouse versions differ on whether a constant GROUP BY over no rows
+                    // answers a row).
+                    if rows.is_empty() {
+                        match &rule.scope {
+                            Scope::Global => rows.push(Spent { scope: "global".into(), spent: 0 }),
+                            Scope::Named(n) => rows.push(Spent { scope: n.clone(), spent: 0 }),
+                            Scope::Field(_) | Scope::ApiKey => {}
+                        }
+                    }
                     status.scopes = rows
                         .into_iter()
                         .map(|r| BudgetScope {
@@ -212,6 +228,8 @@ mod tests {
         assert!(sql.contains("project = 'it\\'s\\\\x'"), "{sql}");
         assert!(sql.contains("concat('team:', team)") && sql.contains("team != ''"), "{sql}");
         assert!(sql.contains("status != 'rejected'") && sql.contains("ended_at_us >= 1 AND ended_at_us < 2"), "{sql}");
+        let month = spend_sql("db", &rule, 1_796_083_200_000_000, 1_798_761_600_000_000).unwrap();
+        assert!(month.contains("ended_at >= toDateTime(1796083200) AND ended_at <= toDateTime(1798761599)"), "{month}");
         let mut subject = rule.clone();
         subject.subject_id = Some("u".into());
         assert!(spend_sql("db", &subject, 1, 2).is_none());

@@ -54,6 +54,11 @@ pub fn page(current: &str, title: &str, body: &str, scripts: &[&str]) -> String 
         let here = if path == current { " aria-current=\"page\"" } else { "" };
         let _ = write!(nav, "<a href=\"{path}\"{here}>{name}</a>");
     }
+    if current != "/login" {
+        nav.push_str(
+            "<form method=\"post\" action=\"/logout\" class=\"logout\"><button type=\"submit\">Log out</button></form>",
+        );
+    }
     let mut tail = String::new();
     for s in scripts {
         let _ = write!(tail, "<script src=\"/assets/{s}\"></script>");

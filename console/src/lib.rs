@@ -78,7 +78,10 @@ pub(crate) struct AppState {
     pub reporter: Reporter,
     pub client: clickhouse::Client,
     pub db: String,
-    pub policy: Option<Policy>,
+    /// The policy as last loaded: reloaded when its files change, as the enforcer does.
+    pub policy: Option<tokio::sync::watch::Receiver<Arc<Policy>>>,
+    /// Ends the live streams at shutdown (a page following them would hold it open).
+    pub shutdown: CancellationToken,
     pub hub: Arc<live::Hub>,
     pub live_slots: Arc<tokio::sync::Semaphore>,
     /// What a valid session cookie holds: a digest of the token, so the token itself never
@@ -105,17 +108,26 @@ impl AppState {
     pub fn session_cookie(&self) -> String {
         format!("{COOKIE}={}; HttpOnly; SameSite=Strict; Path=/; Max-Age=43200", self.session)
     }
+
+    /// Replaces the session cookie with an expired, empty one.
+    pub fn logout_cookie() -> String {
+        format!("{COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0")
+    }
 }
 
 fn digest(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
 }
 
+/// How far back the history pages read (a bound on what each page load scans).
+pub const HISTORY_DAYS: u32 = 90;
+
 /// The newest `limit` breach decisions the meter keeps (`breach_history`), newest first.
 pub fn breach_history_sql(db: &str, limit: usize) -> String {
     format!(
         "SELECT decided_at_us, rule_kind, rule_id, scope, state, action, measure, limit_value, observed \
-         FROM {db}.breach_history FINAL ORDER BY decided_at_us DESC, rule_id, scope LIMIT {limit}"
+         FROM {db}.breach_history FINAL WHERE decided_at >= now() - INTERVAL {HISTORY_DAYS} DAY \
+         ORDER BY decided_at_us DESC, rule_id, scope LIMIT {limit}"
     )
 }
 
@@ -123,7 +135,8 @@ pub fn breach_history_sql(db: &str, limit: usize) -> String {
 pub fn alert_history_sql(db: &str, limit: usize) -> String {
     format!(
         "SELECT raised_at_us, rule_id, severity, scope, threshold_pct, summary \
-         FROM {db}.alert_history FINAL ORDER BY raised_at_us DESC, alert_id LIMIT {limit}"
+         FROM {db}.alert_history FINAL WHERE raised_at >= now() - INTERVAL {HISTORY_DAYS} DAY \
+         ORDER BY raised_at_us DESC, alert_id LIMIT {limit}"
     )
 }
 
@@ -146,7 +159,9 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     }
     let policy = match &config.policy_dir {
         Some(dir) => {
-            Some(Policy::load_dir(dir).map_err(|e| anyhow::anyhow!("policy in {} is invalid:\n{e}", dir.display()))?)
+            let initial =
+                Policy::load_dir(dir).map_err(|e| anyhow::anyhow!("policy in {} is invalid:\n{e}", dir.display()))?;
+            Some(tollgate_runtime::reload::PolicyWatch::spawn(dir.clone(), initial, shutdown.clone()))
         }
         None => None,
     };
@@ -160,6 +175,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         client: config.clickhouse.client(),
         db: config.clickhouse.database.clone(),
         policy,
+        shutdown: shutdown.clone(),
         hub,
         live_slots: Arc::new(tokio::sync::Semaphore::new(config.live_clients)),
         token_digest: digest(config.token.as_bytes()),

@@ -2,6 +2,9 @@
 //! `tollgate.alerts.v1` that never joins a group or commits, a bounded ring of the latest ones,
 //! and a broadcast to the pages following `/live/events` (server-sent events).
 //!
+//! A decision's tombstone is not shown: the enforcer writes one to forget a scope whose window
+//! has drained after its `cleared` decision, which the page has shown already.
+//!
 //! It starts each partition a little back ([`Config::live_backlog`] records), so a page opened
 //! just after a breach still shows it; a page that falls behind the broadcast is told how many it
 //! missed. The ring and the number of following pages are bounded: what a caller chooses (a
@@ -26,7 +29,7 @@ use crate::Config;
 /// One record shown live.
 #[derive(Debug, Clone, Serialize)]
 pub struct LiveEvent {
-    /// `breach`, `cleared` (a decision's tombstone) or `alert`.
+    /// `breach` (a decision of the breaches topic, whatever its state) or `alert`.
     pub kind: &'static str,
     /// Unique per record: topic, partition and offset.
     pub id: String,
@@ -53,20 +56,23 @@ pub struct LiveEvent {
 /// The ring of recent events and the broadcast to live pages.
 pub struct Hub {
     tx: broadcast::Sender<Arc<LiveEvent>>,
+    /// Wakes the paused consumer when a page starts following.
+    wake: tokio::sync::Notify,
     recent: Mutex<VecDeque<Arc<LiveEvent>>>,
     capacity: usize,
 }
 
 impl Hub {
     pub fn new(capacity: usize) -> Self {
+        let capacity = capacity.max(1);
         let (tx, _) = broadcast::channel(capacity.max(16));
-        Hub { tx, recent: Mutex::new(VecDeque::with_capacity(capacity)), capacity }
+        Hub { tx, wake: tokio::sync::Notify::new(), recent: Mutex::new(VecDeque::with_capacity(capacity)), capacity }
     }
 
     pub fn publish(&self, ev: LiveEvent) {
         let ev = Arc::new(ev);
         if let Ok(mut recent) = self.recent.lock() {
-            if recent.len() == self.capacity {
+            while recent.len() >= self.capacity {
                 recent.pop_front();
             }
             recent.push_back(Arc::clone(&ev));
@@ -80,8 +86,14 @@ impl Hub {
     /// means nothing falls between the two (a duplicate is dropped by the page, by id).
     pub fn follow(&self) -> (broadcast::Receiver<Arc<LiveEvent>>, Vec<Arc<LiveEvent>>) {
         let rx = self.tx.subscribe();
+        self.wake.notify_one();
         let recent = self.recent.lock().map(|r| r.iter().cloned().collect()).unwrap_or_default();
         (rx, recent)
+    }
+
+    /// Pages following now.
+    pub fn followers(&self) -> usize {
+        self.tx.receiver_count()
     }
 }
 
@@ -190,15 +202,21 @@ pub async fn follow(config: Arc<Config>, hub: Arc<Hub>, shutdown: CancellationTo
         })
         .await
         .unwrap_or_default();
+        // Assigning again restarts every listed partition at its tail, so only when a topic
+        // appeared, and only with the new one's partitions.
+        let mut new = TopicPartitionList::new();
         for (topic, parts) in found {
             for p in parts {
+                let _ = new.add_partition_offset(&topic, p, Offset::OffsetTail(backlog));
                 let _ = assigned.add_partition_offset(&topic, p, Offset::OffsetTail(backlog));
             }
             missing.retain(|t| *t != topic);
             info!(topic, "following live");
         }
-        if let Err(e) = consumer.assign(&assigned) {
-            warn!(error = %e, "live consumer assignment");
+        if new.count() > 0 {
+            if let Err(e) = consumer.incremental_assign(&new) {
+                warn!(error = %e, "live consumer assignment");
+            }
         }
         if missing.is_empty() {
             break;
@@ -208,9 +226,37 @@ pub async fn follow(config: Arc<Config>, hub: Arc<Hub>, shutdown: CancellationTo
             () = tokio::time::sleep(Duration::from_secs(5)) => {}
         }
     }
+    // With no page following, the partitions are paused: the consumer sends the broker no fetch
+    // at all (Tansu answers each by looking at its storage, a cost every idle second), and keeps
+    // its positions, so a page that opens later gets what came meanwhile once they resume.
+    let mut paused = false;
     loop {
+        if hub.followers() == 0 {
+            if !paused {
+                match consumer.assignment().and_then(|a| consumer.pause(&a)) {
+                    Ok(()) => paused = true,
+                    Err(e) => warn!(error = %e, "pausing the live consumer"),
+                }
+                tollgate_runtime::kafka::quiet_gauge(tollgate_runtime::kafka::Follow::Live, paused);
+            }
+            if paused {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = hub.wake.notified() => {}
+                }
+                continue;
+            }
+        } else if paused {
+            match consumer.assignment().and_then(|a| consumer.resume(&a)) {
+                Ok(()) => paused = false,
+                Err(e) => warn!(error = %e, "resuming the live consumer"),
+            }
+            tollgate_runtime::kafka::quiet_gauge(tollgate_runtime::kafka::Follow::Live, paused);
+        }
+        // Woken now and then to see whether the last page has gone.
         let msg = tokio::select! {
             () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(5)) => continue,
             m = consumer.recv() => m,
         };
         let msg = match msg {
@@ -226,8 +272,12 @@ pub async fn follow(config: Arc<Config>, hub: Arc<Hub>, shutdown: CancellationTo
         };
         let id = format!("{}/{}/{}", msg.topic(), msg.partition(), msg.offset());
         let key = msg.key().and_then(|k| std::str::from_utf8(k).ok()).unwrap_or_default().to_owned();
+        if msg.payload().is_none() {
+            // A tombstone (see the module's comment).
+            continue;
+        }
         let ev = if msg.topic() == config.breaches_topic {
-            decode_breach(&breach_codec, id, key, msg.payload(), msg.timestamp().to_millis())
+            decode_breach(&breach_codec, id, key, msg.payload())
         } else {
             msg.payload().and_then(|p| alert_codec.decode::<Alert>(p).ok()).map(|a| alert_event(id, key, &a))
         };
@@ -238,37 +288,8 @@ pub async fn follow(config: Arc<Config>, hub: Arc<Hub>, shutdown: CancellationTo
     }
 }
 
-fn decode_breach(
-    codec: &AvroCodec,
-    id: String,
-    key: String,
-    payload: Option<&[u8]>,
-    ts_ms: Option<i64>,
-) -> Option<LiveEvent> {
-    match payload {
-        Some(p) => codec.decode::<BreachDecision>(p).ok().map(|d| breach_event(id, key, &d)),
-        // A tombstone: the decision under this key is lifted.
-        None => {
-            let at_us = ts_ms.unwrap_or(0).saturating_mul(1_000);
-            let (rule_id, scope) =
-                key.split_once('/').map_or((key.clone(), String::new()), |(r, s)| (r.into(), s.into()));
-            Some(LiveEvent {
-                kind: "cleared",
-                id,
-                key,
-                at_us,
-                at: fmt_us(at_us),
-                rule_id,
-                scope,
-                state: "cleared".into(),
-                action: String::new(),
-                observed: String::new(),
-                limit: String::new(),
-                measure: String::new(),
-                record: Value::Null,
-            })
-        }
-    }
+fn decode_breach(codec: &AvroCodec, id: String, key: String, payload: Option<&[u8]>) -> Option<LiveEvent> {
+    codec.decode::<BreachDecision>(payload?).ok().map(|d| breach_event(id, key, &d))
 }
 
 #[cfg(test)]
@@ -294,14 +315,17 @@ mod tests {
     }
 
     #[test]
-    fn money_is_exact_and_a_tombstone_names_its_rule_and_scope() {
+    fn money_is_exact_and_a_decision_reads_back() {
         assert_eq!(amount(Measure::CostNanos, 4_000_000_000_000), "$4000.000000000");
         assert_eq!(amount(Measure::Tokens, 200_000), "200000 tokens");
         let codec = BreachDecision::codec().unwrap();
-        let ev = decode_breach(&codec, "t/0/9".into(), "per-session/session:a/b".into(), None, Some(1_000)).unwrap();
+        let d = BreachDecision::example("per-session", "session:a/b", DecisionState::Breached, 3);
+        let ev = decode_breach(&codec, "t/0/9".into(), d.key(), Some(&codec.encode(&d).unwrap())).unwrap();
         assert_eq!(
-            (ev.kind, ev.rule_id.as_str(), ev.scope.as_str(), ev.at_us),
-            ("cleared", "per-session", "session:a/b", 1_000_000)
+            (ev.kind, ev.rule_id.as_str(), ev.scope.as_str(), ev.state.as_str()),
+            ("breach", "per-session", "session:a/b", "breached")
         );
+        assert!(decode_breach(&codec, "t/0/10".into(), d.key(), None).is_none());
+        assert!(decode_breach(&codec, "t/0/11".into(), d.key(), Some(b"garbage")).is_none());
     }
 }

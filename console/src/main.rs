@@ -20,8 +20,9 @@ struct Cli {
     /// Address to serve on; it also answers /healthz and /metrics.
     #[arg(long, env = "TOLLGATE_CONSOLE_LISTEN", default_value = "127.0.0.1:8088")]
     listen: String,
-    /// A file whose first line is the console token (at least 16 characters).
-    #[arg(long, env = "TOLLGATE_CONSOLE_TOKEN_FILE", conflicts_with = "token")]
+    /// A file whose first line is the console token (at least 16 characters); wins over
+    /// --token.
+    #[arg(long, env = "TOLLGATE_CONSOLE_TOKEN_FILE")]
     token_file: Option<PathBuf>,
     /// The console token itself (prefer --token-file: the environment of a process is readable
     /// by its user).

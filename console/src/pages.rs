@@ -44,7 +44,10 @@ pub(crate) fn routes() -> Router<Arc<AppState>> {
 
 /// The login form and the embedded stylesheet and script (no figures in either).
 pub(crate) fn public_routes() -> Router<Arc<AppState>> {
-    Router::new().route("/login", get(login_form).post(login)).route("/assets/{name}", get(asset))
+    Router::new()
+        .route("/login", get(login_form).post(login))
+        .route("/logout", axum::routing::post(logout))
+        .route("/assets/{name}", get(asset))
 }
 
 async fn asset(Path(name): Path<String>) -> Response {
@@ -67,11 +70,19 @@ struct LoginForm {
     next: Option<String>,
 }
 
-/// Only a path on this console: never `//host` or `https://…`, so the form cannot send a person
-/// elsewhere.
+/// Only a path on this console: printable ASCII without spaces (a browser drops tabs and line
+/// breaks from `Location`, which would turn `/\t/host` into `//host`), one leading `/` not
+/// followed by another or by `\\`, so the form cannot send a person elsewhere.
 fn local_path(next: Option<&str>) -> String {
+    let ok = |p: &str| {
+        let b = p.as_bytes();
+        b.first() == Some(&b'/')
+            && !matches!(b.get(1), Some(b'/' | b'\\'))
+            && b.iter().all(|c| c.is_ascii_graphic())
+            && !p.contains('\\')
+    };
     match next {
-        Some(p) if p.starts_with('/') && !p.starts_with("//") && !p.contains('\\') => p.to_owned(),
+        Some(p) if ok(p) => p.to_owned(),
         _ => "/spend".to_owned(),
     }
 }
@@ -91,6 +102,10 @@ fn login_html(next: &str, error: Option<&str>) -> String {
 
 async fn login_form(Query(q): Query<LoginQuery>) -> Html<String> {
     Html(login_html(&local_path(q.next.as_deref()), None))
+}
+
+async fn logout() -> Response {
+    ([(header::SET_COOKIE, AppState::logout_cookie())], Redirect::to("/login")).into_response()
 }
 
 async fn login(State(state): Shared, Form(form): Form<LoginForm>) -> Response {
@@ -308,7 +323,9 @@ fn label(keys: &[String]) -> String {
 }
 
 /// Every UTC day (`2026-12-01`) or month (`2026-12-01`, its first day) of a bounded period of at
-/// most about two years; `None` otherwise.
+/// most [`MAX_BUCKETS`]; `None` otherwise (the chart then has the buckets with spend).
+const MAX_BUCKETS: usize = 800;
+
 fn every_bucket(period: &Period, step: Step) -> Option<Vec<String>> {
     let (from, to) = (period.from?, period.to?);
     let start = jiff::Timestamp::from_second(from).ok()?.to_zoned(jiff::tz::TimeZone::UTC).date();
@@ -318,7 +335,10 @@ fn every_bucket(period: &Period, step: Step) -> Option<Vec<String>> {
         Step::Month => start.first_of_month(),
     };
     let mut out = Vec::new();
-    while d.to_zoned(jiff::tz::TimeZone::UTC).ok()? < end && out.len() <= 800 {
+    while d.to_zoned(jiff::tz::TimeZone::UTC).ok()? < end {
+        if out.len() == MAX_BUCKETS {
+            return None;
+        }
         out.push(d.to_string());
         d = match step {
             Step::Day => d.tomorrow().ok()?,
@@ -329,7 +349,7 @@ fn every_bucket(period: &Period, step: Step) -> Option<Vec<String>> {
 }
 
 async fn budgets_page(State(state): Shared) -> Response {
-    let Some(policy) = &state.policy else {
+    let Some(policy) = state.policy.as_ref().map(|rx| Arc::clone(&rx.borrow())) else {
         let body = "<p class=\"empty\">No policy directory was given (<code>--policy-dir</code>), so there are no budgets to show.</p>";
         return Html(page("/budgets", "Budgets", body, &[])).into_response();
     };
@@ -527,7 +547,8 @@ async fn live_events(State(state): Shared) -> Response {
     };
     let (rx, recent) = state.hub.follow();
     metrics::gauge!("tollgate_console_live_clients").increment(1.0);
-    let stream = live_stream(rx, recent, slot);
+    let stream =
+        futures::StreamExt::take_until(live_stream(rx, recent, slot), state.shutdown.clone().cancelled_owned());
     Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response()
 }
 
@@ -647,6 +668,14 @@ async fn failure_modes(State(state): Shared, Query(p): Query<Params>) -> Respons
         Err(e) => return error_page("/failure-modes", "Failure modes", &e),
     };
     let mut body = period_form("/failure-modes", &p, "");
+    match state.reporter.frontier_models().await {
+        Ok(0) => body.push_str(
+            "<p class=\"note\" id=\"no-frontier\">No model is marked frontier in ClickHouse, so every frontier share reads 0: \
+             run the meter with a price card that sets <code>tier: frontier</code>.</p>",
+        ),
+        Ok(_) => {}
+        Err(e) => return error_page("/failure-modes", "Failure modes", &e),
+    }
     let mut first = true;
     for m in modes() {
         let out = match state.reporter.output(&m.which, period).await {
@@ -801,6 +830,10 @@ mod tests {
         assert_eq!(local_path(Some("//evil.example/")), "/spend");
         assert_eq!(local_path(Some("https://evil.example/")), "/spend");
         assert_eq!(local_path(Some("/\\evil.example")), "/spend");
+        assert_eq!(local_path(Some("/\t/evil.example")), "/spend");
+        assert_eq!(local_path(Some("/\n/evil.example")), "/spend");
+        assert_eq!(local_path(Some("/ /evil.example")), "/spend");
+        assert_eq!(local_path(Some("/spend?by=team&month=2026-12")), "/spend?by=team&month=2026-12");
         assert_eq!(local_path(None), "/spend");
     }
 
@@ -813,6 +846,11 @@ mod tests {
         let months = every_bucket(&y, Step::Month).unwrap();
         assert_eq!((months.len(), months[11].as_str()), (12, "2026-12-01"));
         assert!(every_bucket(&Period::between(Some("2026-01-01"), None).unwrap(), Step::Day).is_none());
+        assert!(every_bucket(&Period::between(Some("2020-01-01"), Some("2026-01-01")).unwrap(), Step::Day).is_none());
+        assert_eq!(
+            every_bucket(&Period::between(Some("2020-01-01"), Some("2026-01-01")).unwrap(), Step::Month).unwrap().len(),
+            72
+        );
     }
 
     #[test]

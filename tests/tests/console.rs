@@ -101,6 +101,12 @@ async fn text_of(c: &Client, css: &str) -> String {
     }
 }
 
+/// This UTC month, `2026-12`.
+fn jiff_month() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    tollgate_meter::report::fmt_time(secs)[..7].to_owned()
+}
+
 async fn sql_i64(sql: &str) -> i64 {
     ch(sql).await.trim().parse().unwrap_or_else(|_| panic!("not a number from {sql}"))
 }
@@ -133,6 +139,9 @@ async fn the_console_shows_what_the_stack_holds_and_breaches_as_they_happen() {
     let http = reqwest::Client::new();
     let gw = ingress.addr;
 
+    // The month every page shows, fixed before seeding (a page left to default to "this month"
+    // could turn over between the seeding and the look).
+    let month = jiff_month();
     // Seed: platform-search on the frontier model (its monthly budget), growth on the cheap one,
     // and spend without a team (untagged).
     let mut sent = 0;
@@ -208,7 +217,7 @@ async fn the_console_shows_what_the_stack_holds_and_breaches_as_they_happen() {
     let c = &b.client;
 
     // Logging in through the form lands on the page asked for.
-    c.goto(&format!("{base}/spend?by=team")).await.unwrap();
+    c.goto(&format!("{base}/spend?by=team&month={month}")).await.unwrap();
     let token_field = c.wait().at_most(Duration::from_secs(20)).for_element(Locator::Css("#token")).await.unwrap();
     screenshot(c, "login").await;
     token_field.send_keys("wrong-token-wrong-token").await.unwrap();
@@ -235,7 +244,7 @@ async fn the_console_shows_what_the_stack_holds_and_breaches_as_they_happen() {
     assert_eq!(csv.status().as_u16(), 200);
     assert!(csv.headers()["content-type"].to_str().unwrap().starts_with("text/csv"));
     let csv = csv.text().await.unwrap();
-    let month = href.split("month=").nth(1).unwrap().split('&').next().unwrap().to_owned();
+    assert!(href.contains(&format!("month={month}")), "{href}");
     let report = std::process::Command::new(binary("tollgate-meter", "tollgate-meter"))
         .args(["report", "--by", "team", "--month", &month, "--format", "csv", "--clickhouse-url", &clickhouse_url()])
         .args(["--database", db])
@@ -275,7 +284,7 @@ async fn the_console_shows_what_the_stack_holds_and_breaches_as_they_happen() {
     screenshot(c, "budgets").await;
 
     // The failure modes: rank runs wholly on the frontier model, flagged.
-    c.goto(&format!("{base}/failure-modes")).await.unwrap();
+    c.goto(&format!("{base}/failure-modes?month={month}")).await.unwrap();
     let flagged = text_of(c, "#frontier-share-table tr.flagged").await;
     assert!(flagged.contains("rank") && flagged.contains("1.0000"), "{flagged}");
     for id in ["context-stuffing", "loops", "drift", "untagged"] {
@@ -286,7 +295,7 @@ async fn the_console_shows_what_the_stack_holds_and_breaches_as_they_happen() {
     screenshot(c, "failure-modes").await;
 
     // Outcomes: one merged PR took session search-0's spend.
-    c.goto(&format!("{base}/outcomes?kind=merged_pr&by=team")).await.unwrap();
+    c.goto(&format!("{base}/outcomes?kind=merged_pr&by=team&month={month}")).await.unwrap();
     let per_outcome =
         sql_i64(&format!("SELECT sum(cost_nanos) FROM {db}.usage_events FINAL WHERE session_id = 'search-0'")).await;
     let outcomes = text_of(c, "#outcomes-table").await;
@@ -309,7 +318,7 @@ async fn the_console_shows_what_the_stack_holds_and_breaches_as_they_happen() {
             break;
         }
         assert_eq!(status, 200);
-        if c.find(Locator::Css(&format!("#live-rows tr[data-rule='{rule}']"))).await.is_ok() {
+        if c.find(Locator::Css(&format!("#live-rows tr[data-state='breached'][data-rule='{rule}']"))).await.is_ok() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -317,7 +326,7 @@ async fn the_console_shows_what_the_stack_holds_and_breaches_as_they_happen() {
     let live = c
         .wait()
         .at_most(Duration::from_secs(30))
-        .for_element(Locator::Css(&format!("#live-rows tr[data-kind='breach'][data-rule='{rule}']")))
+        .for_element(Locator::Css(&format!("#live-rows tr[data-state='breached'][data-rule='{rule}']")))
         .await
         .unwrap_or_else(|e| panic!("the breach did not appear live (blocked: {blocked}): {e}"));
     let live_text = live.text().await.unwrap();
@@ -334,6 +343,12 @@ async fn the_console_shows_what_the_stack_holds_and_breaches_as_they_happen() {
     .await;
     c.goto(&format!("{base}/breaches")).await.unwrap();
     assert!(text_of(c, "#breach-history").await.contains(rule));
+
+    // Logging out ends the session: the next page asks for the token again.
+    c.find(Locator::Css("form.logout button")).await.unwrap().click().await.unwrap();
+    c.wait().at_most(Duration::from_secs(20)).for_element(Locator::Css("#token")).await.unwrap();
+    c.goto(&format!("{base}/budgets")).await.unwrap();
+    c.wait().at_most(Duration::from_secs(20)).for_element(Locator::Css("#token")).await.unwrap();
 
     b.client.close().await.unwrap();
     console_stop.cancel();

@@ -18,6 +18,13 @@ pub enum Format {
     Json,
 }
 
+/// A text cell that a spreadsheet opening the CSV would take for a formula (`=`, `+`, `-`, `@`,
+/// a tab or a carriage return first; OWASP's CSV injection advice) starts with `'` instead:
+/// group keys are the envelope's tags, which callers choose. Numbers are never text cells.
+pub fn spreadsheet_safe(text: &str) -> String {
+    if text.starts_with(['=', '+', '-', '@', '\t', '\r']) { format!("'{text}") } else { text.to_owned() }
+}
+
 impl Output {
     /// The report as text in `format` (ends with a newline).
     pub fn render(&self, format: Format) -> Result<String, ReportError> {
@@ -76,7 +83,11 @@ impl Output {
         let err = |e: csv::Error| ReportError::Csv(e.to_string());
         w.write_record(self.header()).map_err(err)?;
         for row in self.rows.iter().chain(self.total.iter()) {
-            w.write_record(row.iter().enumerate().map(|(i, c)| self.text(i, c))).map_err(err)?;
+            w.write_record(row.iter().enumerate().map(|(i, c)| match c {
+                Cell::Text(t) => spreadsheet_safe(t),
+                _ => self.text(i, c),
+            }))
+            .map_err(err)?;
         }
         let bytes = w.into_inner().map_err(|e| ReportError::Csv(e.to_string()))?;
         String::from_utf8(bytes).map_err(|e| ReportError::Csv(e.to_string()))

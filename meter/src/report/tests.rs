@@ -104,3 +104,22 @@ fn outputs_carry_totals_in_every_format() {
     let table = out.render(Format::Table).unwrap();
     assert!(table.contains("TOTAL") && table.contains("1.000000003"), "{table}");
 }
+
+#[test]
+fn a_caller_chosen_tag_never_reaches_a_spreadsheet_as_a_formula() {
+    let row = |key: &str| ChargebackRow {
+        keys: vec![key.into()],
+        requests: 1,
+        errors: 0,
+        input_tokens: 1,
+        output_tokens: 1,
+        cached_input_tokens: 0,
+        cost_nanos: -5,
+    };
+    let rows = vec![row("=HYPERLINK(\"http://x\")"), row("@cmd"), row("+1"), row("-2"), row("ok-team")];
+    let csv = Output::chargeback(&[Dimension::Team], Period::ALL, &rows).render(Format::Csv).unwrap();
+    let firsts: Vec<&str> = csv.lines().skip(1).map(|l| l.split(',').next().unwrap()).collect();
+    assert_eq!(firsts, ["\"'=HYPERLINK(\"\"http://x\"\")\"", "'@cmd", "'+1", "'-2", "ok-team", "TOTAL"]);
+    // Money stays a number, negative or not.
+    assert!(csv.lines().nth(1).unwrap().ends_with(",-0.000000005"), "{csv}");
+}
