@@ -15,6 +15,7 @@ pub mod error;
 pub mod gate;
 pub mod intake;
 pub mod metrics;
+pub mod otel_metrics;
 pub mod outcomes;
 pub mod provider;
 pub mod proxy;
@@ -73,6 +74,8 @@ pub struct Config {
     pub outcomes_topic: String,
     /// OpenTelemetry trace export; `None`: none (the caller's trace id is still recorded).
     pub traces: Option<trace::TracesConfig>,
+    /// OpenTelemetry metric export (the GenAI client metrics); `None`: none.
+    pub otel_metrics: Option<otel_metrics::MetricsConfig>,
     /// Act on no breach decision: record on usage events what each would have done.
     pub audit_only: bool,
     /// How long start-up waits for the breaches topic to be read before serving.
@@ -105,6 +108,7 @@ impl Config {
             breaches_topic: tollgate_schemas::topics::BREACHES.into(),
             outcomes_topic: tollgate_schemas::topics::OUTCOMES.into(),
             traces: None,
+            otel_metrics: None,
             audit_only: false,
             decisions_start_timeout: Duration::from_secs(15),
             decisions_required: false,
@@ -186,6 +190,7 @@ pub struct App {
     queue: gate::Queue,
     outcomes: outcomes::Sink,
     tracing: Option<trace::Tracing>,
+    otel_metrics: Option<Arc<otel_metrics::GenAiMetrics>>,
 }
 
 impl App {
@@ -263,6 +268,8 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let spool = publish::SpoolConfig::new(config.spool_dir.clone(), config.spool_max_bytes);
     let outcomes = outcomes::Sink::new(&config.kafka, config.outcomes_topic.clone())?;
     let tracing = config.traces.as_ref().map(|t| trace::Tracing::start(t, http.clone())).transpose()?;
+    let otel_metrics =
+        config.otel_metrics.as_ref().map(|m| otel_metrics::GenAiMetrics::start(m, http.clone())).transpose()?;
     let (publisher, task) = Publisher::start(&config.kafka, config.publish_queue, spool)?;
     // The breach decisions are read before the first request is served (or the deadline passes).
     let cache = decisions::DecisionCache::with_own_keys(config.audit_only, config.own_count_keys);
@@ -293,6 +300,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
         queue: gate::Queue::new(config.max_queued),
         outcomes,
         tracing,
+        otel_metrics,
     });
     let sweeper = tokio::spawn(sweep_own_counts(Arc::clone(&app.decisions), shutdown.clone()));
     let reloads = config.reload.clone().map(|opts| {
@@ -337,6 +345,10 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     // Every request has ended (or was cut): its spans are queued; send them.
     if let Some(t) = &app.tracing {
         t.shutdown(Duration::from_secs(5)).await;
+    }
+    // And the metrics of every attempt, once more.
+    if let Some(m) = &app.otel_metrics {
+        m.shutdown(Duration::from_secs(5)).await;
     }
     served?;
     info!("ingress stopped");

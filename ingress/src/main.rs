@@ -143,6 +143,7 @@ async fn main() -> ExitCode {
     config.breaches_topic = args.breaches_topic;
     config.outcomes_topic = args.outcomes_topic;
     config.traces = tollgate_ingress::trace::TracesConfig::from_env();
+    config.otel_metrics = tollgate_ingress::otel_metrics::MetricsConfig::from_env();
     config.audit_only = args.audit_only;
     config.decisions_start_timeout = std::time::Duration::from_secs(args.decisions_start_timeout_secs);
     config.decisions_required = args.decisions_required;

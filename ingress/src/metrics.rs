@@ -48,6 +48,10 @@ static USAGE: LazyLock<Handles<Handles<UsageCounters>>> = LazyLock::new(Handles:
 
 pub fn describe() {
     describe_counter!(
+        "tollgate_ingress_otlp_metric_exports_total",
+        "OTLP metric exports, by result: exported, failed (the collector refused or was unreachable), timed_out"
+    );
+    describe_counter!(
         "tollgate_ingress_trace_spans_total",
         "Trace spans, by result: exported, dropped_queue_full (the export queue was full), dropped_export_failed"
     );
@@ -345,6 +349,11 @@ pub fn outcome(status: u16) {
 }
 
 /// `n` spans that ended as `result` (`exported`, `dropped_queue_full`, `dropped_export_failed`).
+/// One OTLP metric export: `exported`, `failed` or `timed_out`.
+pub fn otlp_metric_export(result: &'static str) {
+    counter!("tollgate_ingress_otlp_metric_exports_total", "result" => result).increment(1);
+}
+
 pub fn trace_spans(result: &'static str, n: u64) {
     counter!("tollgate_ingress_trace_spans_total", "result" => result).increment(n);
 }

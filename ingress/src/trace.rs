@@ -238,7 +238,8 @@ impl Export {
 /// The exporter's HTTP client: the ingress's own reqwest (opentelemetry-http implements its
 /// trait for an older reqwest only).
 #[derive(Debug)]
-struct Http(reqwest::Client);
+/// Our reqwest as the OTLP exporters' HTTP client (theirs is an older reqwest).
+pub(crate) struct Http(pub(crate) reqwest::Client);
 
 #[async_trait::async_trait]
 impl opentelemetry_http::HttpClient for Http {
@@ -263,7 +264,11 @@ impl opentelemetry_http::HttpClient for Http {
 /// One request's trace: its id, and its span when spans are exported. Cheap to clone (each
 /// attempt's record holds one); the request span ends when the last clone is dropped.
 #[derive(Clone, Default)]
-pub struct RequestTrace(Option<Arc<Inner>>);
+pub struct RequestTrace {
+    inner: Option<Arc<Inner>>,
+    /// Where each attempt's GenAI metrics go, when they are exported.
+    metrics: Option<Arc<crate::otel_metrics::GenAiMetrics>>,
+}
 
 struct Inner {
     trace_id: String,
@@ -324,6 +329,7 @@ impl RequestTrace {
     /// exported; no trace when neither.
     pub fn begin(
         tracing: Option<&Tracing>,
+        metrics: Option<&Arc<crate::otel_metrics::GenAiMetrics>>,
         headers: &HeaderMap,
         operation: &'static str,
         model: &str,
@@ -332,10 +338,12 @@ impl RequestTrace {
         let parent = TraceContextPropagator::new().extract(&opentelemetry_http::HeaderExtractor(headers));
         let Some(t) = tracing else {
             let sc = parent.span().span_context().clone();
-            return RequestTrace(
-                sc.is_valid()
+            return RequestTrace {
+                inner: sc
+                    .is_valid()
                     .then(|| Arc::new(Inner { trace_id: sc.trace_id().to_string(), cx: None, end: Mutex::default() })),
-            );
+                metrics: metrics.cloned(),
+            };
         };
         let span = t
             .tracer
@@ -349,19 +357,25 @@ impl RequestTrace {
             .start_with_context(&t.tracer, &parent);
         let trace_id = span.span_context().trace_id().to_string();
         let cx = parent.with_span(span);
-        RequestTrace(Some(Arc::new(Inner { trace_id, cx: Some((cx, t.tracer.clone())), end: Mutex::default() })))
+        RequestTrace {
+            inner: Some(Arc::new(Inner { trace_id, cx: Some((cx, t.tracer.clone())), end: Mutex::default() })),
+            metrics: metrics.cloned(),
+        }
     }
 
     /// The W3C trace id, 32 lowercase hex digits.
     pub fn trace_id(&self) -> Option<String> {
-        self.0.as_ref().map(|i| i.trace_id.clone())
+        self.inner.as_ref().map(|i| i.trace_id.clone())
     }
 
     /// Records attempt `ev` (started at `attempt_started_us` on a provider of kind
     /// `provider_kind`): a child span when it reached for a provider, and the request span's
     /// outcome attributes (the last attempt's stand).
     pub fn record(&self, ev: &UsageEvent, operation: &'static str, attempt_started_us: i64, provider_kind: &str) {
-        let Some(inner) = &self.0 else { return };
+        if let Some(m) = &self.metrics {
+            m.record(ev, operation, attempt_started_us, provider_kind);
+        }
+        let Some(inner) = &self.inner else { return };
         let Some((cx, tracer)) = &inner.cx else { return };
         let mut common = vec![
             KeyValue::new("gen_ai.operation.name", operation),
@@ -461,6 +475,7 @@ mod tests {
     fn without_export_the_callers_trace_id_is_kept() {
         let t = RequestTrace::begin(
             None,
+            None,
             &headers("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
             "chat",
             "m",
@@ -473,7 +488,7 @@ mod tests {
     fn without_export_or_a_valid_traceparent_there_is_no_trace() {
         for bad in ["", "00-00000000000000000000000000000000-00f067aa0ba902b7-01", "garbage", "00-xyz-01"] {
             let h = if bad.is_empty() { HeaderMap::new() } else { headers(bad) };
-            assert_eq!(RequestTrace::begin(None, &h, "chat", "m", 1).trace_id(), None, "{bad:?}");
+            assert_eq!(RequestTrace::begin(None, None, &h, "chat", "m", 1).trace_id(), None, "{bad:?}");
         }
     }
 }

@@ -203,3 +203,130 @@ async fn spans_follow_the_callers_trace_and_rows_carry_its_id() {
     meter.stop().await;
     mock.stop().await;
 }
+
+/// The GenAI metrics one export carried: per (instrument, attributes as text), the summed
+/// value (a counter's sum, a histogram's sum) and the number of measurements.
+type MetricSums = Arc<Mutex<BTreeMap<(String, String), (f64, u64)>>>;
+
+async fn receive_metrics(State(got): State<MetricSums>, body: Bytes) -> Vec<u8> {
+    use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+    use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+    use opentelemetry_proto::tonic::metrics::v1::number_data_point::Value as Number;
+    let req = ExportMetricsServiceRequest::decode(body).unwrap();
+    let attrs = |a: &[opentelemetry_proto::tonic::common::v1::KeyValue]| {
+        let mut kv: Vec<String> = a.iter().map(|kv| format!("{}={}", kv.key, text(&kv.value))).collect();
+        kv.sort();
+        kv.join(",")
+    };
+    // Cumulative: each export holds the totals so far, so the last one received wins.
+    let mut now = BTreeMap::new();
+    for rm in req.resource_metrics {
+        for sm in rm.scope_metrics {
+            for m in sm.metrics {
+                match m.data {
+                    Some(Data::Histogram(h)) => {
+                        for p in h.data_points {
+                            now.insert((m.name.clone(), attrs(&p.attributes)), (p.sum.unwrap_or(0.0), p.count));
+                        }
+                    }
+                    Some(Data::Sum(s)) => {
+                        for p in s.data_points {
+                            let v = match p.value {
+                                Some(Number::AsInt(i)) => i as f64,
+                                Some(Number::AsDouble(d)) => d,
+                                None => 0.0,
+                            };
+                            now.insert((m.name.clone(), attrs(&p.attributes)), (v, 1));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    *got.lock().unwrap() = now;
+    Vec::new() // an empty ExportMetricsServiceResponse
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn genai_metrics_carry_the_rows_tokens_and_cost() {
+    let got: MetricSums = Arc::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let collector = listener.local_addr().unwrap();
+    let app =
+        axum::Router::new().route("/v1/metrics", axum::routing::post(receive_metrics)).with_state(Arc::clone(&got));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let topic = common::unique("otel_metrics");
+    let db = common::unique("tollgate_otel_metrics");
+    common::create_topic(&topic, 2).await;
+    let mock = common::start_mock().await;
+    let policy = tempfile::tempdir().unwrap();
+    common::write_policy(policy.path(), mock.addr);
+    let spool = tempfile::tempdir().unwrap();
+    let mut ic = common::ingress_config(policy.path(), &common::kafka_brokers(), &topic, spool.path());
+    ic.otel_metrics = Some(tollgate_ingress::otel_metrics::MetricsConfig {
+        endpoint: Some(format!("http://{collector}/v1/metrics")),
+        service_name: "tollgate-ingress-test".into(),
+        // Nothing is pushed before the ingress stops: its shutdown must push every attempt.
+        interval: Duration::from_secs(3600),
+        export_timeout: Duration::from_secs(10),
+    });
+    let ingress = common::start_ingress_with(ic).await;
+    let meter = common::start_meter(common::meter_config(&topic, &db)).await;
+    let http = reqwest::Client::new();
+    chat(&http, ingress.addr, "vm-openai", None).await;
+    chat(&http, ingress.addr, "vm-openai", None).await;
+    chat(&http, ingress.addr, "vm-fallback", None).await;
+    assert_eq!(
+        common::wait_for_count(&format!("SELECT count() FROM {db}.usage_events FINAL"), 4, Duration::from_secs(30))
+            .await,
+        4
+    );
+    ingress.stop().await;
+    let pushed = common::eventually(Duration::from_secs(30), || async { !got.lock().unwrap().is_empty() }).await;
+    assert!(pushed, "no metric export arrived");
+    let sums = got.lock().unwrap().clone();
+
+    // Per instrument and series, what ClickHouse holds for the same attempts.
+    let rows = common::ch(&format!(
+        "SELECT virtual_model, provider, model, status, sum(input_tokens), sum(output_tokens), sum(cost_nanos), count() \
+         FROM {db}.usage_events FINAL GROUP BY virtual_model, provider, model, status ORDER BY virtual_model, provider FORMAT TSV"
+    ))
+    .await;
+    assert_eq!(rows.lines().count(), 3, "{rows}");
+    for line in rows.lines() {
+        let f: Vec<&str> = line.split('\t').collect();
+        let (vm, provider, model, status) = (f[0], f[1], f[2], f[3]);
+        let kind = if provider == "anthropic-mock" { "anthropic" } else { "openai" };
+        let mut base = vec![
+            "gen_ai.operation.name=chat".to_owned(),
+            format!("gen_ai.provider.name={kind}"),
+            format!("gen_ai.request.model={vm}"),
+            format!("gen_ai.response.model={model}"),
+            format!("tollgate.provider={provider}"),
+        ];
+        if status != "ok" {
+            base.push(format!("error.type={status}"));
+        }
+        let with = |extra: &str| {
+            let mut a = base.clone();
+            if !extra.is_empty() {
+                a.push(extra.to_owned());
+            }
+            a.sort();
+            a.join(",")
+        };
+        let get = |name: &str, extra: &str| {
+            *sums.get(&(name.to_owned(), with(extra))).unwrap_or_else(|| panic!("no {name} {}: {sums:#?}", with(extra)))
+        };
+        let n: u64 = f[7].parse().unwrap();
+        assert_eq!(get("gen_ai.client.token.usage", "gen_ai.token.type=input"), (f[4].parse().unwrap(), n), "{line}");
+        assert_eq!(get("gen_ai.client.token.usage", "gen_ai.token.type=output"), (f[5].parse().unwrap(), n), "{line}");
+        assert_eq!(get("tollgate.usage.cost", "").0, f[6].parse::<f64>().unwrap(), "{line}");
+        assert_eq!(get("tollgate.usage.requests", "").0, n as f64, "{line}");
+        assert_eq!(get("gen_ai.client.operation.duration", "").1, n, "{line}");
+    }
+    meter.stop().await;
+    mock.stop().await;
+}

@@ -213,6 +213,7 @@ async fn serve(
     // string a caller sent.
     let trace = crate::trace::RequestTrace::begin(
         app.tracing.as_ref(),
+        app.otel_metrics.as_ref(),
         headers,
         crate::trace::operation(endpoint == Endpoint::Embeddings),
         model,
