@@ -268,8 +268,15 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: CancellationTo
     let spool = publish::SpoolConfig::new(config.spool_dir.clone(), config.spool_max_bytes);
     let outcomes = outcomes::Sink::new(&config.kafka, config.outcomes_topic.clone())?;
     let tracing = config.traces.as_ref().map(|t| trace::Tracing::start(t, http.clone())).transpose()?;
-    let otel_metrics =
-        config.otel_metrics.as_ref().map(|m| otel_metrics::GenAiMetrics::start(m, http.clone())).transpose()?;
+    // A metrics exporter that cannot be built (an unsupported compression setting, say) costs
+    // the metrics, not the gateway.
+    let otel_metrics = config.otel_metrics.as_ref().and_then(|m| {
+        otel_metrics::GenAiMetrics::start(m, http.clone())
+            .inspect_err(|e| {
+                error!(error = format!("{e:#}"), "OTLP metrics not exported: the exporter cannot be built")
+            })
+            .ok()
+    });
     let (publisher, task) = Publisher::start(&config.kafka, config.publish_queue, spool)?;
     // The breach decisions are read before the first request is served (or the deadline passes).
     let cache = decisions::DecisionCache::with_own_keys(config.audit_only, config.own_count_keys);

@@ -48,8 +48,12 @@ static USAGE: LazyLock<Handles<Handles<UsageCounters>>> = LazyLock::new(Handles:
 
 pub fn describe() {
     describe_counter!(
+        "tollgate_ingress_otlp_metric_attempts_after_shutdown_total",
+        "Attempts that ended after the last OTLP metric export at shutdown, so never pushed"
+    );
+    describe_counter!(
         "tollgate_ingress_otlp_metric_exports_total",
-        "OTLP metric exports, by result: exported, failed (the collector refused or was unreachable), timed_out"
+        "OTLP metric exports, by result: exported, failed (the collector refused or was unreachable), timed_out, abandoned (under way at shutdown; the last export carries its totals)"
     );
     describe_counter!(
         "tollgate_ingress_trace_spans_total",
@@ -348,12 +352,18 @@ pub fn outcome(status: u16) {
     counter!("tollgate_ingress_outcomes_total", "result" => result).increment(1);
 }
 
-/// `n` spans that ended as `result` (`exported`, `dropped_queue_full`, `dropped_export_failed`).
 /// One OTLP metric export: `exported`, `failed` or `timed_out`.
 pub fn otlp_metric_export(result: &'static str) {
     counter!("tollgate_ingress_otlp_metric_exports_total", "result" => result).increment(1);
 }
 
+/// An attempt that ended after the last metric export at shutdown (a request cut at the end of
+/// the grace period): its measurements were never pushed.
+pub fn otlp_metric_attempt_after_shutdown() {
+    counter!("tollgate_ingress_otlp_metric_attempts_after_shutdown_total").increment(1);
+}
+
+/// `n` spans that ended as `result` (`exported`, `dropped_queue_full`, `dropped_export_failed`).
 pub fn trace_spans(result: &'static str, n: u64) {
     counter!("tollgate_ingress_trace_spans_total", "result" => result).increment(n);
 }

@@ -11,7 +11,7 @@
 //!
 //! The SDK's periodic reader runs its own thread and would call the async exporter outside the
 //! Tokio runtime; here a task of ours collects a manual reader every interval and exports, each
-//! export bounded by the timeout, and once more at shutdown. Failures are counted in
+//! export bounded by the timeout, and once more at shutdown. Every export is counted in
 //! `tollgate_ingress_otlp_metric_exports_total{result}`.
 
 use std::sync::Arc;
@@ -33,13 +33,14 @@ use crate::trace::Http;
 /// Where and how often metrics are pushed.
 #[derive(Debug, Clone)]
 pub struct MetricsConfig {
-    /// The OTLP/HTTP metrics URL; `None`: the standard `OTEL_EXPORTER_OTLP_METRICS_ENDPOINT` /
-    /// `OTEL_EXPORTER_OTLP_ENDPOINT` variables.
+    /// The OTLP/HTTP metrics URL; `None`: the exporter's default (`http://localhost:4318/v1/metrics`).
     pub endpoint: Option<String>,
     pub service_name: String,
     /// `OTEL_METRIC_EXPORT_INTERVAL` (60 s).
     pub interval: Duration,
-    /// `OTEL_METRIC_EXPORT_TIMEOUT` (30 s).
+    /// Longest one export may take: `OTEL_EXPORTER_OTLP_METRICS_TIMEOUT`,
+    /// `OTEL_EXPORTER_OTLP_TIMEOUT` or `OTEL_METRIC_EXPORT_TIMEOUT` (30 s); at shutdown at most
+    /// [`LAST_EXPORT`].
     pub export_timeout: Duration,
 }
 
@@ -53,13 +54,27 @@ impl MetricsConfig {
         {
             return None;
         }
-        var("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT").or_else(|| var("OTEL_EXPORTER_OTLP_ENDPOINT"))?;
-        let ms = |k: &str, default: u64| var(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(default);
+        // The signal's own URL as given; the generic one with `/v1/metrics` after it (the
+        // OTLP exporter's rule, resolved here so the log names where metrics go).
+        let endpoint = match var("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT") {
+            Some(e) => e,
+            None => format!("{}/v1/metrics", var("OTEL_EXPORTER_OTLP_ENDPOINT")?.trim_end_matches('/')),
+        };
+        let protocol = var("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL").or_else(|| var("OTEL_EXPORTER_OTLP_PROTOCOL"));
+        if let Some(p) = protocol.filter(|p| p != "http/protobuf") {
+            warn!(protocol = %p, "this ingress exports metrics over OTLP http/protobuf only; using it");
+        }
+        let ms = |k: &str| var(k).and_then(|v| v.parse::<u64>().ok());
         Some(MetricsConfig {
-            endpoint: None,
+            endpoint: Some(endpoint),
             service_name: var("OTEL_SERVICE_NAME").unwrap_or_else(|| "tollgate-ingress".into()),
-            interval: Duration::from_millis(ms("OTEL_METRIC_EXPORT_INTERVAL", 60_000).max(100)),
-            export_timeout: Duration::from_millis(ms("OTEL_METRIC_EXPORT_TIMEOUT", 30_000)),
+            interval: Duration::from_millis(ms("OTEL_METRIC_EXPORT_INTERVAL").unwrap_or(60_000).max(100)),
+            export_timeout: Duration::from_millis(
+                ms("OTEL_EXPORTER_OTLP_METRICS_TIMEOUT")
+                    .or_else(|| ms("OTEL_EXPORTER_OTLP_TIMEOUT"))
+                    .or_else(|| ms("OTEL_METRIC_EXPORT_TIMEOUT"))
+                    .unwrap_or(30_000),
+            ),
         })
     }
 }
@@ -96,7 +111,19 @@ pub struct GenAiMetrics {
     requests: Counter<u64>,
     stop: CancellationToken,
     task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Set once the last export at shutdown has collected: later attempts are counted, not kept.
+    stopped: std::sync::atomic::AtomicBool,
 }
+
+impl Drop for GenAiMetrics {
+    fn drop(&mut self) {
+        // An ingress that failed to start drops this without `shutdown`: end the task too.
+        self.stop.cancel();
+    }
+}
+
+/// The longest the export at shutdown may take (the ingress gives it 5 s in all).
+pub const LAST_EXPORT: Duration = Duration::from_secs(4);
 
 impl std::fmt::Debug for GenAiMetrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -165,6 +192,7 @@ impl GenAiMetrics {
             requests,
             stop,
             task: std::sync::Mutex::new(Some(task)),
+            stopped: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -172,6 +200,10 @@ impl GenAiMetrics {
     /// no provider and is not a GenAI operation.
     pub fn record(&self, ev: &UsageEvent, operation: &'static str, attempt_started_us: i64, provider_kind: &str) {
         if ev.status == Status::Rejected {
+            return;
+        }
+        if self.stopped.load(std::sync::atomic::Ordering::Relaxed) {
+            crate::metrics::otlp_metric_attempt_after_shutdown();
             return;
         }
         let mut attrs = vec![
@@ -195,22 +227,27 @@ impl GenAiMetrics {
         }
     }
 
-    /// Pushes what was recorded so far (within `timeout`), then stops.
+    /// Pushes what was recorded so far (within `timeout`), then stops; an attempt recorded
+    /// after that is counted (`tollgate_ingress_otlp_metric_attempts_after_shutdown_total`).
     pub async fn shutdown(&self, timeout: Duration) {
         self.stop.cancel();
         let task = self.task.lock().ok().and_then(|mut t| t.take());
-        if let Some(task) = task {
-            if tokio::time::timeout(timeout, task).await.is_err() {
+        if let Some(mut task) = task {
+            if tokio::time::timeout(timeout, &mut task).await.is_err() {
+                task.abort();
+                crate::metrics::otlp_metric_export("timed_out");
                 warn!("the last metric export did not finish within the shutdown deadline");
             }
         }
+        self.stopped.store(true, std::sync::atomic::Ordering::Relaxed);
         if let Err(e) = self.provider.shutdown() {
             warn!(error = %e, "meter provider shutdown");
         }
     }
 }
 
-/// Every `interval`: collect and export; once more when stopped.
+/// Every `interval`: collect and export; once more when stopped. An export under way when the
+/// stop comes is abandoned: the last one carries the same totals and more (cumulative).
 async fn push_loop(
     reader: SharedReader,
     exporter: opentelemetry_otlp::MetricExporter,
@@ -224,23 +261,37 @@ async fn push_loop(
             () = tokio::time::sleep(interval) => false,
         };
         let mut rm = ResourceMetrics::default();
-        match reader.collect(&mut rm) {
-            Ok(()) => {
-                let result = match tokio::time::timeout(timeout, exporter.export(&rm)).await {
-                    Ok(Ok(())) => "exported",
-                    Ok(Err(e)) => {
-                        warn!(error = %e, "metric export failed");
-                        "failed"
-                    }
-                    Err(_) => {
-                        warn!("metric export timed out");
-                        "timed_out"
-                    }
-                };
-                crate::metrics::otlp_metric_export(result);
+        if let Err(e) = reader.collect(&mut rm) {
+            warn!(error = %e, "collecting metrics");
+            if last {
+                return;
             }
-            Err(e) => warn!(error = %e, "collecting metrics"),
+            continue;
         }
+        let export = tokio::time::timeout(if last { timeout.min(LAST_EXPORT) } else { timeout }, exporter.export(&rm));
+        let result = if last {
+            export.await
+        } else {
+            tokio::select! {
+                () = stop.cancelled() => {
+                    crate::metrics::otlp_metric_export("abandoned");
+                    continue;
+                }
+                r = export => r,
+            }
+        };
+        let result = match result {
+            Ok(Ok(())) => "exported",
+            Ok(Err(e)) => {
+                warn!(error = %e, "metric export failed");
+                "failed"
+            }
+            Err(_) => {
+                warn!("metric export timed out");
+                "timed_out"
+            }
+        };
+        crate::metrics::otlp_metric_export(result);
         if last {
             return;
         }

@@ -235,10 +235,9 @@ impl Export {
     }
 }
 
-/// The exporter's HTTP client: the ingress's own reqwest (opentelemetry-http implements its
-/// trait for an older reqwest only).
+/// The OTLP exporters' HTTP client (traces and metrics): the ingress's own reqwest
+/// (opentelemetry-http implements its trait for an older reqwest only).
 #[derive(Debug)]
-/// Our reqwest as the OTLP exporters' HTTP client (theirs is an older reqwest).
 pub(crate) struct Http(pub(crate) reqwest::Client);
 
 #[async_trait::async_trait]

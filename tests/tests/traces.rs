@@ -225,11 +225,13 @@ async fn receive_metrics(State(got): State<MetricSums>, body: Bytes) -> Vec<u8> 
             for m in sm.metrics {
                 match m.data {
                     Some(Data::Histogram(h)) => {
+                        assert_eq!(h.aggregation_temporality, 2, "{} is cumulative", m.name);
                         for p in h.data_points {
                             now.insert((m.name.clone(), attrs(&p.attributes)), (p.sum.unwrap_or(0.0), p.count));
                         }
                     }
                     Some(Data::Sum(s)) => {
+                        assert!(s.is_monotonic && s.aggregation_temporality == 2, "{} is a cumulative counter", m.name);
                         for p in s.data_points {
                             let v = match p.value {
                                 Some(Number::AsInt(i)) => i as f64,
