@@ -38,8 +38,19 @@ fn program(env: &str, default: &str) -> PathBuf {
 /// chromedriver on a port of its own, and a headless Chromium session with a fresh profile.
 struct Browser {
     client: Client,
-    _driver: KillOnDrop,
+    _driver: Group,
     _profile: tempfile::TempDir,
+}
+
+/// chromedriver in a process group of its own, with the Chromium it starts: all of it is killed
+/// when the test ends, even by a panic (killing chromedriver alone would leave its browser
+/// running).
+struct Group(KillOnDrop);
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill").args(["-KILL", "--", &format!("-{}", self.0.id())]).status();
+    }
 }
 
 async fn browser() -> Browser {
@@ -48,14 +59,17 @@ async fn browser() -> Browser {
     let profile = tempfile::tempdir().unwrap();
     let port = free_port();
     let log = std::fs::File::create(profile.path().join("chromedriver.log")).unwrap();
-    let driver = KillOnDrop(
-        std::process::Command::new(driver_bin)
-            .arg(format!("--port={port}"))
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start chromedriver"),
-    );
+    let driver = Group(KillOnDrop(
+        std::os::unix::process::CommandExt::process_group(
+            std::process::Command::new(driver_bin)
+                .arg(format!("--port={port}"))
+                .stdout(log.try_clone().unwrap())
+                .stderr(log),
+            0,
+        )
+        .spawn()
+        .expect("start chromedriver"),
+    ));
     let up = eventually(Duration::from_secs(20), || async move {
         tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
     })
